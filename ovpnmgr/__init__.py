@@ -1,0 +1,1 @@
+"""OpenVPN management-interface controller: admission, addresses, kernel rules."""

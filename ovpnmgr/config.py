@@ -1,0 +1,300 @@
+# -*- test-case-name: tests.unit.test_config -*-
+"""YAML configuration → validated, typed, frozen config objects.
+
+Every problem is reported as one :class:`ConfigError` naming the file, the
+dotted key and what is wrong, so the daemon can refuse to start with a message
+an operator can act on. Unknown keys are errors (typos must not be ignored).
+"""
+
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+DEFAULT_CONFIG_PATH = "/etc/pocketproxy/pocketproxy.yaml"
+
+
+class ConfigError(Exception):
+    """A configuration problem, worded as ``file: key: problem``."""
+
+    def __init__(self, path, key, problem):
+        self.path = str(path)
+        self.key = key
+        self.problem = problem
+        super().__init__("%s: %s: %s" % (self.path, key or "(top level)", problem))
+
+
+@dataclass(frozen=True)
+class OpenVPNConfig:
+    """How to reach OpenVPN's management interface and which tunnel network it serves."""
+
+    management: str
+    subnet: ipaddress.IPv4Network
+    server_address: ipaddress.IPv4Address
+    password_file: Path | None = None
+    command_timeout: float = 5.0
+    reconnect_initial: float = 1.0
+    reconnect_max: float = 30.0
+    temp_backoff: int = 10
+    push: tuple = ()
+
+    @property
+    def netmask(self):
+        return str(self.subnet.netmask)
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    """Where the transparent proxy listens (the REDIRECT target port)."""
+
+    listen: int = 12345
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    """The operators' admin socket."""
+
+    socket: str | None = None
+    mode: int = 0o660
+
+
+@dataclass(frozen=True)
+class DirectoryConfig:
+    """Where users and devices are defined."""
+
+    file: Path
+
+
+@dataclass(frozen=True)
+class FirewallConfig:
+    """pocketproxy's own kernel objects: one chain name, one ipset, one tun interface match."""
+
+    ipset: str = "pocketproxy-clients"
+    chain: str = "POCKETPROXY"
+    interface: str = "tun+"
+    maxelem: int = 65536
+    iptables: str = "iptables"
+    iptables_restore: str = "iptables-restore"
+    command_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole daemon configuration."""
+
+    path: Path
+    openvpn: OpenVPNConfig
+    directory: DirectoryConfig
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
+    firewall: FirewallConfig = field(default_factory=FirewallConfig)
+
+
+# --- field validators: each takes (value, ctx) and returns the typed value or raises _Bad ---
+
+
+class _Bad(Exception):
+    pass
+
+
+def _str(value, ctx):
+    if not isinstance(value, str) or not value:
+        raise _Bad("expected a non-empty string, got %r" % (value,))
+    return value
+
+
+def _number(lo, hi):
+    def check(value, ctx):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _Bad("expected a number, got %r" % (value,))
+        if not lo <= value <= hi:
+            raise _Bad("must be between %s and %s, got %s" % (lo, hi, value))
+        return float(value)
+
+    return check
+
+
+def _int(lo, hi):
+    def check(value, ctx):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _Bad("expected an integer, got %r" % (value,))
+        if not lo <= value <= hi:
+            raise _Bad("must be between %d and %d, got %d" % (lo, hi, value))
+        return value
+
+    return check
+
+
+def _path(value, ctx):
+    path = Path(_str(value, ctx))
+    if not path.is_absolute():
+        path = ctx["base"] / path
+    return path
+
+
+def _readable_file(value, ctx):
+    path = _path(value, ctx)
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise _Bad("cannot read %s: %s" % (path, e.strerror or e))
+    return path
+
+
+def _network(value, ctx):
+    try:
+        net = ipaddress.IPv4Network(_str(value, ctx), strict=True)
+    except ValueError as e:
+        raise _Bad("not an IPv4 network in CIDR form (%s)" % e)
+    if net.num_addresses < 4:
+        raise _Bad("network %s is too small for clients" % net)
+    return net
+
+
+def _address(value, ctx):
+    try:
+        return ipaddress.IPv4Address(_str(value, ctx))
+    except ValueError as e:
+        raise _Bad("not an IPv4 address (%s)" % e)
+
+
+_ENDPOINT = re.compile(r"^(unix:(path=)?/\S+|tcp:(host=)?[^:\s]+:(port=)?\d{1,5})$")
+
+
+def _endpoint(value, ctx):
+    text = _str(value, ctx)
+    if not _ENDPOINT.match(text):
+        raise _Bad("expected 'unix:/path/to.sock' or 'tcp:HOST:PORT', got %r" % text)
+    return text
+
+
+def _mode(value, ctx):
+    if isinstance(value, str) and re.fullmatch(r"0?[0-7]{3}", value):
+        return int(value, 8)
+    raise _Bad("expected an octal mode string such as \"0660\", got %r" % (value,))
+
+
+_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,28}$")
+
+
+def _kernel_name(value, ctx):
+    text = _str(value, ctx)
+    if not _NAME.match(text):
+        raise _Bad("must be 1-28 characters of letters, digits, '_', '.', ':' or '-', got %r" % text)
+    return text
+
+
+def _interface(value, ctx):
+    text = _str(value, ctx)
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,15}\+?", text):
+        raise _Bad("not an interface name or prefix (e.g. 'tun+'), got %r" % text)
+    return text
+
+
+def _push_lines(value, ctx):
+    if not isinstance(value, list):
+        raise _Bad("expected a list of push options, got %r" % (value,))
+    out = []
+    for item in value:
+        text = _str(item, ctx)
+        if any(c in text for c in "\r\n\"\\") or len(text) > 200:
+            raise _Bad("push option %r must be under 200 characters without quotes, backslashes or newlines" % text)
+        out.append(text)
+    return tuple(out)
+
+
+# section name -> (dataclass, {key: (validator, required)})
+_SCHEMA = {
+    "openvpn": (
+        OpenVPNConfig,
+        {
+            "management": (_endpoint, True),
+            "subnet": (_network, True),
+            "server_address": (_address, True),
+            "password_file": (_readable_file, False),
+            "command_timeout": (_number(0.1, 120), False),
+            "reconnect_initial": (_number(0.01, 60), False),
+            "reconnect_max": (_number(0.1, 3600), False),
+            "temp_backoff": (_int(1, 3600), False),
+            "push": (_push_lines, False),
+        },
+    ),
+    "proxy": (ProxyConfig, {"listen": (_int(1, 65535), False)}),
+    "admin": (AdminConfig, {"socket": (_path, False), "mode": (_mode, False)}),
+    "directory": (DirectoryConfig, {"file": (_readable_file, True)}),
+    "firewall": (
+        FirewallConfig,
+        {
+            "ipset": (_kernel_name, False),
+            "chain": (_kernel_name, False),
+            "interface": (_interface, False),
+            "maxelem": (_int(1, 1 << 24), False),
+            "iptables": (_str, False),
+            "iptables_restore": (_str, False),
+            "command_timeout": (_number(0.1, 120), False),
+        },
+    ),
+}
+_REQUIRED_SECTIONS = ("openvpn", "directory")
+
+
+def _section(path, name, raw, ctx):
+    cls, fields = _SCHEMA[name]
+    if not isinstance(raw, dict):
+        raise ConfigError(path, name, "expected a mapping, got %s" % type(raw).__name__)
+    for key in raw:
+        if key not in fields:
+            raise ConfigError(path, "%s.%s" % (name, key), "unknown key (known: %s)" % ", ".join(sorted(fields)))
+    values = {}
+    for key, (check, required) in fields.items():
+        if key not in raw or raw[key] is None:
+            if required:
+                raise ConfigError(path, "%s.%s" % (name, key), "required key is missing")
+            continue
+        try:
+            values[key] = check(raw[key], ctx)
+        except _Bad as e:
+            raise ConfigError(path, "%s.%s" % (name, key), str(e))
+    return cls(**values)
+
+
+def parse_config(text, path):
+    """Parse YAML ``text`` (read from ``path``) into a :class:`Config`; raise :class:`ConfigError`."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(path, None, "invalid YAML: %s" % str(e).replace("\n", " "))
+    if not isinstance(raw, dict):
+        raise ConfigError(path, None, "expected a mapping of sections (openvpn, directory, ...)")
+    for key in raw:
+        if key not in _SCHEMA:
+            raise ConfigError(path, key, "unknown section (known: %s)" % ", ".join(sorted(_SCHEMA)))
+    for name in _REQUIRED_SECTIONS:
+        if name not in raw:
+            raise ConfigError(path, name, "required section is missing")
+    ctx = {"base": path.parent.resolve()}
+    sections = {name: _section(path, name, raw[name], ctx) for name in raw}
+    ovpn = sections["openvpn"]
+    if ovpn.server_address not in ovpn.subnet:
+        raise ConfigError(path, "openvpn.server_address", "%s is not inside subnet %s" % (ovpn.server_address, ovpn.subnet))
+    if ovpn.server_address in (ovpn.subnet.network_address, ovpn.subnet.broadcast_address):
+        raise ConfigError(path, "openvpn.server_address", "must not be the network or broadcast address")
+    if ovpn.reconnect_initial > ovpn.reconnect_max:
+        raise ConfigError(path, "openvpn.reconnect_initial", "must not exceed openvpn.reconnect_max")
+    return Config(path=path, **sections)
+
+
+def load_config(path):
+    """Read and validate the config file at ``path``; raise :class:`ConfigError` on any problem."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(path, None, "cannot read config file: %s" % (e.strerror or e))
+    except UnicodeDecodeError as e:
+        raise ConfigError(path, None, "not UTF-8 text: %s" % e)
+    return parse_config(text, path)

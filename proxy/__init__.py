@@ -1,0 +1,1 @@
+"""Transparent proxy library; knows nothing of OpenVPN."""

@@ -1,0 +1,133 @@
+"""Network namespaces for tests and the demo lab: created here, always torn down here.
+
+Every namespace gets a unique ``pp``-prefixed name, processes started in it are
+tracked by PID and stopped by PID, and ``destroy()`` is safe to call twice.
+Nothing here touches the root namespace except creating veth pairs that are
+moved into lab namespaces at once.
+"""
+
+import itertools
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+_counter = itertools.count()
+
+
+def unique_name(role):
+    """A short unique namespace/interface-safe name (interface names max 15 chars)."""
+    return "pp%s%d%d" % (role[:3], os.getpid() % 10000, next(_counter))
+
+
+def require_root():
+    """Skip when not root, unless integration tests are demanded (CI), then fail."""
+    if os.geteuid() == 0:
+        return
+    if os.environ.get("POCKETPROXY_REQUIRE_INTEGRATION"):
+        pytest.fail("integration tests demanded but not running as root")
+    pytest.skip("needs root for network namespaces")
+
+
+class Namespace:
+    """One network namespace with lo up, and the processes started inside it."""
+
+    def __init__(self, role):
+        self.name = unique_name(role)
+        self._procs = []
+        subprocess.run(["ip", "netns", "add", self.name], check=True)
+        self.run("ip", "link", "set", "lo", "up")
+
+    def argv(self, *argv):
+        """The command line that runs ``argv`` inside this namespace."""
+        return ["ip", "netns", "exec", self.name, *argv]
+
+    def run(self, *argv, check=True, timeout=60, input=None, env=None):
+        """Run a command in the namespace to completion; output captured as text."""
+        return subprocess.run(
+            self.argv(*argv),
+            check=check,
+            timeout=timeout,
+            input=input,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+
+    def popen(self, argv, **kwargs):
+        """Start a long-running process in the namespace; stopped by ``destroy()``."""
+        proc = subprocess.Popen(self.argv(*argv), **kwargs)
+        self._procs.append(proc)
+        return proc
+
+    def stop(self, proc, sig=signal.SIGTERM, timeout=10):
+        """Stop one process we started, by PID; SIGKILL if it does not go in time."""
+        if proc.poll() is None:
+            try:
+                os.kill(proc.pid, sig)
+            except ProcessLookupError:
+                pass
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=timeout)
+        return proc.returncode
+
+    def destroy(self):
+        """Stop our processes (by PID), kill anything left in the namespace, delete it."""
+        for proc in reversed(self._procs):
+            try:
+                self.stop(proc, timeout=5)
+            except Exception:
+                pass
+        self._procs = []
+        listed = subprocess.run(
+            ["ip", "netns", "pids", self.name], capture_output=True, text=True
+        )
+        for pid in listed.stdout.split():
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            if subprocess.run(["ip", "netns", "pids", self.name], capture_output=True, text=True).stdout.strip() == "":
+                break
+            time.sleep(0.05)
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.destroy()
+
+
+def link(ns_a, addr_a, ns_b, addr_b, prefixlen=24):
+    """Connect two namespaces with a veth pair and address both ends."""
+    name_a = unique_name("va")
+    name_b = unique_name("vb")
+    subprocess.run(
+        ["ip", "link", "add", name_a, "netns", ns_a.name, "type", "veth", "peer", "name", name_b, "netns", ns_b.name],
+        check=True,
+    )
+    ns_a.run("ip", "addr", "add", "%s/%d" % (addr_a, prefixlen), "dev", name_a)
+    ns_b.run("ip", "addr", "add", "%s/%d" % (addr_b, prefixlen), "dev", name_b)
+    ns_a.run("ip", "link", "set", name_a, "up")
+    ns_b.run("ip", "link", "set", name_b, "up")
+    return name_a, name_b
+
+
+def wait_for(predicate, timeout, interval=0.05, what="condition"):
+    """Poll ``predicate`` until true; raise AssertionError naming ``what`` on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out after %.1fs waiting for %s" % (timeout, what))
+        time.sleep(interval)
