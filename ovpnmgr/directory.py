@@ -1,0 +1,255 @@
+# -*- test-case-name: tests.unit.test_directory -*-
+"""Users and devices: who may connect, how they prove it, and which phone carries them.
+
+The users file (YAML) defines devices (name → upstream proxy URL) and users
+(name → scrypt password hash and/or certificate CN, device, optional static
+address). Passwords are checked with the standard library's ``hashlib.scrypt``
+off the reactor thread (it costs tens of milliseconds by design); a verified
+password is remembered as a keyed HMAC so reconnects and re-authentications
+do not pay for scrypt again.
+"""
+
+import base64
+import hashlib
+import hmac
+import ipaddress
+import os
+import re
+from dataclasses import dataclass, field
+
+import yaml
+from twisted.internet import defer
+
+from ovpnmgr.config import ConfigError
+from proxy.upstream import Upstream
+
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 16384, 8, 1
+_HASH = re.compile(r"^scrypt\$(\d+)\$(\d+)\$(\d+)\$([A-Za-z0-9+/=]+)\$([A-Za-z0-9+/=]+)$")
+_USER_NAME = re.compile(r"^[A-Za-z0-9_.@+-]{1,64}$")
+
+
+class AuthFailed(Exception):
+    """The credentials do not identify a permitted user (a plain, final deny)."""
+
+
+@dataclass(frozen=True)
+class Device:
+    """A customer's phone and the proxy it exposes."""
+
+    name: str
+    upstream: Upstream
+
+
+@dataclass(frozen=True)
+class User:
+    """A customer account."""
+
+    name: str
+    device: Device
+    password_hash: str | None = field(default=None, repr=False)
+    common_name: str | None = None
+    address: ipaddress.IPv4Address | None = None
+
+
+def hash_password(password, salt=None, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P):
+    """Hash ``password`` for the users file: ``scrypt$N$r$p$salt$hash`` (base64 parts)."""
+    if not isinstance(password, str) or not password:
+        raise ValueError("password must be a non-empty string")
+    salt = os.urandom(16) if salt is None else salt
+    digest = hashlib.scrypt(password.encode("utf-8"), salt=salt, n=n, r=r, p=p, maxmem=64 * 1024 * 1024, dklen=32)
+    return "scrypt$%d$%d$%d$%s$%s" % (n, r, p, base64.b64encode(salt).decode(), base64.b64encode(digest).decode())
+
+
+def verify_password(password, encoded):
+    """True if ``password`` matches the ``scrypt$…`` hash ``encoded`` (constant-time compare)."""
+    match = _HASH.match(encoded)
+    if match is None:
+        return False
+    n, r, p = (int(x) for x in match.group(1, 2, 3))
+    salt = base64.b64decode(match.group(4))
+    expected = base64.b64decode(match.group(5))
+    digest = hashlib.scrypt(
+        password.encode("utf-8"), salt=salt, n=n, r=r, p=p, maxmem=64 * 1024 * 1024, dklen=len(expected)
+    )
+    return hmac.compare_digest(digest, expected)
+
+
+def _check_hash(value):
+    match = _HASH.match(value)
+    if match is None:
+        raise ValueError("not a scrypt hash; create one with 'pocketproxyctl hash-password'")
+    n, r, p = (int(x) for x in match.group(1, 2, 3))
+    if n < 2 or n & (n - 1) or n > 1 << 20 or not 1 <= r <= 64 or not 1 <= p <= 16:
+        raise ValueError("scrypt parameters out of range (N a power of two up to 2^20, r 1-64, p 1-16)")
+    return value
+
+
+class Directory:
+    """An immutable snapshot of the users file."""
+
+    def __init__(self, devices, users, path="<memory>"):
+        self.path = str(path)
+        self.devices = dict(devices)
+        self.users = dict(users)
+        self._by_cn = {u.common_name: u for u in self.users.values() if u.common_name}
+        self._verified = {}
+        self._secret = os.urandom(32)
+
+    # --- loading ---
+
+    @classmethod
+    def load(cls, path, subnet=None, server_address=None):
+        """Read and validate the users file; raise :class:`ConfigError` naming file, key and problem."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as e:
+            raise ConfigError(path, None, "cannot read users file: %s" % (e.strerror or e))
+        except UnicodeDecodeError as e:
+            raise ConfigError(path, None, "not UTF-8 text: %s" % e)
+        return cls.parse(text, path, subnet, server_address)
+
+    @classmethod
+    def parse(cls, text, path="<memory>", subnet=None, server_address=None):
+        """Validate users-file YAML ``text``; see :meth:`load`."""
+        try:
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(path, None, "invalid YAML: %s" % str(e).replace("\n", " "))
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ConfigError(path, None, "expected a mapping with 'devices' and 'users'")
+        for key in raw:
+            if key not in ("devices", "users"):
+                raise ConfigError(path, key, "unknown section (known: devices, users)")
+        devices = {}
+        for name, spec in _mapping(path, "devices", raw.get("devices")).items():
+            key = "devices.%s" % name
+            spec = _fields(path, key, spec, {"upstream"}, {"upstream"})
+            try:
+                devices[name] = Device(str(name), Upstream.parse(spec["upstream"]))
+            except ValueError as e:
+                raise ConfigError(path, key + ".upstream", str(e))
+        users, cns, addresses = {}, {}, {}
+        for name, spec in _mapping(path, "users", raw.get("users")).items():
+            key = "users.%s" % name
+            if not isinstance(name, str) or not _USER_NAME.match(name):
+                raise ConfigError(path, key, "user names are 1-64 characters of letters, digits and _.@+-")
+            spec = _fields(path, key, spec, {"password", "common_name", "device", "address"}, {"device"})
+            if spec.get("device") not in devices:
+                raise ConfigError(path, key + ".device", "no such device %r" % (spec.get("device"),))
+            password_hash = spec.get("password")
+            if password_hash is not None:
+                try:
+                    _check_hash(str(password_hash))
+                except ValueError as e:
+                    raise ConfigError(path, key + ".password", str(e))
+            cn = spec.get("common_name")
+            if cn is not None:
+                if not isinstance(cn, str) or not cn:
+                    raise ConfigError(path, key + ".common_name", "expected a non-empty string")
+                if cn in cns:
+                    raise ConfigError(path, key + ".common_name", "already used by user %s" % cns[cn])
+                cns[cn] = name
+            if password_hash is None and cn is None:
+                raise ConfigError(path, key, "needs a password hash, a common_name, or both")
+            address = spec.get("address")
+            if address is not None:
+                try:
+                    address = ipaddress.IPv4Address(str(address))
+                except ValueError as e:
+                    raise ConfigError(path, key + ".address", str(e))
+                if subnet is not None and (
+                    address not in subnet
+                    or address in (subnet.network_address, subnet.broadcast_address, server_address)
+                ):
+                    raise ConfigError(path, key + ".address", "%s is not a usable client address in %s" % (address, subnet))
+                if address in addresses:
+                    raise ConfigError(path, key + ".address", "already assigned to user %s" % addresses[address])
+                addresses[address] = name
+            users[name] = User(name, devices[spec["device"]], password_hash, cn, address)
+        return cls(devices, users, path)
+
+    # --- queries ---
+
+    def static_addresses(self):
+        """Every address reserved for a particular user."""
+        return {u.address for u in self.users.values() if u.address is not None}
+
+    def find(self, username=None, common_name=None):
+        """The user known by ``username`` (preferred) or certificate ``common_name``, or None."""
+        if username and username != "UNDEF" and username in self.users:
+            return self.users[username]
+        if common_name:
+            return self._by_cn.get(common_name)
+        return None
+
+    def authenticate(self, username, password, common_name, run_blocking=None):
+        """Identify a connecting client; fires with a :class:`User` or fails with :class:`AuthFailed`.
+
+        With a password: the user named ``username`` must have a matching hash
+        (and, if it names a certificate CN, the client's CN must match). Without
+        one: the certificate CN must belong to a user that has no password.
+
+        :param run_blocking: ``f(callable, *args) -> Deferred`` to run scrypt off
+            the reactor thread; None runs it inline (tests).
+        """
+        try:
+            user = self._identify(username, password, common_name)
+        except AuthFailed as e:
+            return defer.fail(e)
+        if user.password_hash is None:
+            return defer.succeed(user)
+        token = hmac.new(self._secret, password.encode("utf-8"), hashlib.sha256).digest()
+        if hmac.compare_digest(self._verified.get(user.name, b""), token):
+            return defer.succeed(user)
+        if run_blocking is None:
+            d = defer.maybeDeferred(verify_password, password, user.password_hash)
+        else:
+            d = run_blocking(verify_password, password, user.password_hash)
+
+        def checked(ok):
+            if not ok:
+                raise AuthFailed("wrong password for user %s" % user.name)
+            self._verified[user.name] = token
+            return user
+
+        return d.addCallback(checked)
+
+    def _identify(self, username, password, common_name):
+        if password:
+            user = self.users.get(username)
+            if user is None:
+                raise AuthFailed("unknown user %r" % (username,))
+            if user.password_hash is None:
+                raise AuthFailed("user %s has no password (certificate only)" % user.name)
+            if user.common_name is not None and user.common_name != common_name:
+                raise AuthFailed("user %s: certificate CN %r does not match" % (user.name, common_name))
+            return user
+        user = self._by_cn.get(common_name) if common_name else None
+        if user is None:
+            raise AuthFailed("no password and no user for certificate CN %r" % (common_name,))
+        if user.password_hash is not None:
+            raise AuthFailed("user %s requires a password" % user.name)
+        return user
+
+
+def _mapping(path, key, value):
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(path, key, "expected a mapping of names, got %s" % type(value).__name__)
+    return value
+
+
+def _fields(path, key, spec, known, required):
+    if not isinstance(spec, dict):
+        raise ConfigError(path, key, "expected a mapping, got %s" % type(spec).__name__)
+    for k in spec:
+        if k not in known:
+            raise ConfigError(path, "%s.%s" % (key, k), "unknown key (known: %s)" % ", ".join(sorted(known)))
+    for k in required:
+        if spec.get(k) is None:
+            raise ConfigError(path, "%s.%s" % (key, k), "required key is missing")
+    return spec

@@ -1,0 +1,109 @@
+# -*- test-case-name: tests.unit.test_mappings -*-
+"""Client address → device upstream, and the live proxied connections per client.
+
+The admission controller adds a mapping before it lets a client in and removes
+it when the client leaves; removing or changing a mapping closes that client's
+live connections so no traffic keeps flowing through the wrong device.
+"""
+
+import ipaddress
+
+from twisted.logger import Logger
+
+
+class MappingConflict(Exception):
+    """The address is already mapped for another owner."""
+
+
+class MappingTable:
+    """``ip → (upstream, owner)`` plus the live connections of each ip.
+
+    ``owner`` is an opaque key of whoever installed the mapping (the
+    controller uses its (epoch, CID) session key), so a late removal by a
+    previous owner can never drop a newer client's mapping.
+    """
+
+    _log = Logger()
+
+    def __init__(self):
+        self._entries = {}
+        self._live = {}
+
+    @staticmethod
+    def _key(ip):
+        return ipaddress.ip_address(ip)
+
+    def add(self, ip, upstream, owner=None):
+        """Map ``ip`` to ``upstream``; re-adding for the same owner replaces (and closes on change)."""
+        key = self._key(ip)
+        current = self._entries.get(key)
+        if current is not None and current[1] != owner:
+            raise MappingConflict("%s is already mapped for %r" % (key, current[1]))
+        if current is not None and current[0] != upstream:
+            self._close_live(key, "mapping changed")
+        self._entries[key] = (upstream, owner)
+
+    def transfer(self, ip, upstream, owner):
+        """Give ``ip`` to a new owner whatever the previous one (same user reconnecting)."""
+        key = self._key(ip)
+        current = self._entries.get(key)
+        if current is not None and current[0] != upstream:
+            self._close_live(key, "mapping changed")
+        self._entries[key] = (upstream, owner)
+
+    def remove(self, ip, owner=None):
+        """Drop the mapping of ``ip`` if ``owner`` (when given) still owns it; close its connections.
+
+        :returns: True if a mapping was removed.
+        """
+        key = self._key(ip)
+        current = self._entries.get(key)
+        if current is None or (owner is not None and current[1] != owner):
+            return False
+        del self._entries[key]
+        self._close_live(key, "mapping removed")
+        return True
+
+    def lookup(self, ip):
+        """The upstream for ``ip``, or None when the address is not mapped."""
+        entry = self._entries.get(self._key(ip))
+        return entry[0] if entry is not None else None
+
+    def owner(self, ip):
+        """Who installed the mapping of ``ip`` (None when unmapped)."""
+        entry = self._entries.get(self._key(ip))
+        return entry[1] if entry is not None else None
+
+    def addresses(self):
+        """All mapped addresses."""
+        return set(self._entries)
+
+    def __contains__(self, ip):
+        return self._key(ip) in self._entries
+
+    def __len__(self):
+        return len(self._entries)
+
+    def register(self, ip, connection):
+        """Track a live proxied connection of ``ip``; it needs an ``abortConnection()`` method."""
+        self._live.setdefault(self._key(ip), set()).add(connection)
+
+    def unregister(self, ip, connection):
+        """Forget a finished connection."""
+        key = self._key(ip)
+        live = self._live.get(key)
+        if live is not None:
+            live.discard(connection)
+            if not live:
+                del self._live[key]
+
+    def live_count(self, ip):
+        """How many proxied connections ``ip`` has open now."""
+        return len(self._live.get(self._key(ip), ()))
+
+    def _close_live(self, key, why):
+        live = self._live.pop(key, set())
+        if live:
+            self._log.info("closing {count} live connections of {ip}: {why}", count=len(live), ip=str(key), why=why)
+        for connection in live:
+            connection.abortConnection()

@@ -1,0 +1,116 @@
+"""Config loading: typed values, and one clear error naming file, key and problem."""
+
+import ipaddress
+
+import pytest
+
+from ovpnmgr.config import ConfigError, load_config, parse_config
+
+GOOD = """
+openvpn:
+  management: unix:/run/pocketproxy/openvpn-mgmt.sock
+  subnet: 10.9.0.0/24
+  server_address: 10.9.0.1
+  push: ["dhcp-option DNS 10.9.0.1"]
+proxy:
+  listen: 12345
+admin:
+  socket: /run/pocketproxy/admin.sock
+  mode: "0660"
+directory:
+  file: users.yaml
+firewall:
+  ipset: pocketproxy-clients
+"""
+
+
+@pytest.fixture
+def cfgdir(tmp_path):
+    (tmp_path / "users.yaml").write_text("devices: {}\nusers: {}\n")
+    return tmp_path
+
+
+def _parse(cfgdir, text):
+    return parse_config(text, cfgdir / "pocketproxy.yaml")
+
+
+def _error(cfgdir, text):
+    with pytest.raises(ConfigError) as info:
+        _parse(cfgdir, text)
+    return info.value
+
+
+def test_good_config_is_typed(cfgdir):
+    """A valid file yields typed values with relative paths resolved against the file."""
+    config = _parse(cfgdir, GOOD)
+    assert config.openvpn.subnet == ipaddress.IPv4Network("10.9.0.0/24")
+    assert config.openvpn.server_address == ipaddress.IPv4Address("10.9.0.1")
+    assert config.openvpn.netmask == "255.255.255.0"
+    assert config.openvpn.push == ("dhcp-option DNS 10.9.0.1",)
+    assert config.admin.mode == 0o660
+    assert config.directory.file == cfgdir / "users.yaml"
+    assert config.firewall.chain == "POCKETPROXY"
+    assert config.proxy.listen == 12345
+
+
+def test_unknown_key_names_file_and_key(cfgdir):
+    """A typo is an error that names the file and the dotted key."""
+    err = _error(cfgdir, GOOD.replace("listen: 12345", "lisen: 12345"))
+    assert err.key == "proxy.lisen"
+    assert str(err).startswith(str(cfgdir / "pocketproxy.yaml") + ": proxy.lisen: unknown key")
+
+
+def test_unknown_section(cfgdir):
+    """An unknown top-level section is refused."""
+    assert _error(cfgdir, GOOD + "extra: {}\n").key == "extra"
+
+
+@pytest.mark.parametrize(
+    "old,new,key,words",
+    [
+        ("subnet: 10.9.0.0/24", "subnet: 10.9.0.5/24", "openvpn.subnet", "CIDR"),
+        ("subnet: 10.9.0.0/24", "subnet: banana", "openvpn.subnet", "CIDR"),
+        ("server_address: 10.9.0.1", "server_address: 10.8.0.1", "openvpn.server_address", "not inside"),
+        ("server_address: 10.9.0.1", "server_address: 10.9.0.0", "openvpn.server_address", "network or broadcast"),
+        ("listen: 12345", "listen: 70000", "proxy.listen", "between"),
+        ("listen: 12345", "listen: '12345'", "proxy.listen", "integer"),
+        ("listen: 12345", "listen: true", "proxy.listen", "integer"),
+        ('mode: "0660"', "mode: 660", "admin.mode", "octal"),
+        ("management: unix:/run/pocketproxy/openvpn-mgmt.sock", "management: /tmp/x", "openvpn.management", "unix:"),
+        ("file: users.yaml", "file: missing.yaml", "directory.file", "cannot read"),
+        ("ipset: pocketproxy-clients", "ipset: 'bad name'", "firewall.ipset", "characters"),
+    ],
+)
+def test_bad_values(cfgdir, old, new, key, words):
+    """Wrong types, bad CIDRs and unreadable files each name the key and the problem."""
+    assert old in GOOD
+    err = _error(cfgdir, GOOD.replace(old, new))
+    assert err.key == key
+    assert words in err.problem
+
+
+def test_missing_required(cfgdir):
+    """A missing required key or section is named."""
+    assert _error(cfgdir, GOOD.replace("  subnet: 10.9.0.0/24\n", "")).key == "openvpn.subnet"
+    assert _error(cfgdir, "openvpn: {}\ndirectory: {file: users.yaml}\n").key == "openvpn.management"
+    text = GOOD.split("directory:")[0]
+    assert _error(cfgdir, text).key == "directory"
+
+
+def test_invalid_yaml_and_unreadable_file(cfgdir):
+    """Broken YAML and an unreadable file are reported with the file name."""
+    err = _error(cfgdir, "openvpn: [unclosed\n")
+    assert "invalid YAML" in err.problem
+    with pytest.raises(ConfigError) as info:
+        load_config(cfgdir / "nope.yaml")
+    assert "cannot read config file" in str(info.value)
+    assert "nope.yaml" in str(info.value)
+
+
+def test_shipped_config_parses():
+    """The example configuration shipped in conf/ is valid."""
+    import pathlib
+
+    conf = pathlib.Path(__file__).resolve().parents[2] / "conf" / "pocketproxy.yaml"
+    config = load_config(conf)
+    assert config.openvpn.subnet.prefixlen == 24
