@@ -1,0 +1,408 @@
+# -*- test-case-name: tests.unit.test_firewall -*-
+"""pocketproxy's kernel state: one chain per table, one ipset, nothing else.
+
+Shape (names from :class:`~ovpnmgr.config.FirewallConfig`; defaults shown)::
+
+    *filter                                   # fail closed: VPN traffic that was
+    :POCKETPROXY - [0:0]                      # not redirected dies fast
+    -A POCKETPROXY -p tcp -j REJECT --reject-with tcp-reset
+    -A POCKETPROXY -p udp -j REJECT --reject-with icmp-port-unreachable
+    -A POCKETPROXY -j REJECT --reject-with icmp-admin-prohibited
+    -I FORWARD 1 -i tun+ -j POCKETPROXY
+    COMMIT
+    *nat
+    :POCKETPROXY - [0:0]
+    -A POCKETPROXY -m addrtype --dst-type LOCAL -j RETURN
+    -A POCKETPROXY -p tcp -m set --match-set pocketproxy-clients src -j REDIRECT --to-ports 12345
+    -I PREROUTING 1 -i tun+ -j POCKETPROXY
+    COMMIT
+
+- :meth:`Firewall.install` ensures the ipset (netlink), reads ``iptables -S``
+  of both tables, and feeds the text above to one ``iptables-restore
+  --noflush``. Declaring ``:POCKETPROXY - [0:0]`` under ``--noflush`` creates
+  or flushes just that chain; every existing jump to our chain from
+  FORWARD/PREROUTING is ``-D``-eleted before the jump is inserted at position 1,
+  so re-installing never duplicates it. No other rule is touched.
+- Each ``COMMIT`` is its own kernel transaction (observed with iptables-nft
+  1.8.9: a failing ``*filter`` section after a committed ``*nat`` leaves the
+  nat part applied). ``*filter`` therefore comes first: if the nat section
+  fails, VPN traffic is rejected rather than forwarded.
+- Membership (:meth:`~Firewall.add_member`, :meth:`~Firewall.remove_member`)
+  is synchronous netlink through the ipset adapter: no fork, microseconds.
+- :meth:`~Firewall.check` and :meth:`~Firewall.repair` compare the kernel with
+  what should be there and return a :class:`Drift`.
+"""
+
+import errno
+import ipaddress
+import shlex
+from dataclasses import dataclass
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from ovpnmgr.ipset import IPSetError
+from ovpnmgr.process import CommandError
+
+# (table, built-in chain our jump lives in). filter first: see module docstring.
+TABLES = (("filter", "FORWARD"), ("nat", "PREROUTING"))
+
+
+class FirewallError(Exception):
+    """A firewall operation failed; ``str()`` names the operation, the
+    address (if any) and the kernel's or command's reason.
+
+    :ivar operation: ``"install"``, ``"add"``, ``"remove"``, ``"members"``,
+        ``"check"`` or ``"repair"``.
+    :ivar ip: the IPv4Address involved, or ``None``.
+    :ivar drift: for ``"repair"``: the :class:`Drift` that was being fixed.
+    """
+
+    def __init__(self, message, operation=None, ip=None, drift=None):
+        super().__init__(message)
+        self.message = message
+        self.operation = operation
+        self.ip = ip
+        self.drift = drift
+
+    def __str__(self):
+        return self.message
+
+
+def _abbrev(ips, limit=5):
+    ordered = sorted(ips)
+    text = ", ".join(str(ip) for ip in ordered[:limit])
+    if len(ordered) > limit:
+        text += ", ... (+%d more)" % (len(ordered) - limit)
+    return text
+
+
+@dataclass(frozen=True)
+class Drift:
+    """Differences between the kernel and the wanted state.
+
+    :ivar missing_chain_rules: a chain, its rules, or a jump at position 1 is
+        missing or wrong (see ``rule_problems`` for what exactly).
+    :ivar rule_problems: one short text per problem found.
+    :ivar set_missing: the ipset does not exist.
+    :ivar missing_members: expected addresses that are not in the set.
+    :ivar extra_members: addresses in the set that are not expected.
+    """
+
+    missing_chain_rules: bool = False
+    rule_problems: tuple = ()
+    set_missing: bool = False
+    missing_members: frozenset = frozenset()
+    extra_members: frozenset = frozenset()
+
+    @property
+    def ok(self):
+        """True when nothing differs."""
+        return not (self.missing_chain_rules or self.set_missing or self.missing_members or self.extra_members)
+
+    def describe(self):
+        """One line for logs and the admin socket."""
+        if self.ok:
+            return "firewall ok"
+        parts = []
+        if self.missing_chain_rules:
+            parts.append("rules: " + ", ".join(self.rule_problems or ("missing or wrong",)))
+        if self.set_missing:
+            parts.append("ipset missing")
+        if self.missing_members:
+            parts.append("%d missing member(s): %s" % (len(self.missing_members), _abbrev(self.missing_members)))
+        if self.extra_members:
+            parts.append("%d extra member(s): %s" % (len(self.extra_members), _abbrev(self.extra_members)))
+        return "; ".join(parts)
+
+
+# --- the rules as text (pure functions; unit-tested byte for byte) ---
+
+
+def chain_rules(config, proxy_port):
+    """``{table: [rule lines of our chain]}`` in ``iptables -S`` form."""
+    chain = config.chain
+    return {
+        "filter": [
+            "-A %s -p tcp -j REJECT --reject-with tcp-reset" % chain,
+            "-A %s -p udp -j REJECT --reject-with icmp-port-unreachable" % chain,
+            "-A %s -j REJECT --reject-with icmp-admin-prohibited" % chain,
+        ],
+        "nat": [
+            "-A %s -m addrtype --dst-type LOCAL -j RETURN" % chain,
+            "-A %s -p tcp -m set --match-set %s src -j REDIRECT --to-ports %d" % (chain, config.ipset, proxy_port),
+        ],
+    }
+
+
+def jump_spec(config):
+    """The jump's rule spec without the ``-A CHAIN`` part."""
+    return "-i %s -j %s" % (config.interface, config.chain)
+
+
+def _tokens(line):
+    try:
+        return shlex.split(line)
+    except ValueError:
+        return line.split()
+
+
+def rules_of(lines, chain):
+    """The ``-A chain ...`` lines of an ``iptables -S`` listing, in order."""
+    prefix = "-A %s " % chain
+    return [line for line in lines if line.startswith(prefix)]
+
+
+def jumps_to(lines, builtin, chain):
+    """Rules in ``builtin`` whose target (``-j``/``-g``) is ``chain``, as listed."""
+    found = []
+    for line in rules_of(lines, builtin):
+        tokens = _tokens(line)
+        for i, tok in enumerate(tokens[:-1]):
+            if tok in ("-j", "--jump", "-g", "--goto") and tokens[i + 1] == chain:
+                found.append(line)
+                break
+    return found
+
+
+def restore_input(config, proxy_port, listings):
+    """The ``iptables-restore --noflush`` input.
+
+    :param listings: ``{table: [lines of iptables -t table -S]}``; every
+        existing jump to our chain found there is deleted before the jump
+        is inserted at position 1.
+    """
+    rules = chain_rules(config, proxy_port)
+    out = []
+    for table, builtin in TABLES:
+        out.append("*%s" % table)
+        out.append(":%s - [0:0]" % config.chain)
+        out.extend(rules[table])
+        for line in jumps_to(listings.get(table, ()), builtin, config.chain):
+            out.append("-D" + line[2:])
+        out.append("-I %s 1 %s" % (builtin, jump_spec(config)))
+        out.append("COMMIT")
+    return ("\n".join(out) + "\n").encode("utf-8", "surrogateescape")
+
+
+def rule_problems(config, proxy_port, listings):
+    """What is wrong with our chains/jumps in ``listings`` (empty if nothing)."""
+    rules = chain_rules(config, proxy_port)
+    problems = []
+    for table, builtin in TABLES:
+        lines = listings.get(table, [])
+        expected_jump = "-A %s %s" % (builtin, jump_spec(config))
+        jumps = jumps_to(lines, builtin, config.chain)
+        first = rules_of(lines, builtin)[:1]
+        if not jumps:
+            problems.append("%s %s: jump to %s missing" % (table, builtin, config.chain))
+        elif first != [expected_jump]:
+            problems.append("%s %s: jump to %s is not at position 1" % (table, builtin, config.chain))
+        if len(jumps) > 1:
+            problems.append("%s %s: %d jumps to %s" % (table, builtin, len(jumps), config.chain))
+        if "-N %s" % config.chain not in lines:
+            problems.append("%s %s: chain missing" % (table, config.chain))
+        elif rules_of(lines, config.chain) != rules[table]:
+            problems.append("%s %s: rules differ" % (table, config.chain))
+    return problems
+
+
+class Firewall:
+    """Installs, verifies and repairs pocketproxy's chains; manages membership.
+
+    :param config: a :class:`~ovpnmgr.config.FirewallConfig`.
+    :param proxy_port: the REDIRECT target port (``ProxyConfig.listen``).
+    :param subnet: the VPN subnet; only its addresses may become members.
+    :param ipset: the set adapter (:class:`~ovpnmgr.ipset.NetlinkIPSet` or
+        :class:`~ovpnmgr.ipset.FakeIPSet`), already bound to ``config.ipset``.
+    :param runner: runs commands: ``run(argv, stdin=b"") -> Deferred[(code, out, err)]``
+        (:class:`~ovpnmgr.process.ProcessRunner` or ``FakeRunner``).
+    """
+
+    _log = Logger()
+
+    def __init__(self, config, proxy_port, subnet, ipset, runner):
+        self.config = config
+        self.proxy_port = int(proxy_port)
+        self.subnet = ipaddress.IPv4Network(subnet)
+        self._ipset = ipset
+        self._runner = runner
+        # install/check/repair read-then-write iptables; never interleave them.
+        self._lock = defer.DeferredLock()
+
+    # -- commands ---------------------------------------------------------
+
+    def _listing_argv(self, table):
+        return [self.config.iptables, "-w", "-t", table, "-S"]
+
+    def _restore_argv(self):
+        return [self.config.iptables_restore, "-w", "--noflush"]
+
+    @defer.inlineCallbacks
+    def _command(self, operation, argv, stdin=b""):
+        """Run ``argv``; FirewallError unless it exits 0; fire stdout."""
+        what = " ".join(argv)
+        try:
+            code, out, err = yield self._runner.run(argv, stdin)
+        except CommandError as e:
+            raise FirewallError("cannot %s: %s" % (operation, e), operation=operation.split()[0])
+        if code != 0:
+            reason = err.decode("utf-8", "replace").strip() or out.decode("utf-8", "replace").strip() or "no output"
+            raise FirewallError(
+                "cannot %s: %s exited %d: %s" % (operation, what, code, " | ".join(reason.splitlines())),
+                operation=operation.split()[0],
+            )
+        return out
+
+    @defer.inlineCallbacks
+    def _listings(self, operation):
+        listings = {}
+        for table, _ in TABLES:
+            out = yield self._command(operation, self._listing_argv(table))
+            listings[table] = out.decode("utf-8", "surrogateescape").splitlines()
+        return listings
+
+    # -- install ----------------------------------------------------------
+
+    def install(self):
+        """Ensure the ipset, then install both chains and jumps atomically per table.
+
+        Idempotent. Fires ``None``; fails with :class:`FirewallError`.
+        """
+        return self._lock.run(self._install)
+
+    @defer.inlineCallbacks
+    def _install(self):
+        try:
+            self._ipset.ensure()
+        except IPSetError as e:
+            raise FirewallError("cannot install firewall: %s" % e, operation="install")
+        listings = yield self._listings("install firewall")
+        text = restore_input(self.config, self.proxy_port, listings)
+        yield self._command("install firewall", self._restore_argv(), text)
+        self._log.info(
+            "firewall installed: chain {chain} (nat PREROUTING, filter FORWARD, -i {iface}), ipset {ipset}"
+            " -> REDIRECT :{port}",
+            chain=self.config.chain,
+            iface=self.config.interface,
+            ipset=self.config.ipset,
+            port=self.proxy_port,
+        )
+
+    # -- membership (synchronous netlink) ---------------------------------
+
+    def _address(self, ip, operation):
+        try:
+            addr = ipaddress.IPv4Address(ip)
+        except ValueError:
+            raise FirewallError("cannot %s %r: not an IPv4 address" % (operation, ip), operation=operation)
+        return addr
+
+    def add_member(self, ip):
+        """Let ``ip``'s TCP be redirected to the proxy. Raises :class:`FirewallError`."""
+        ip = self._address(ip, "add")
+        if ip not in self.subnet:
+            raise FirewallError(
+                "cannot add %s to ipset %r: not inside the VPN subnet %s" % (ip, self.config.ipset, self.subnet),
+                operation="add",
+                ip=ip,
+            )
+        try:
+            self._ipset.add(ip)
+        except IPSetError as e:
+            raise FirewallError(
+                "cannot add %s to ipset %r: %s (error %s)" % (ip, self.config.ipset, e.message, e.errno),
+                operation="add",
+                ip=ip,
+            )
+
+    def remove_member(self, ip):
+        """Stop redirecting ``ip`` (absent is fine). Raises :class:`FirewallError`."""
+        ip = self._address(ip, "remove")
+        try:
+            self._ipset.delete(ip)
+        except IPSetError as e:
+            raise FirewallError(
+                "cannot remove %s from ipset %r: %s (error %s)" % (ip, self.config.ipset, e.message, e.errno),
+                operation="remove",
+                ip=ip,
+            )
+
+    def members(self):
+        """The set's members (``set`` of IPv4Address). Raises :class:`FirewallError`."""
+        try:
+            return self._ipset.members()
+        except IPSetError as e:
+            raise FirewallError(
+                "cannot list ipset %r: %s (error %s)" % (self.config.ipset, e.message, e.errno), operation="members"
+            )
+
+    # -- verify / repair --------------------------------------------------
+
+    def check(self, expected):
+        """Compare the kernel with the wanted rules and ``expected`` members.
+
+        Fires a :class:`Drift`; fails with :class:`FirewallError` only if the
+        state cannot be read.
+        """
+        return self._lock.run(self._check, expected)
+
+    @defer.inlineCallbacks
+    def _check(self, expected):
+        expected = frozenset(ipaddress.IPv4Address(ip) for ip in expected)
+        listings = yield self._listings("check firewall")
+        problems = rule_problems(self.config, self.proxy_port, listings)
+        set_missing = False
+        try:
+            actual = frozenset(self._ipset.members())
+        except IPSetError as e:
+            if e.errno != errno.ENOENT:
+                raise FirewallError(
+                    "cannot check firewall: cannot list ipset %r: %s (error %s)"
+                    % (self.config.ipset, e.message, e.errno),
+                    operation="check",
+                )
+            set_missing = True
+            actual = frozenset()
+        return Drift(
+            missing_chain_rules=bool(problems),
+            rule_problems=tuple(problems),
+            set_missing=set_missing,
+            missing_members=expected - actual,
+            extra_members=actual - expected,
+        )
+
+    def repair(self, expected):
+        """Fix what :meth:`check` finds: re-install the chains if anything
+        about them is wrong, add missing members, remove extra ones.
+
+        Fires the :class:`Drift` that was found (and fixed); fails with
+        :class:`FirewallError` (its ``drift`` attribute set) if a fix failed.
+        """
+        return self._lock.run(self._repair, expected)
+
+    @defer.inlineCallbacks
+    def _repair(self, expected):
+        drift = yield self._check(expected)
+        if drift.ok:
+            return drift
+        self._log.warn("firewall drift, repairing: {drift}", drift=drift.describe())
+        if drift.missing_chain_rules or drift.set_missing:
+            try:
+                yield self._install()
+            except FirewallError as e:
+                raise FirewallError("cannot repair firewall: %s" % e, operation="repair", drift=drift)
+        failures = []
+        for ip in sorted(drift.missing_members):
+            try:
+                self.add_member(ip)
+            except FirewallError as e:
+                failures.append(str(e))
+        for ip in sorted(drift.extra_members):
+            try:
+                self.remove_member(ip)
+            except FirewallError as e:
+                failures.append(str(e))
+        if failures:
+            raise FirewallError("cannot repair firewall: %s" % "; ".join(failures), operation="repair", drift=drift)
+        return drift

@@ -1,0 +1,364 @@
+"""Integration tests for ovpnmgr.firewall: real ipset/iptables inside private network namespaces.
+
+The firewall code runs inside the namespace (``fw_driver.py`` under ``ip netns
+exec``); this process only prepares namespaces and inspects them with the
+ipset/iptables command-line tools. Every namespace is destroyed in a fixture
+finalizer, also when a test fails.
+"""
+
+import json
+import os
+import select
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.lab.netns import Namespace, link, require_root
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+DRIVER = HERE / "fw_driver.py"
+# The interpreter inside the namespaces: the one running pytest (so the PyPI venv leg exercises
+# pyroute2 0.9 / current Twisted), or POCKETPROXY_TEST_PYTHON.
+PYTHON = os.environ.get("POCKETPROXY_TEST_PYTHON") or sys.executable or "/usr/bin/python3"
+
+SET = "pocketproxy-clients"
+CHAIN = "POCKETPROXY"
+DNAT = "-A PREROUTING -p tcp -m tcp --dport 8080 -j DNAT --to-destination 192.168.255.2:8080"
+OTHER_FILTER = "-A FORWARD -o eth9 -p tcp -m tcp --dport 25 -j DROP"
+
+NAT_RULES = [
+    "-A POCKETPROXY -m addrtype --dst-type LOCAL -j RETURN",
+    "-A POCKETPROXY -p tcp -m set --match-set pocketproxy-clients src -j REDIRECT --to-ports 12345",
+]
+FILTER_RULES = [
+    "-A POCKETPROXY -p tcp -j REJECT --reject-with tcp-reset",
+    "-A POCKETPROXY -p udp -j REJECT --reject-with icmp-port-unreachable",
+    "-A POCKETPROXY -j REJECT --reject-with icmp-admin-prohibited",
+]
+
+
+def _env():
+    return dict(os.environ, PYTHONPATH=str(REPO))
+
+
+@pytest.fixture
+def namespaces():
+    """A factory for namespaces that are all destroyed at teardown."""
+    require_root()
+    made = []
+
+    def make(role):
+        ns = Namespace(role)
+        made.append(ns)
+        return ns
+
+    try:
+        yield make
+    finally:
+        for ns in reversed(made):
+            ns.destroy()
+
+
+@pytest.fixture
+def ns(namespaces):
+    return namespaces("fw")
+
+
+def drive(ns, ops, config=None, port=12345, subnet="10.9.0.0/24"):
+    """Run firewall ops inside ``ns`` via fw_driver.py; return one result per op."""
+    spec = {"config": {"interface": "tun+", **(config or {})}, "port": port, "subnet": subnet, "ops": ops}
+    r = ns.run(PYTHON, str(DRIVER), json.dumps(spec), check=False, env=_env(), timeout=300)
+    assert r.returncode == 0, "driver failed (rc %d): %s" % (r.returncode, r.stderr)
+    results = json.loads(r.stdout.splitlines()[-1])
+    assert len(results) == len(ops)
+    return results
+
+
+def ok(results):
+    for res in results:
+        assert "error" not in res, res["error"]
+    return results
+
+
+def save(ns):
+    """iptables-save without its timestamp comments."""
+    out = ns.run("iptables-save").stdout
+    return [line for line in out.splitlines() if not line.startswith("#")]
+
+
+def ours(line):
+    return line == ":%s - [0:0]" % CHAIN or line.startswith("-A %s " % CHAIN) or line.endswith("-j %s" % CHAIN)
+
+
+def listing(ns, table):
+    return ns.run("iptables", "-w", "-t", table, "-S").stdout.splitlines()
+
+
+def ipset_members(ns, name=SET):
+    out = ns.run("ipset", "list", name).stdout.splitlines()
+    return sorted(out[out.index("Members:") + 1 :])
+
+
+def assert_installed_once(ns):
+    """Exactly one jump per table, at position 1, and chain contents as specified."""
+    for table, builtin, rules in (("nat", "PREROUTING", NAT_RULES), ("filter", "FORWARD", FILTER_RULES)):
+        lines = listing(ns, table)
+        builtin_rules = [l for l in lines if l.startswith("-A %s " % builtin)]
+        jumps = [l for l in builtin_rules if l.endswith("-j %s" % CHAIN)]
+        assert jumps == ["-A %s -i tun+ -j %s" % (builtin, CHAIN)], lines
+        assert builtin_rules[0] == jumps[0], lines
+        assert [l for l in lines if l.startswith("-A %s " % CHAIN)] == rules
+
+
+def preexisting_rules(ns):
+    ns.run(
+        "iptables",
+        "-w",
+        "-t",
+        "nat",
+        "-A",
+        "PREROUTING",
+        "-p",
+        "tcp",
+        "--dport",
+        "8080",
+        "-j",
+        "DNAT",
+        "--to-destination",
+        "192.168.255.2:8080",
+    )
+    ns.run("iptables", "-w", "-A", "FORWARD", "-o", "eth9", "-p", "tcp", "--dport", "25", "-j", "DROP")
+    baseline = save(ns)
+    assert DNAT in baseline and OTHER_FILTER in baseline
+    return baseline
+
+
+def test_install_twice_gives_one_jump_at_position_one(ns):
+    """Installing twice leaves exactly one jump at position 1 in nat PREROUTING and filter FORWARD."""
+    baseline = preexisting_rules(ns)
+    ok(drive(ns, [{"op": "install"}]))
+    assert_installed_once(ns)
+    # A stray rule in our own chain: re-install (":CHAIN - [0:0]" under --noflush) must flush it.
+    ns.run("iptables", "-w", "-t", "nat", "-A", CHAIN, "-j", "ACCEPT")
+    ok(drive(ns, [{"op": "install"}]))
+    assert_installed_once(ns)
+    assert "-A PREROUTING -i tun+ -j POCKETPROXY" in save(ns)
+    assert [l for l in save(ns) if not ours(l)] == baseline
+    assert ns.run("ipset", "list", "-n").stdout.split() == [SET]
+    header = ns.run("ipset", "list", "-t", SET).stdout
+    assert "Type: hash:ip" in header and "family inet " in header and "maxelem 65536" in header
+
+
+def test_other_rules_byte_identical_after_reinstall_and_1000_cycles(ns):
+    """Unrelated DNAT/filter rules stay byte-identical through install, re-install and 1,000 add/remove cycles."""
+    baseline = preexisting_rules(ns)
+    results = ok(
+        drive(
+            ns,
+            [
+                {"op": "install"},
+                {"op": "install"},
+                {"op": "cycles", "n": 1000, "ip": "10.9.0.77"},
+                {"op": "members"},
+            ],
+        )
+    )
+    cycles = results[2]
+    print(
+        "\nipset add+remove over netlink: %d cycles in %.3fs = %.0f cycles/s"
+        % (cycles["cycles"], cycles["seconds"], cycles["per_second"]),
+        file=sys.stderr,
+    )
+    assert results[3]["members"] == []
+    after = save(ns)
+    assert [l for l in after if not ours(l)] == baseline
+    assert DNAT in after and OTHER_FILTER in after
+    assert_installed_once(ns)
+
+
+def test_members_match_ipset_list_and_absent_removal_is_fine(ns):
+    """members() equals what `ipset list` shows; removing an absent member is not an error."""
+    results = ok(
+        drive(
+            ns,
+            [
+                {"op": "install"},
+                {"op": "add", "ip": "10.9.0.10"},
+                {"op": "add", "ip": "10.9.0.11"},
+                {"op": "add", "ip": "10.9.0.11"},
+                {"op": "add", "ip": "10.9.0.12"},
+                {"op": "remove", "ip": "10.9.0.11"},
+                {"op": "remove", "ip": "10.9.0.200"},
+                {"op": "members"},
+            ],
+        )
+    )
+    assert results[-1]["members"] == ["10.9.0.10", "10.9.0.12"]
+    assert ipset_members(ns) == results[-1]["members"]
+
+
+def test_full_set_raises_firewall_error_saying_full(ns):
+    """With maxelem 1 and the set pre-filled, add_member fails with a message saying the set is full."""
+    ok(drive(ns, [{"op": "install"}], config={"maxelem": 1}))
+    assert "maxelem 1" in ns.run("ipset", "list", "-t", SET).stdout
+    ns.run("ipset", "add", SET, "10.9.0.50")
+    [result] = drive(ns, [{"op": "add", "ip": "10.9.0.51"}], config={"maxelem": 1})
+    assert result["error"] == (
+        "cannot add 10.9.0.51 to ipset 'pocketproxy-clients': set is full (maxelem reached) (error 4352)"
+    )
+    assert ipset_members(ns) == ["10.9.0.50"]
+
+
+def test_existing_set_same_type_accepted_other_type_refused(ns):
+    """A pre-existing hash:ip set is reused (other maxelem is fine); a hash:net set of that name is a clear error."""
+    ns.run("ipset", "create", SET, "hash:ip", "maxelem", "7")
+    ns.run("ipset", "add", SET, "10.9.0.9")
+    results = ok(drive(ns, [{"op": "install"}, {"op": "members"}]))
+    assert results[1]["members"] == ["10.9.0.9"]
+
+    other = "pp-other-set"
+    ns.run("ipset", "create", other, "hash:net")
+    [result] = drive(ns, [{"op": "install"}], config={"ipset": other, "chain": "PPOTHER"})
+    assert "a set with this name already exists as hash:net family inet" in result["error"]
+    assert "PPOTHER" not in ns.run("iptables-save").stdout
+
+
+def test_check_detects_and_repair_fixes_drift(ns):
+    """check() sees a member deleted behind its back, an extra member and a flushed chain; repair() fixes all."""
+    ok(drive(ns, [{"op": "install"}, {"op": "add", "ip": "10.9.0.20"}, {"op": "add", "ip": "10.9.0.21"}]))
+    expected = ["10.9.0.20", "10.9.0.21"]
+    [clean] = ok(drive(ns, [{"op": "check", "expected": expected}]))
+    assert clean["ok"] is True and clean["describe"] == "firewall ok"
+
+    ns.run("ipset", "del", SET, "10.9.0.20")
+    ns.run("ipset", "add", SET, "10.9.0.99")
+    ns.run("iptables", "-w", "-t", "nat", "-F", CHAIN)
+    ns.run("iptables", "-w", "-t", "filter", "-D", "FORWARD", "-i", "tun+", "-j", CHAIN)
+    check, repair, after = ok(
+        drive(
+            ns,
+            [
+                {"op": "check", "expected": expected},
+                {"op": "repair", "expected": expected},
+                {"op": "check", "expected": expected},
+            ],
+        )
+    )
+    assert check["ok"] is False
+    assert check["missing_members"] == ["10.9.0.20"] and check["extra_members"] == ["10.9.0.99"]
+    assert check["rule_problems"] == ["filter FORWARD: jump to POCKETPROXY missing", "nat POCKETPROXY: rules differ"]
+    assert repair == check
+    assert after["ok"] is True, after["describe"]
+    assert ipset_members(ns) == expected
+    assert_installed_once(ns)
+
+
+def test_runner_timeout_kills_the_child(ns):
+    """The real ProcessRunner kills a hung command by PID at the timeout and leaves no child behind."""
+    [slow, fast] = drive(
+        ns,
+        [
+            {"op": "run", "argv": ["sleep", "30"], "timeout": 0.5},
+            {"op": "run", "argv": ["sh", "-c", "echo out; echo err >&2; exit 3"], "timeout": 5},
+        ],
+    )
+    assert slow["type"] == "CommandTimeout" and "killed" in slow["error"]
+    assert 0.4 < slow["elapsed"] < 5
+    assert slow["children"] == []
+    assert fast["result"] == [3, "out\n", "err\n"]
+
+
+LISTENER = r"""
+import select, socket, struct, sys
+socks = []
+for port in (12345, 8081):
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", port))
+    s.listen(16)
+    socks.append(s)
+print("ready", flush=True)
+while True:
+    for s in select.select(socks, [], [])[0]:
+        conn, _ = s.accept()
+        raw = conn.getsockopt(socket.SOL_IP, 80, 16)  # SO_ORIGINAL_DST
+        port, = struct.unpack("!H", raw[2:4])
+        orig = "%s:%d" % (socket.inet_ntoa(raw[4:8]), port)
+        conn.sendall(("port=%d orig=%s\n" % (conn.getsockname()[1], orig)).encode())
+        conn.close()
+"""
+
+CONNECT = r"""
+import json, socket, sys, time
+proto, host, port, timeout = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+start = time.monotonic()
+out = {}
+try:
+    if proto == "tcp":
+        s = socket.create_connection((host, port), timeout=timeout)
+        out["data"] = s.makefile().readline().strip()
+    else:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.settimeout(timeout)
+        s.connect((host, port))
+        s.send(b"quic?")
+        s.recv(100)
+        out["data"] = "udp answer"
+except OSError as e:
+    out["error"] = type(e).__name__
+out["elapsed"] = time.monotonic() - start
+print(json.dumps(out))
+"""
+
+
+def connect(client, host, port, proto="tcp", timeout=2.0):
+    r = client.run(PYTHON, "-c", CONNECT, proto, host, str(port), str(timeout))
+    return json.loads(r.stdout)
+
+
+def test_redirect_and_fail_closed_with_real_traffic(namespaces):
+    """A member's TCP to a foreign address lands on the proxy port; after removal it gets an RST (UDP: ICMP) at once."""
+    server = namespaces("srv")
+    client = namespaces("cli")
+    sink = namespaces("snk")
+    server_if, _ = link(server, "10.9.0.1", client, "10.9.0.2")
+    client.run("ip", "route", "add", "198.51.100.0/24", "via", "10.9.0.1")
+    # Forwarding on (server namespace only) and an "uplink" into a sink namespace that forwards
+    # nothing, so unredirected packets really reach filter FORWARD; the sink counts what arrives.
+    server.run("sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
+    link(server, "203.0.113.1", sink, "203.0.113.2")
+    server.run("ip", "route", "add", "198.51.100.0/24", "via", "203.0.113.2")
+    sink.run("iptables", "-w", "-t", "raw", "-A", "PREROUTING", "-d", "198.51.100.0/24")
+
+    def reached_sink():
+        out = sink.run("iptables", "-w", "-t", "raw", "-L", "PREROUTING", "-v", "-n", "-x").stdout
+        return int(out.splitlines()[2].split()[0])
+
+    listener = server.popen([PYTHON, "-c", LISTENER], stdout=subprocess.PIPE, text=True)
+    assert select.select([listener.stdout], [], [], 10)[0], "listener did not start"
+    assert listener.stdout.readline().strip() == "ready"
+
+    # Without pocketproxy's rules the packet is forwarded into the black hole: no answer at all.
+    before = connect(client, "198.51.100.1", 80, timeout=1.0)
+    assert before.get("error") == "TimeoutError", before
+    leaked = reached_sink()
+    assert leaked >= 1  # the path exists: without our rules the SYN goes out the uplink
+
+    config = {"interface": server_if}
+    ok(drive(server, [{"op": "install"}, {"op": "add", "ip": "10.9.0.2"}], config=config))
+    redirected = connect(client, "198.51.100.1", 80)
+    assert redirected.get("data") == "port=12345 orig=198.51.100.1:80", redirected
+    local = connect(client, "10.9.0.1", 8081)
+    assert local.get("data") == "port=8081 orig=10.9.0.1:8081", local  # local destinations are not hijacked
+
+    ok(drive(server, [{"op": "remove", "ip": "10.9.0.2"}], config=config))
+    refused = connect(client, "198.51.100.1", 80)
+    assert refused.get("error") == "ConnectionRefusedError", refused
+    assert refused["elapsed"] < 0.5, refused
+    udp = connect(client, "198.51.100.1", 443, proto="udp")
+    assert udp.get("error") == "ConnectionRefusedError", udp
+    assert udp["elapsed"] < 0.5, udp
+    assert reached_sink() == leaked  # nothing got past pocketproxy's rules

@@ -1,0 +1,523 @@
+"""Unit tests for ovpnmgr.firewall (rules text, install/check/repair plans) and ovpnmgr.process (the runner)."""
+
+import errno
+import os
+import shutil
+import stat
+import tempfile
+from ipaddress import IPv4Address, IPv4Network
+
+import pytest
+from twisted.internet import defer, error
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from ovpnmgr.config import FirewallConfig
+from ovpnmgr.firewall import Drift, Firewall, FirewallError, jumps_to, restore_input, rule_problems
+from ovpnmgr.ipset import IPSET_ERR_HASH_FULL, FakeIPSet, IPSetError
+from ovpnmgr.process import CommandNotFound, CommandTimeout, FakeRunner, ProcessRunner, command_environment
+
+CONFIG = FirewallConfig()  # ipset pocketproxy-clients, chain POCKETPROXY, interface tun+
+PORT = 12345
+SUBNET = IPv4Network("10.9.0.0/24")
+A = IPv4Address("10.9.0.5")
+B = IPv4Address("10.9.0.6")
+C = IPv4Address("10.9.0.7")
+
+NAT_S = ["iptables", "-w", "-t", "nat", "-S"]
+FILTER_S = ["iptables", "-w", "-t", "filter", "-S"]
+RESTORE = ["iptables-restore", "-w", "--noflush"]
+
+GOLDEN = b"""\
+*filter
+:POCKETPROXY - [0:0]
+-A POCKETPROXY -p tcp -j REJECT --reject-with tcp-reset
+-A POCKETPROXY -p udp -j REJECT --reject-with icmp-port-unreachable
+-A POCKETPROXY -j REJECT --reject-with icmp-admin-prohibited
+-I FORWARD 1 -i tun+ -j POCKETPROXY
+COMMIT
+*nat
+:POCKETPROXY - [0:0]
+-A POCKETPROXY -m addrtype --dst-type LOCAL -j RETURN
+-A POCKETPROXY -p tcp -m set --match-set pocketproxy-clients src -j REDIRECT --to-ports 12345
+-I PREROUTING 1 -i tun+ -j POCKETPROXY
+COMMIT
+"""
+
+EMPTY_FILTER = "-P INPUT ACCEPT\n-P FORWARD ACCEPT\n-P OUTPUT ACCEPT\n"
+EMPTY_NAT = "-P PREROUTING ACCEPT\n-P INPUT ACCEPT\n-P OUTPUT ACCEPT\n-P POSTROUTING ACCEPT\n"
+DNAT = "-A PREROUTING -p tcp -m tcp --dport 8080 -j DNAT --to-destination 192.168.255.2:8080"
+
+# What `iptables -S` prints after a correct install (as observed on iptables 1.8.9).
+HEALTHY_FILTER = EMPTY_FILTER + (
+    "-N POCKETPROXY\n"
+    "-A FORWARD -i tun+ -j POCKETPROXY\n"
+    "-A POCKETPROXY -p tcp -j REJECT --reject-with tcp-reset\n"
+    "-A POCKETPROXY -p udp -j REJECT --reject-with icmp-port-unreachable\n"
+    "-A POCKETPROXY -j REJECT --reject-with icmp-admin-prohibited\n"
+)
+HEALTHY_NAT = EMPTY_NAT + (
+    "-N POCKETPROXY\n"
+    "-A PREROUTING -i tun+ -j POCKETPROXY\n" + DNAT + "\n"
+    "-A POCKETPROXY -m addrtype --dst-type LOCAL -j RETURN\n"
+    "-A POCKETPROXY -p tcp -m set --match-set pocketproxy-clients src -j REDIRECT --to-ports 12345\n"
+)
+
+
+def make(filter_s=EMPTY_FILTER, nat_s=EMPTY_NAT, ipset=None, config=CONFIG):
+    runner = FakeRunner()
+    runner.on(FILTER_S, stdout=filter_s.encode())
+    runner.on(NAT_S, stdout=nat_s.encode())
+    ipset = FakeIPSet() if ipset is None else ipset
+    return Firewall(config, PORT, SUBNET, ipset, runner), runner, ipset
+
+
+# --- the restore text --------------------------------------------------------
+
+
+def test_golden_restore_text_for_a_fresh_kernel():
+    """The exact iptables-restore input for the default config, filter first, one jump insert per table."""
+    assert restore_input(CONFIG, PORT, {"filter": EMPTY_FILTER.splitlines(), "nat": EMPTY_NAT.splitlines()}) == GOLDEN
+
+
+def test_golden_restore_text_uses_every_config_name():
+    """Chain, set, interface and port all come from the config."""
+    config = FirewallConfig(ipset="s1", chain="PP2", interface="ppvb12")
+    text = restore_input(config, 8000, {}).decode()
+    assert "-A PP2 -p tcp -m set --match-set s1 src -j REDIRECT --to-ports 8000\n" in text
+    assert "-I PREROUTING 1 -i ppvb12 -j PP2\n" in text and "-I FORWARD 1 -i ppvb12 -j PP2\n" in text
+    assert text.count(":PP2 - [0:0]\n") == 2 and "POCKETPROXY" not in text
+
+
+def test_existing_jumps_are_deleted_then_inserted_once():
+    """Re-install plan: every existing jump to our chain (even odd variants) is -D'd, then one -I at 1."""
+    nat = EMPTY_NAT + (
+        "-N POCKETPROXY\n"
+        "-A PREROUTING -i tun+ -j POCKETPROXY\n" + DNAT + "\n"
+        "-A PREROUTING -i tun+ -j POCKETPROXY\n"
+        '-A PREROUTING -i tun0 -m comment --comment "old config" -j POCKETPROXY\n'
+        '-A PREROUTING -m comment --comment "-j POCKETPROXY" -j ACCEPT\n'
+        "-A PREROUTING -i tun+ -j POCKETPROXY2\n"
+    )
+    text = restore_input(CONFIG, PORT, {"nat": nat.splitlines(), "filter": HEALTHY_FILTER.splitlines()}).decode()
+    nat_part = text.split("*nat\n")[1]
+    assert nat_part == (
+        ":POCKETPROXY - [0:0]\n"
+        "-A POCKETPROXY -m addrtype --dst-type LOCAL -j RETURN\n"
+        "-A POCKETPROXY -p tcp -m set --match-set pocketproxy-clients src -j REDIRECT --to-ports 12345\n"
+        "-D PREROUTING -i tun+ -j POCKETPROXY\n"
+        "-D PREROUTING -i tun+ -j POCKETPROXY\n"
+        '-D PREROUTING -i tun0 -m comment --comment "old config" -j POCKETPROXY\n'
+        "-I PREROUTING 1 -i tun+ -j POCKETPROXY\n"
+        "COMMIT\n"
+    )
+    assert "-D FORWARD -i tun+ -j POCKETPROXY\n-I FORWARD 1 -i tun+ -j POCKETPROXY\n" in text
+    assert "DNAT" not in text and "ACCEPT" not in text
+
+
+def test_jumps_to_matches_only_real_targets():
+    """-j/-g targets count; a comment mentioning the chain or a similarly named chain does not."""
+    lines = [
+        "-A FORWARD -g POCKETPROXY",
+        '-A FORWARD -m comment --comment "-j POCKETPROXY" -j ACCEPT',
+        "-A FORWARD -j POCKETPROXYX",
+        "-A INPUT -j POCKETPROXY",
+    ]
+    assert jumps_to(lines, "FORWARD", "POCKETPROXY") == ["-A FORWARD -g POCKETPROXY"]
+
+
+# --- install -------------------------------------------------------------------
+
+
+class InstallTests(SynchronousTestCase):
+    def test_install_ensures_set_then_reads_then_restores(self):
+        """install: ipset first (netlink), then iptables -S of both tables, then one restore with the golden text."""
+        events = []
+        fw, runner, ipset = make()
+        ipset_ensure = ipset.ensure
+        ipset.ensure = lambda: (events.append("ensure"), ipset_ensure())
+        runner.on(RESTORE, handler=lambda argv, stdin: (events.append("restore"), (0, b"", b""))[1])
+        self.assertIsNone(self.successResultOf(fw.install()))
+        self.assertEqual(events, ["ensure", "restore"])
+        self.assertEqual(runner.argvs(), [FILTER_S, NAT_S, RESTORE])
+        self.assertEqual(runner.calls[-1][1], GOLDEN)
+        self.assertTrue(ipset.exists)
+
+    def test_reinstall_deletes_existing_jumps(self):
+        """A second install over a healthy kernel deletes the jump and re-inserts it at position 1."""
+        fw, runner, _ = make(HEALTHY_FILTER, HEALTHY_NAT)
+        self.successResultOf(fw.install())
+        text = runner.calls[-1][1].decode()
+        self.assertIn("-D PREROUTING -i tun+ -j POCKETPROXY\n-I PREROUTING 1 -i tun+ -j POCKETPROXY\n", text)
+        self.assertIn("-D FORWARD -i tun+ -j POCKETPROXY\n-I FORWARD 1 -i tun+ -j POCKETPROXY\n", text)
+        self.assertEqual(text.count("-D "), 2)
+
+    def test_foreign_bytes_in_a_jump_round_trip_exactly(self):
+        """A jump with a non-ASCII (even non-UTF-8) comment is -D'd with exactly the bytes iptables printed."""
+        nat = EMPTY_NAT.encode() + b'-A PREROUTING -m comment --comment "caf\xc3\xa9 \xff" -j POCKETPROXY\n'
+        fw, runner, _ = make()
+        runner.on(NAT_S, stdout=nat)
+        self.successResultOf(fw.install())
+        self.assertIn(b'-D PREROUTING -m comment --comment "caf\xc3\xa9 \xff" -j POCKETPROXY\n', runner.calls[-1][1])
+
+    def test_ipset_failure_stops_install_before_iptables(self):
+        """If the set cannot be created no iptables command runs (the rule would reference a missing set)."""
+        fw, runner, _ = make(ipset=FakeIPSet(exists=False, fail_ensure=True))
+        failure = self.failureResultOf(fw.install(), FirewallError)
+        self.assertEqual(runner.calls, [])
+        self.assertIn("cannot install firewall", str(failure.value))
+        self.assertIn("injected failure", str(failure.value))
+
+    def test_restore_failure_reports_exit_code_and_stderr(self):
+        """iptables-restore exiting non-zero is a FirewallError quoting its stderr."""
+        fw, runner, _ = make()
+        runner.on(
+            RESTORE, exit_code=2, stderr=b"iptables-restore v1.8.9: Set x doesn't exist.\n\nError occurred at line: 9\n"
+        )
+        failure = self.failureResultOf(fw.install(), FirewallError)
+        self.assertEqual(
+            str(failure.value),
+            "cannot install firewall: iptables-restore -w --noflush exited 2:"
+            " iptables-restore v1.8.9: Set x doesn't exist. |  | Error occurred at line: 9",
+        )
+        self.assertEqual(failure.value.operation, "install")
+
+    def test_listing_failure_is_reported(self):
+        """A failing iptables -S aborts install before any restore."""
+        fw, runner, _ = make()
+        runner.on(NAT_S, exit_code=3, stderr=b"iptables: table `nat' is incompatible, use 'nft' tool.\n")
+        failure = self.failureResultOf(fw.install(), FirewallError)
+        self.assertIn("iptables -w -t nat -S exited 3", str(failure.value))
+        self.assertNotIn(RESTORE, runner.argvs())
+
+    def test_runner_timeout_becomes_firewall_error(self):
+        """A hung iptables-restore (runner timeout) surfaces as FirewallError saying it was killed."""
+        fw, runner, _ = make()
+        runner.on(RESTORE, error=CommandTimeout(RESTORE, 10.0))
+        failure = self.failureResultOf(fw.install(), FirewallError)
+        self.assertIn("no result after 10s; killed", str(failure.value))
+
+    def test_concurrent_installs_do_not_interleave(self):
+        """A second install waits until the first restore finished (its -S must see the first's jump)."""
+        fw, runner, _ = make()
+        held = defer.Deferred()
+        runner.on(RESTORE, handler=lambda argv, stdin: held)
+        d1 = fw.install()
+        d2 = fw.install()
+        self.assertEqual(runner.argvs(), [FILTER_S, NAT_S, RESTORE])
+        runner.on(RESTORE)
+        held.callback((0, b"", b""))
+        self.successResultOf(d1)
+        self.successResultOf(d2)
+        self.assertEqual(runner.argvs(), [FILTER_S, NAT_S, RESTORE, FILTER_S, NAT_S, RESTORE])
+
+
+# --- membership --------------------------------------------------------------
+
+
+def test_add_and_remove_members():
+    """add_member/remove_member go straight to the set; removing an absent member is fine."""
+    fw, runner, ipset = make()
+    fw.add_member(A)
+    fw.add_member("10.9.0.6")
+    fw.remove_member(A)
+    fw.remove_member(C)
+    assert fw.members() == {B}
+    assert runner.calls == []
+
+
+def test_add_member_outside_subnet_is_refused():
+    """Only VPN-subnet addresses may be redirected."""
+    fw, _, ipset = make()
+    with pytest.raises(FirewallError) as info:
+        fw.add_member(IPv4Address("192.168.1.5"))
+    assert (
+        str(info.value)
+        == "cannot add 192.168.1.5 to ipset 'pocketproxy-clients': not inside the VPN subnet 10.9.0.0/24"
+    )
+    assert ipset.calls == []
+
+
+def test_add_member_full_set_message():
+    """A full set reads: cannot add IP to ipset NAME: set is full."""
+    fw, _, _ = make(ipset=FakeIPSet(maxelem=1, members=[B]))
+    with pytest.raises(FirewallError) as info:
+        fw.add_member(A)
+    assert (
+        str(info.value)
+        == "cannot add 10.9.0.5 to ipset 'pocketproxy-clients': set is full (maxelem reached) (error 4352)"
+    )
+    assert info.value.operation == "add" and info.value.ip == A
+
+
+def test_remove_and_members_failures_are_firewall_errors():
+    """Injected delete/list failures come out as FirewallError naming ip and reason."""
+    fake = FakeIPSet(fail_next_delete=IPSetError("delete", "pocketproxy-clients", A, errno.EPERM), fail_members=True)
+    fw, _, _ = make(ipset=fake)
+    with pytest.raises(FirewallError) as info:
+        fw.remove_member(A)
+    assert "cannot remove 10.9.0.5 from ipset 'pocketproxy-clients': operation not permitted" in str(info.value)
+    with pytest.raises(FirewallError) as info:
+        fw.members()
+    assert "cannot list ipset 'pocketproxy-clients': injected failure" in str(info.value)
+    with pytest.raises(FirewallError):
+        fw.add_member("not-an-ip")
+
+
+# --- check / repair ----------------------------------------------------------
+
+
+class CheckRepairTests(SynchronousTestCase):
+    def test_healthy_kernel_has_no_drift(self):
+        """Rules as installed + members as expected -> Drift.ok."""
+        fw, _, _ = make(HEALTHY_FILTER, HEALTHY_NAT, ipset=FakeIPSet(members=[A, B]))
+        drift = self.successResultOf(fw.check({A, B}))
+        self.assertTrue(drift.ok, drift.describe())
+        self.assertEqual(drift.describe(), "firewall ok")
+
+    def test_member_drift(self):
+        """A member deleted behind our back is missing; an unknown one is extra."""
+        fw, _, _ = make(HEALTHY_FILTER, HEALTHY_NAT, ipset=FakeIPSet(members=[A, C]))
+        drift = self.successResultOf(fw.check({A, B}))
+        self.assertEqual((drift.missing_members, drift.extra_members), ({B}, {C}))
+        self.assertFalse(drift.missing_chain_rules)
+        self.assertEqual(drift.describe(), "1 missing member(s): 10.9.0.6; 1 extra member(s): 10.9.0.7")
+
+    def test_flushed_chain_and_displaced_jump_are_detected(self):
+        """An emptied nat chain and a filter jump that is no longer first are both rule drift."""
+        nat = HEALTHY_NAT.replace("-A POCKETPROXY -m addrtype --dst-type LOCAL -j RETURN\n", "")
+        filt = HEALTHY_FILTER.replace(
+            "-A FORWARD -i tun+ -j POCKETPROXY\n", "-A FORWARD -j ACCEPT\n-A FORWARD -i tun+ -j POCKETPROXY\n"
+        )
+        fw, _, _ = make(filt, nat, ipset=FakeIPSet())
+        drift = self.successResultOf(fw.check(set()))
+        self.assertTrue(drift.missing_chain_rules)
+        self.assertEqual(
+            drift.rule_problems,
+            ("filter FORWARD: jump to POCKETPROXY is not at position 1", "nat POCKETPROXY: rules differ"),
+        )
+        self.assertFalse(drift.ok)
+
+    def test_missing_everything(self):
+        """Empty tables and no set: every jump and chain missing, set missing, all members missing."""
+        fw, _, _ = make(ipset=FakeIPSet(exists=False))
+        drift = self.successResultOf(fw.check({A}))
+        self.assertEqual(
+            drift.rule_problems,
+            (
+                "filter FORWARD: jump to POCKETPROXY missing",
+                "filter POCKETPROXY: chain missing",
+                "nat PREROUTING: jump to POCKETPROXY missing",
+                "nat POCKETPROXY: chain missing",
+            ),
+        )
+        self.assertTrue(drift.set_missing)
+        self.assertEqual(drift.missing_members, {A})
+        self.assertIn("ipset missing", drift.describe())
+
+    def test_duplicate_jumps_are_drift(self):
+        """Two jumps (the first at position 1) still count as drift."""
+        nat = HEALTHY_NAT + "-A PREROUTING -i tun+ -j POCKETPROXY\n"
+        fw, _, _ = make(HEALTHY_FILTER, nat)
+        drift = self.successResultOf(fw.check(set()))
+        self.assertEqual(drift.rule_problems, ("nat PREROUTING: 2 jumps to POCKETPROXY",))
+
+    def test_check_fails_when_set_cannot_be_read(self):
+        """A list error other than 'does not exist' is a FirewallError, not drift."""
+        fw, _, _ = make(HEALTHY_FILTER, HEALTHY_NAT, ipset=FakeIPSet(fail_members=True))
+        self.failureResultOf(fw.check(set()), FirewallError)
+
+    def test_repair_without_drift_does_nothing(self):
+        """Nothing wrong -> no restore, no set changes; fires an ok Drift."""
+        fw, runner, ipset = make(HEALTHY_FILTER, HEALTHY_NAT, ipset=FakeIPSet(members=[A]))
+        drift = self.successResultOf(fw.repair({A}))
+        self.assertTrue(drift.ok)
+        self.assertNotIn(RESTORE, runner.argvs())
+        self.assertEqual([c[0] for c in ipset.calls], ["members"])
+
+    def test_repair_fixes_rules_and_members(self):
+        """Rule drift -> one restore; missing members added, extra ones removed; fires what it found."""
+        nat = HEALTHY_NAT.replace("-A PREROUTING -i tun+ -j POCKETPROXY\n", "")
+        fw, runner, ipset = make(HEALTHY_FILTER, nat, ipset=FakeIPSet(members=[A, C]))
+        drift = self.successResultOf(fw.repair({A, B}))
+        self.assertEqual(drift.rule_problems, ("nat PREROUTING: jump to POCKETPROXY missing",))
+        self.assertEqual(runner.argvs().count(RESTORE), 1)
+        self.assertEqual(ipset.content, {A, B})
+
+    def test_repair_member_only_drift_skips_restore(self):
+        """Only members differ -> no iptables-restore."""
+        fw, runner, ipset = make(HEALTHY_FILTER, HEALTHY_NAT, ipset=FakeIPSet(members=[C]))
+        drift = self.successResultOf(fw.repair({A}))
+        self.assertEqual((drift.missing_members, drift.extra_members), ({A}, {C}))
+        self.assertNotIn(RESTORE, runner.argvs())
+        self.assertEqual(ipset.content, {A})
+
+    def test_repair_reports_partial_failure(self):
+        """If a member cannot be re-added, repair still removes extras, then fails naming the member."""
+        fake = FakeIPSet(members=[C])
+        fake.fail_next_add = IPSetError("add", fake.name, A, IPSET_ERR_HASH_FULL)
+        fw, _, _ = make(HEALTHY_FILTER, HEALTHY_NAT, ipset=fake)
+        failure = self.failureResultOf(fw.repair({A}), FirewallError)
+        self.assertIn("cannot add 10.9.0.5", str(failure.value))
+        self.assertIn("set is full", str(failure.value))
+        self.assertEqual(failure.value.drift.missing_members, {A})
+        self.assertEqual(fake.content, set())
+
+    def test_repair_install_failure(self):
+        """A failing re-install is a FirewallError carrying the drift."""
+        fw, runner, _ = make(ipset=FakeIPSet())
+        runner.on(RESTORE, exit_code=1, stderr=b"iptables-restore: line 4 failed\n")
+        failure = self.failureResultOf(fw.repair(set()), FirewallError)
+        self.assertIn("line 4 failed", str(failure.value))
+        self.assertTrue(failure.value.drift.missing_chain_rules)
+
+
+def test_drift_describe_abbreviates_long_lists():
+    """describe() stays one line for many members."""
+    many = frozenset(IPv4Address("10.9.0.%d" % i) for i in range(10, 20))
+    text = Drift(missing_members=many).describe()
+    assert text == "10 missing member(s): 10.9.0.10, 10.9.0.11, 10.9.0.12, 10.9.0.13, 10.9.0.14, ... (+5 more)"
+    assert "\n" not in text
+
+
+def test_rule_problems_empty_for_healthy_listing():
+    """The healthy listing (as iptables 1.8.9 prints it) matches the rules we generate."""
+    listings = {"filter": HEALTHY_FILTER.splitlines(), "nat": HEALTHY_NAT.splitlines()}
+    assert rule_problems(CONFIG, PORT, listings) == []
+    assert rule_problems(CONFIG, PORT + 1, listings) == ["nat POCKETPROXY: rules differ"]
+
+
+# --- ProcessRunner with a fake process reactor ----------------------------------
+
+
+class FakeProcessTransport:
+    def __init__(self, pid):
+        self.pid = pid
+        self.written = []
+        self.stdin_closed = False
+        self.signals = []
+
+    def write(self, data):
+        self.written.append(data)
+
+    def closeStdin(self):
+        self.stdin_closed = True
+
+    def signalProcess(self, sig):
+        if self.pid is None:
+            raise error.ProcessExitedAlready()
+        self.signals.append(sig)
+
+
+class ProcessReactor(MemoryReactorClock):
+    """MemoryReactorClock plus a recording spawnProcess."""
+
+    def __init__(self):
+        super().__init__()
+        self.spawned = []
+
+    def spawnProcess(self, protocol, executable, args=(), env=None, path=None, **kw):
+        transport = FakeProcessTransport(4242 + len(self.spawned))
+        self.spawned.append((protocol, executable, list(args), env, transport))
+        protocol.makeConnection(transport)
+        return transport
+
+
+class RunnerTests(SynchronousTestCase):
+    def setUp(self):
+        self.bindir = tempfile.mkdtemp(prefix="pp-runner-test-")
+        self.addCleanup(shutil.rmtree, self.bindir)
+        tool = os.path.join(self.bindir, "fw-tool")
+        with open(tool, "w") as f:
+            f.write("#!/bin/sh\n")
+        os.chmod(tool, stat.S_IRWXU)
+        self.tool = tool
+        self.reactor = ProcessReactor()
+        self.runner = ProcessRunner(self.reactor, timeout=10.0, env={"PATH": self.bindir})
+
+    def test_success_collects_output_and_writes_stdin(self):
+        """argv[0] is resolved on PATH, stdin is written then closed, stdout/stderr are collected."""
+        d = self.runner.run(["fw-tool", "-t", "nat"], stdin=b"*nat\nCOMMIT\n")
+        proto, executable, args, env, transport = self.reactor.spawned[0]
+        self.assertEqual((executable, args), (self.tool, ["fw-tool", "-t", "nat"]))
+        self.assertEqual(env["LC_ALL"], "C")
+        self.assertEqual((transport.written, transport.stdin_closed), ([b"*nat\nCOMMIT\n"], True))
+        self.assertNoResult(d)
+        proto.childDataReceived(1, b"out1 ")
+        proto.childDataReceived(2, b"err")
+        proto.childDataReceived(1, b"out2")
+        proto.processEnded(Failure(error.ProcessDone(0)))
+        self.assertEqual(self.successResultOf(d), (0, b"out1 out2", b"err"))
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_nonzero_exit_is_a_result_not_an_error(self):
+        """Exit 2 fires (2, out, err); a signal death fires -SIGNUM."""
+        d = self.runner.run(["fw-tool"])
+        self.reactor.spawned[0][0].processEnded(Failure(error.ProcessTerminated(exitCode=2)))
+        self.assertEqual(self.successResultOf(d), (2, b"", b""))
+        d = self.runner.run(["fw-tool"])
+        self.reactor.spawned[1][0].processEnded(Failure(error.ProcessTerminated(signal=15)))
+        self.assertEqual(self.successResultOf(d)[0], -15)
+
+    def test_timeout_kills_child_and_errbacks(self):
+        """After `timeout` seconds on the clock the child gets SIGKILL (by PID) and the Deferred fails."""
+        d = self.runner.run(["fw-tool"])
+        transport = self.reactor.spawned[0][4]
+        self.reactor.advance(9.9)
+        self.assertNoResult(d)
+        self.assertEqual(transport.signals, [])
+        self.reactor.advance(0.1)
+        self.assertEqual(transport.signals, ["KILL"])
+        failure = self.failureResultOf(d, CommandTimeout)
+        self.assertEqual(str(failure.value), "fw-tool: no result after 10s; killed")
+        # The reaped child's processEnded afterwards must not fire the Deferred again.
+        self.reactor.spawned[0][0].processEnded(Failure(error.ProcessTerminated(signal=9)))
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_separate_clock_drives_the_timeout(self):
+        """An injected clock, not the reactor, decides when the timeout fires."""
+        from twisted.internet.task import Clock
+
+        clock = Clock()
+        runner = ProcessRunner(self.reactor, timeout=1.0, clock=clock, env={"PATH": self.bindir})
+        d = runner.run(["fw-tool"])
+        self.reactor.advance(5)
+        self.assertNoResult(d)
+        clock.advance(1)
+        self.failureResultOf(d, CommandTimeout)
+
+    def test_cancel_kills_child(self):
+        """Cancelling the Deferred kills the child and leaves no timer behind."""
+        d = self.runner.run(["fw-tool"])
+        d.cancel()
+        self.failureResultOf(d, defer.CancelledError)
+        self.assertEqual(self.reactor.spawned[0][4].signals, ["KILL"])
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_missing_command(self):
+        """An executable not on PATH fails at once without spawning."""
+        failure = self.failureResultOf(self.runner.run(["no-such-fw-tool-xyz"]), CommandNotFound)
+        self.assertIn("no-such-fw-tool-xyz: command not found", str(failure.value))
+        self.assertEqual(self.reactor.spawned, [])
+
+
+def test_command_environment_adds_sbin():
+    """Children find /usr/sbin/iptables even when the daemon's PATH lacks sbin; output is C locale."""
+    env = command_environment({"PATH": "/opt/bin", "HOME": "/x"})
+    assert env["PATH"].split(":")[0] == "/opt/bin"
+    assert "/usr/sbin" in env["PATH"].split(":") and "/sbin" in env["PATH"].split(":")
+    assert env["LC_ALL"] == "C" and env["HOME"] == "/x"
+
+
+def test_fake_runner_records_and_answers_by_longest_prefix():
+    """FakeRunner: calls recorded with stdin; the most specific canned answer wins; default is success."""
+    runner = FakeRunner()
+    runner.on(["iptables"], exit_code=1)
+    runner.on(["iptables", "-w", "-t", "nat"], stdout=b"nat")
+    results = []
+    runner.run(["iptables", "-w", "-t", "nat", "-S"]).addCallback(results.append)
+    runner.run(["iptables", "-L"]).addCallback(results.append)
+    runner.run(["true"], b"in").addCallback(results.append)
+    assert results == [(0, b"nat", b""), (1, b"", b""), (0, b"", b"")]
+    assert runner.calls[-1] == (["true"], b"in")
