@@ -1,0 +1,533 @@
+# -*- test-case-name: tests.unit.test_controller -*-
+"""Per-client lifecycle: the admission transaction, teardown, and reconciliation.
+
+The product's promise lives here: a client is answered ``client-auth`` only
+after its address is held, its ipset member is in the kernel and its proxy
+mapping is in the table; any failure rolls back what was done and answers
+``client-deny`` (TEMP for what may pass, plain for bad credentials).
+
+Sessions are keyed by (epoch, CID) because OpenVPN restarts CIDs at 0 after a
+SIGHUP/SIGUSR1 while the socket stays up. The pool, the mapping table and the
+kernel set are owned by the :class:`Session` object itself, so a late
+DISCONNECT of an old CID can never release what a newer session holds.
+
+After every (re)connect of the management socket the controller reads
+``status 3`` and makes its state, the kernel set and the mappings match
+OpenVPN's view (OpenVPN is the source of truth; there is no state file).
+"""
+
+import ipaddress
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from ovpnmgr import events
+from ovpnmgr.directory import AuthFailed
+from ovpnmgr.pool import AddressInUse, PoolExhausted
+from ovpnmgr.protocol import CommandFailed, ManagementError
+
+AUTHENTICATING = "authenticating"
+AUTHORIZING = "authorizing"  # client-auth sent, no reply yet
+AUTHORIZED = "authorized"  # client-auth SUCCESS
+ESTABLISHED = "established"
+
+
+class TemporaryFailure(Exception):
+    """An admission step failed in a way that may pass; the client is told to retry."""
+
+
+class Session:
+    """One OpenVPN client instance (one CID in one epoch) and what it holds."""
+
+    def __init__(self, epoch, cid, kid, env, started):
+        self.epoch = epoch
+        self.cid = cid
+        self.kid = kid
+        self.username = env.get("username", "")
+        self.common_name = env.get("common_name", "")
+        self.real_address = "%s:%s" % (env.get("untrusted_ip", ""), env.get("untrusted_port", ""))
+        self.started = started
+        self.state = AUTHENTICATING
+        self.user = None
+        self.address = None
+        self.connected_since = None
+        self.cancelled = False
+
+    @property
+    def key(self):
+        return (self.epoch, self.cid)
+
+    def __repr__(self):
+        return "<Session epoch=%d cid=%d user=%s ip=%s %s>" % (
+            self.epoch,
+            self.cid,
+            self.user.name if self.user else self.username,
+            self.address,
+            self.state,
+        )
+
+
+class Controller:
+    """Answers OpenVPN's admission questions and keeps kernel and proxy state in step."""
+
+    _log = Logger()
+
+    def __init__(self, clock, config, directory, pool, firewall, mappings, run_blocking=None):
+        """
+        :param clock: an ``IReactorTime``; all timing comes from it.
+        :param config: the :class:`~ovpnmgr.config.OpenVPNConfig`.
+        :param directory: the :class:`~ovpnmgr.directory.Directory` in force.
+        :param pool: the :class:`~ovpnmgr.pool.AddressPool`.
+        :param firewall: a :class:`~ovpnmgr.firewall.Firewall` (kernel set membership).
+        :param mappings: the proxy's :class:`~proxy.mappings.MappingTable`.
+        :param run_blocking: ``f(callable, *args) -> Deferred`` for scrypt off the reactor thread.
+        """
+        self.clock = clock
+        self.config = config
+        self.directory = directory
+        self.pool = pool
+        self.firewall = firewall
+        self.mappings = mappings
+        self.run_blocking = run_blocking
+        self.epoch = 0
+        self.sessions = {}
+        self.protocol = None
+        self.draining = False
+        self._daemon_start_time = None
+        self._handlers = {
+            events.ClientConnect: self._on_connect,
+            events.ClientReauth: self._on_reauth,
+            events.ClientEstablished: self._on_established,
+            events.ClientDisconnect: self._on_disconnect,
+            events.ClientAddress: self._on_address,
+            events.Hold: self._on_hold,
+            events.State: self._on_state,
+            events.Fatal: self._on_fatal,
+        }
+
+    # --- management connection lifecycle ---
+
+    def attach(self, protocol):
+        """Take over a fresh management connection: new epoch, then reconcile with ``status 3``.
+
+        Suitable as ``ClientService(prepareConnection=...)``: the Deferred fails
+        if login or reconciliation fails, which makes the service retry.
+        """
+        self.epoch += 1
+        self.protocol = protocol
+        protocol.set_notify(self.notify)  # works through ClientService's protocol proxy too
+        protocol.when_disconnected().addBoth(self._detached, protocol)
+        d = protocol.when_ready()
+        d.addCallback(lambda _: protocol.state_on())
+        d.addCallback(lambda _: protocol.status3())
+        d.addCallback(self.reconcile)
+        d.addCallback(lambda _: protocol)
+        d.addErrback(self._attach_failed, protocol)
+        return d
+
+    def _attach_failed(self, failure, protocol):
+        self._log.error("management handshake failed: {why}", why=failure.getErrorMessage() or failure.type.__name__)
+        if protocol.transport is not None:
+            protocol.transport.loseConnection()
+        return failure
+
+    def _detached(self, reason, protocol):
+        if self.protocol is protocol:
+            self.protocol = None
+            self._log.warn("management connection lost; established clients keep their rules until reconciled")
+
+    def notify(self, event):
+        """Route one management notification (the protocol's ``notify`` hook)."""
+        handler = self._handlers.get(type(event))
+        if handler is not None:
+            handler(event)
+
+    # --- admission ---
+
+    def _on_connect(self, ev):
+        self._check_daemon(ev.env)
+        key = (self.epoch, ev.cid)
+        old = self.sessions.get(key)
+        if old is not None:
+            self._log.warn("CONNECT for cid {cid} that already has a session; replacing it", cid=ev.cid)
+            self._end(old)
+        session = Session(self.epoch, ev.cid, ev.kid, ev.env, self.clock.seconds())
+        self.sessions[key] = session
+        if self.draining:
+            self._deny(session, "draining: new admissions paused", temporary=True)
+            return
+        d = self.directory.authenticate(
+            session.username, ev.env.get("password", ""), session.common_name, self.run_blocking
+        )
+        d.addCallbacks(self._admit, self._refuse, callbackArgs=(session,), errbackArgs=(session,))
+        d.addErrback(self._log_unexpected, "admission", session)
+
+    def _admit(self, user, session):
+        if session.cancelled:
+            return
+        session.user = user
+        try:
+            session.address = self._take_address(session, user)
+            self.firewall.add_member(session.address)
+            self._log.info(
+                "ipset member added {vpn_ip} for cid {cid} user {user}",
+                vpn_ip=str(session.address),
+                cid=session.cid,
+                user=user.name,
+                event="ipset-add",
+            )
+            self.mappings.transfer(session.address, user.device.upstream, session)
+        except (TemporaryFailure, PoolExhausted, Exception) as e:
+            self._rollback(session)
+            self._deny(session, "%s: %s" % (type(e).__name__, e), temporary=True)
+            return
+        self._authorize(session)
+
+    def _take_address(self, session, user):
+        try:
+            return self.pool.allocate(session, static=user.address)
+        except AddressInUse as e:
+            holder = e.owner
+            if isinstance(holder, Session) and holder.user is not None and holder.user.name == user.name:
+                # The same user reconnecting (duplicate CN): OpenVPN drops the old
+                # instance itself; the address moves now, the old DISCONNECT comes later.
+                self.pool.transfer(user.address, session)
+                holder.address = None
+                return user.address
+            raise TemporaryFailure("static address %s is held by %r" % (user.address, holder))
+
+    def _authorize(self, session):
+        lines = ["ifconfig-push %s %s" % (session.address, self.config.netmask)]
+        lines += ['push "%s"' % option for option in self.config.push]
+        session.state = AUTHORIZING
+        protocol = self.protocol
+        if protocol is None:
+            self._log.warn("cid {cid}: management connection down; approval waits for reconciliation", cid=session.cid)
+            return
+        self._log.info(
+            "client-auth sent for cid {cid} kid {kid} user {user} vpn_ip {vpn_ip}",
+            cid=session.cid,
+            kid=session.kid,
+            user=session.user.name,
+            vpn_ip=str(session.address),
+            event="client-auth",
+        )
+        d = protocol.client_auth(session.cid, session.kid, lines)
+        latency = (self.clock.seconds() - session.started) * 1000.0
+        d.addCallbacks(self._authorized, self._authorize_failed, callbackArgs=(session, latency), errbackArgs=(session,))
+        d.addErrback(self._log_unexpected, "client-auth", session)
+
+    def _authorized(self, _, session, latency):
+        if session.state == AUTHORIZING:
+            session.state = AUTHORIZED
+        self._log.info(
+            "admitted user {user} cid {cid} vpn_ip {vpn_ip} device {device} in {latency_ms:.2f} ms",
+            user=session.user.name,
+            cid=session.cid,
+            vpn_ip=str(session.address),
+            device=session.user.device.name,
+            latency_ms=latency,
+            event="admitted",
+        )
+
+    def _authorize_failed(self, failure, session):
+        if failure.check(CommandFailed):
+            # No such CID/KID any more: the client left while we worked.
+            self._log.info("client-auth refused for cid {cid} ({reason}); rolling back", cid=session.cid, reason=failure.value)
+            self._end(session)
+            return
+        failure.trap(ManagementError)
+        self._log.warn(
+            "client-auth for cid {cid} unconfirmed ({reason}); reconciliation decides", cid=session.cid, reason=failure.value
+        )
+
+    def _refuse(self, failure, session):
+        if session.cancelled:
+            return
+        if failure.check(AuthFailed):
+            self._deny(session, str(failure.value), temporary=False)
+        else:
+            self._log.failure("authentication error for cid {cid}", failure, cid=session.cid)
+            self._deny(session, "directory error", temporary=True)
+
+    def _deny(self, session, reason, temporary):
+        """Answer ``client-deny`` and forget the session (its header-only DISCONNECT follows)."""
+        self.sessions.pop(session.key, None)
+        session.cancelled = True
+        if temporary:
+            client_reason = "TEMP[backoff %d,advance no]: temporary failure, retrying" % self.config.temp_backoff
+        else:
+            client_reason = "authentication failed"
+        self._log.info(
+            "denied cid {cid} user {user}: {reason} ({kind})",
+            cid=session.cid,
+            user=session.username or session.common_name,
+            reason=reason,
+            kind="temporary" if temporary else "final",
+            event="denied",
+        )
+        if self.protocol is None:
+            return
+        d = self.protocol.client_deny(session.cid, session.kid, reason[:200], client_reason)
+        d.addErrback(self._log_command_error, "client-deny", session)
+
+    # --- established clients ---
+
+    def _on_address(self, ev):
+        session = self.sessions.get((self.epoch, ev.cid))
+        if session is None or not ev.primary:
+            return
+        self._confirm(session, ev.address.split("/")[0])
+
+    def _on_established(self, ev):
+        session = self.sessions.get((self.epoch, ev.cid))
+        if session is None:
+            self._log.warn("ESTABLISHED for unknown cid {cid}; killing it so it retries", cid=ev.cid)
+            self._kill(ev.cid, "unknown session")
+            return
+        if session.address is not None and ev.env.get("ifconfig_pool_remote_ip"):
+            if not self._confirm(session, ev.env["ifconfig_pool_remote_ip"]):
+                return
+        session.state = ESTABLISHED
+        session.connected_since = self.clock.seconds()
+
+    def _confirm(self, session, address):
+        """Check OpenVPN gave the client the address we pushed; ``client-kill`` otherwise."""
+        try:
+            matches = ipaddress.IPv4Address(address) == session.address
+        except ValueError:
+            matches = False
+        if not matches:
+            self._log.error(
+                "cid {cid} got address {got} but was pushed {pushed}; killing it",
+                cid=session.cid,
+                got=address,
+                pushed=str(session.address),
+            )
+            self._kill(session.cid, "address mismatch")
+        return matches
+
+    def _on_reauth(self, ev):
+        session = self.sessions.get((self.epoch, ev.cid))
+        if session is None or session.user is None:
+            self._reauth_deny(ev, "unknown session")
+            return
+        d = self.directory.authenticate(
+            ev.env.get("username", session.username),
+            ev.env.get("password", ""),
+            ev.env.get("common_name", session.common_name),
+            self.run_blocking,
+        )
+
+        def ok(user):
+            if user.name != session.user.name or user.device != session.user.device:
+                self._reauth_deny(ev, "user changed")
+                return
+            return self.protocol.client_auth_nt(ev.cid, ev.kid).addErrback(
+                self._log_command_error, "client-auth-nt", session
+            )
+
+        def bad(failure):
+            failure.trap(AuthFailed)
+            self._reauth_deny(ev, str(failure.value))
+
+        d.addCallbacks(ok, bad).addErrback(self._log_unexpected, "reauth", session)
+
+    def _reauth_deny(self, ev, reason):
+        self._log.info("re-authentication of cid {cid} refused: {reason}", cid=ev.cid, reason=reason, event="reauth-denied")
+        if self.protocol is not None:
+            self.protocol.client_deny(ev.cid, ev.kid, reason[:200], "authentication failed").addErrback(
+                self._log_command_error, "client-deny", None
+            )
+
+    def _on_disconnect(self, ev):
+        session = self.sessions.get((self.epoch, ev.cid))
+        if session is None:
+            return
+        self._log.info(
+            "disconnected user {user} cid {cid} vpn_ip {vpn_ip}",
+            user=session.user.name if session.user else session.username,
+            cid=session.cid,
+            vpn_ip=str(session.address),
+            event="disconnected",
+        )
+        self._end(session)
+
+    # --- server state and epochs ---
+
+    def _on_hold(self, ev):
+        if self.protocol is not None:
+            self.protocol.hold_release().addErrback(self._log_command_error, "hold release", None)
+
+    def _on_state(self, ev):
+        if ev.name == "RECONNECTING":
+            self._log.info("OpenVPN is restarting ({why}); new epoch, dropping all sessions", why=ev.description)
+            self._new_epoch()
+
+    def _on_fatal(self, ev):
+        self._log.error("OpenVPN reported a fatal error: {text}", text=ev.text)
+
+    def _check_daemon(self, env):
+        start = env.get("daemon_start_time")
+        if start is None:
+            return
+        if self._daemon_start_time is not None and start != self._daemon_start_time:
+            self._log.info("OpenVPN daemon_start_time changed; new epoch")
+            self._new_epoch()
+        self._daemon_start_time = start
+
+    def _new_epoch(self):
+        self.epoch += 1
+        for session in list(self.sessions.values()):
+            self._end(session)
+
+    # --- teardown and rollback ---
+
+    def _end(self, session):
+        """Forget ``session`` and release what it holds (idempotent)."""
+        if self.sessions.get(session.key) is session:
+            del self.sessions[session.key]
+        session.cancelled = True
+        self._rollback(session)
+
+    def _rollback(self, session):
+        ip = session.address
+        if ip is None:
+            return
+        session.address = None
+        if self.pool.owner(ip) is not session:
+            return
+        self.mappings.remove(ip, owner=session)
+        try:
+            self.firewall.remove_member(ip)
+        except Exception as e:
+            self._log.error("could not remove ipset member {vpn_ip}: {error}", vpn_ip=str(ip), error=e)
+        self.pool.release(session)
+
+    def _kill(self, cid, why):
+        if self.protocol is not None:
+            self.protocol.client_kill(cid).addErrback(self._log_command_error, "client-kill (%s)" % why, None)
+
+    # --- reconciliation ---
+
+    def reconcile(self, status):
+        """Make sessions, pool, ipset and mappings match OpenVPN's ``status 3``.
+
+        Established rows are kept (or rebuilt after our own restart) when the
+        user still exists and the address is ours to give; pending rows are
+        re-approved if we know their KID, else killed so the client retries at
+        once. Everything not in ``status 3`` is released, and kernel members
+        nobody owns are removed.
+        """
+        previous = {s.cid: s for s in self.sessions.values()}
+        self.sessions = {}
+        rows = {row.cid: row for row in status.clients}
+        for cid, session in previous.items():
+            row = rows.get(cid)
+            if row is None or row.real_address.split(":")[-2:] != session.real_address.split(":")[-2:]:
+                session.cancelled = True
+                self._rollback(session)
+        for row in status.clients:
+            session = previous.get(row.cid)
+            if session is not None and session.cancelled:
+                session = None
+            if row.pending:
+                self._reconcile_pending(row, session)
+            else:
+                self._reconcile_established(row, session)
+        self._sweep()
+        self._log.info(
+            "reconciled with OpenVPN: {n} clients ({pending} pending), {members} ipset members",
+            n=len(self.sessions),
+            pending=sum(1 for s in self.sessions.values() if s.state != ESTABLISHED),
+            members=len(self.pool.in_use()),
+            event="reconciled",
+        )
+
+    def _adopt(self, session):
+        session.epoch = self.epoch
+        self.sessions[session.key] = session
+
+    def _reconcile_pending(self, row, session):
+        if session is None:
+            self._log.info("pending cid {cid} has no known key id; killing it so it retries now", cid=row.cid)
+            self._kill(row.cid, "unknown pending client")
+            return
+        self._adopt(session)
+        if session.state in (AUTHORIZING, AUTHORIZED):
+            self._authorize(session)
+
+    def _reconcile_established(self, row, session):
+        try:
+            address = ipaddress.IPv4Address(row.virtual_address)
+        except ValueError:
+            address = None
+        if session is not None and session.address == address and session.user is not None:
+            session.state = ESTABLISHED
+            self._adopt(session)
+            self._ensure_rules(session)
+            return
+        if session is not None:
+            session.cancelled = True
+            self._rollback(session)
+        user = self.directory.find(row.username, row.common_name)
+        if user is None or address is None:
+            self._log.warn("established cid {cid} ({who}) is not a known user; killing it", cid=row.cid, who=row.username)
+            self._kill(row.cid, "unknown user")
+            return
+        env = {"username": row.username, "common_name": row.common_name}
+        host, _, port = row.real_address.rpartition(":")
+        env["untrusted_ip"], env["untrusted_port"] = host, port
+        session = Session(self.epoch, row.cid, None, env, self.clock.seconds())
+        session.user = user
+        session.state = ESTABLISHED
+        session.connected_since = row.connected_since
+        try:
+            session.address = self.pool.claim(session, address)
+        except (AddressInUse, ValueError) as e:
+            self._log.error("established cid {cid}: {error}; killing it", cid=row.cid, error=e)
+            self._kill(row.cid, "address conflict")
+            return
+        self.sessions[session.key] = session
+        self._ensure_rules(session)
+
+    def _ensure_rules(self, session):
+        try:
+            self.mappings.transfer(session.address, session.user.device.upstream, session)
+            if session.address not in self.firewall.members():
+                self.firewall.add_member(session.address)
+                self._log.info("re-added missing ipset member {vpn_ip}", vpn_ip=str(session.address), event="drift")
+        except Exception as e:
+            self._log.error("cid {cid}: could not restore rules: {error}; killing it", cid=session.cid, error=e)
+            self._end(session)
+            self._kill(session.cid, "rules")
+
+    def _sweep(self):
+        owned = {s.address for s in self.sessions.values() if s.address is not None}
+        for ip, holder in list(self.pool.in_use().items()):
+            if ip not in owned:
+                self.pool.release(holder)
+        for ip in self.mappings.addresses() - owned:
+            self.mappings.remove(ip)
+        try:
+            stale = self.firewall.members() - owned
+        except Exception as e:
+            self._log.error("could not list ipset members: {error}", error=e)
+            return
+        for ip in stale:
+            self._log.info("removing stale ipset member {vpn_ip}", vpn_ip=str(ip), event="stale-member")
+            try:
+                self.firewall.remove_member(ip)
+            except Exception as e:
+                self._log.error("could not remove stale member {vpn_ip}: {error}", vpn_ip=str(ip), error=e)
+
+    # --- helpers ---
+
+    def _log_command_error(self, failure, what, session):
+        failure.trap(ManagementError)
+        self._log.warn(
+            "{what} failed for cid {cid}: {reason}", what=what, cid=session.cid if session else "-", reason=failure.value
+        )
+
+    def _log_unexpected(self, failure, what, session):
+        self._log.failure("unexpected error in {what} for {session}", failure, what=what, session=session)

@@ -1,0 +1,169 @@
+# -*- test-case-name: tests.unit.test_tap -*-
+"""twistd entry point: options and the composition root.
+
+This is the only module that touches the global reactor. Bad configuration is
+reported as one line naming file, key and problem, and twistd exits non-zero
+before anything starts.
+"""
+
+import sys
+
+from twisted.application import service
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.internet import threads
+from twisted.internet.endpoints import clientFromString
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.python import usage
+from zope.interface import implementer
+
+from ovpnmgr.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
+
+
+class Options(usage.Options):
+    """``twistd pocketproxy --config FILE``; the config is loaded and validated while parsing."""
+
+    optParameters = [["config", "c", DEFAULT_CONFIG_PATH, "Path to the pocketproxy YAML configuration."]]
+
+    def postOptions(self):
+        from ovpnmgr.directory import Directory
+
+        try:
+            self.loaded = load_config(self["config"])
+            ovpn = self.loaded.openvpn
+            self.directory = Directory.load(self.loaded.directory.file, ovpn.subnet, ovpn.server_address)
+            self.password = read_password(self.loaded)
+        except ConfigError as e:
+            sys.stderr.write("pocketproxy: configuration error: %s\n" % e)
+            raise SystemExit(2)
+
+
+def read_password(config):
+    """The management password from ``openvpn.password_file`` (first line), or None."""
+    path = config.openvpn.password_file
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as f:
+            password = f.readline().rstrip(b"\r\n")
+    except OSError as e:
+        raise ConfigError(config.path, "openvpn.password_file", "cannot read %s: %s" % (path, e.strerror or e))
+    if not password:
+        raise ConfigError(config.path, "openvpn.password_file", "%s: first line is empty" % path)
+    return password
+
+
+class AdmissionService(service.MultiService):
+    """Installs the kernel base rules, then (and only then) attaches to OpenVPN.
+
+    Until the rules are in place nobody answers OpenVPN, so no client can be
+    admitted without them; a failed install is retried.
+    """
+
+    _log = Logger()
+
+    def __init__(self, clock, firewall, management, retry_delay=5.0):
+        super().__init__()
+        self.clock = clock
+        self.firewall = firewall
+        self.management = management
+        self.retry_delay = retry_delay
+        self._retry = None
+
+    def startService(self):
+        service.Service.startService(self)
+        self._install()
+
+    def _install(self):
+        self._retry = None
+        d = self.firewall.install()
+        d.addCallbacks(self._installed, self._install_failed)
+
+    def _installed(self, _):
+        self._log.info("kernel base rules installed", event="rules-installed")
+        if self.running:
+            self.management.setServiceParent(self)
+
+    def _install_failed(self, failure):
+        self._log.error(
+            "could not install kernel rules, retrying in {delay}s: {error}", delay=self.retry_delay, error=failure.value
+        )
+        if self.running:
+            self._retry = self.clock.callLater(self.retry_delay, self._install)
+
+    def stopService(self):
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._retry = None
+        return super().stopService()
+
+
+@implementer(IStreamClientEndpoint)
+class LoggingEndpoint:
+    """Wraps the management endpoint so every failed attempt says why (ClientService only says it retries)."""
+
+    _log = Logger()
+
+    def __init__(self, endpoint, description):
+        self._endpoint = endpoint
+        self._description = description
+
+    def connect(self, factory):
+        d = self._endpoint.connect(factory)
+
+        def failed(failure):
+            self._log.warn(
+                "cannot reach OpenVPN management at {where}: {why}",
+                where=self._description,
+                why=failure.getErrorMessage(),
+            )
+            return failure
+
+        return d.addErrback(failed)
+
+
+def build(reactor, config, directory, password):
+    """Wire every component for ``config``; returns ``(MultiService, controller)``."""
+    from ovpnmgr.controller import Controller
+    from ovpnmgr.firewall import Firewall
+    from ovpnmgr.ipset import NetlinkIPSet
+    from ovpnmgr.pool import AddressPool
+    from ovpnmgr.process import ProcessRunner
+    from ovpnmgr.protocol import ManagementProtocol
+    from proxy.mappings import MappingTable
+
+    ovpn = config.openvpn
+    pool = AddressPool(ovpn.subnet, ovpn.server_address, static=directory.static_addresses())
+    mappings = MappingTable()
+    fw = config.firewall
+    ipset = NetlinkIPSet(fw.ipset, maxelem=fw.maxelem)
+    firewall = Firewall(fw, config.proxy.listen, ovpn.subnet, ipset, ProcessRunner(reactor, fw.command_timeout))
+    controller = Controller(
+        reactor,
+        ovpn,
+        directory,
+        pool,
+        firewall,
+        mappings,
+        run_blocking=threads.deferToThread,
+    )
+    factory = Factory.forProtocol(lambda: ManagementProtocol(reactor, password, ovpn.command_timeout))
+    management = ClientService(
+        LoggingEndpoint(clientFromString(reactor, ovpn.management), ovpn.management),
+        factory,
+        retryPolicy=backoffPolicy(initialDelay=ovpn.reconnect_initial, maxDelay=ovpn.reconnect_max),
+        clock=reactor,
+        prepareConnection=controller.attach,
+    )
+    top = service.MultiService()
+    AdmissionService(reactor, firewall, management).setServiceParent(top)
+    return top, controller
+
+
+def makeService(options):
+    """twistd's hook: the whole daemon as one ``MultiService``."""
+    from twisted.internet import reactor
+
+    top, _ = build(reactor, options.loaded, options.directory, options.password)
+    return top

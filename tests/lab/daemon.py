@@ -1,0 +1,124 @@
+"""Run the real pocketproxy daemon under twistd inside a lab namespace.
+
+The daemon runs from the checkout: a private ``twisted/plugins`` directory
+holding a copy of the dropin goes on PYTHONPATH (editable installs do not
+register twistd plugins), so the same code runs on Debian's Python and in the
+PyPI venv (``sys.executable``).
+"""
+
+import os
+import pathlib
+import re
+import signal
+import sys
+import time
+
+import yaml
+
+from ovpnmgr.directory import hash_password
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+FAST_HASH = dict(n=1024, r=8, p=1)  # lab users: quick to verify, same code path
+
+
+def users_yaml(users, devices=None):
+    """users: {name: {"password": pw | None, "cn": cn | None, "device": name, "address": ip}}."""
+    devices = devices or {"phone": "http://dev:devpw@192.168.255.2:8080"}
+    out = {"devices": {name: {"upstream": url} for name, url in devices.items()}, "users": {}}
+    for name, spec in users.items():
+        entry = {"device": spec.get("device", next(iter(devices)))}
+        if spec.get("password"):
+            entry["password"] = hash_password(spec["password"], **FAST_HASH)
+        if spec.get("cn"):
+            entry["common_name"] = spec["cn"]
+        if spec.get("address"):
+            entry["address"] = spec["address"]
+        out["users"][name] = entry
+    return yaml.safe_dump(out)
+
+
+class Daemon:
+    """One ``twistd -n pocketproxy`` process in namespace ``ns`` with its own config and log."""
+
+    def __init__(self, ns, workdir, mgmt_socket, users, subnet="10.9.0.0/24", server_address="10.9.0.1", **sections):
+        self.ns = ns
+        self.dir = pathlib.Path(workdir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.dir / "pocketproxy.log"
+        self.config_path = self.dir / "pocketproxy.yaml"
+        self.users_path = self.dir / "users.yaml"
+        self.proc = None
+        plugins = self.dir / "plugins" / "twisted" / "plugins"
+        plugins.mkdir(parents=True, exist_ok=True)
+        (plugins / "pocketproxy_plugin.py").write_text((ROOT / "twistd-plugins" / "pocketproxy_plugin.py").read_text())
+        self.users_path.write_text(users_yaml(users))
+        config = {
+            "openvpn": {
+                "management": "unix:%s" % mgmt_socket,
+                "subnet": subnet,
+                "server_address": server_address,
+                "reconnect_initial": 0.2,
+                "reconnect_max": 2,
+            },
+            "directory": {"file": str(self.users_path)},
+        }
+        for name, values in sections.items():
+            config.setdefault(name, {}).update(values)
+        self.config_path.write_text(yaml.safe_dump(config))
+
+    def argv(self):
+        return [
+            sys.executable,
+            "-c",
+            "from twisted.scripts.twistd import run; run()",
+            "--nodaemon",
+            "--pidfile=",
+            "--logfile=%s" % self.log_path,
+            "pocketproxy",
+            "--config",
+            str(self.config_path),
+        ]
+
+    def start(self):
+        env = dict(os.environ)
+        env["PYTHONPATH"] = "%s:%s" % (self.dir / "plugins", ROOT)
+        self.proc = self.ns.popen(self.argv(), env=env, stdout=open(self.dir / "stdout.txt", "ab"), stderr=open(self.dir / "stderr.txt", "ab"))
+        return self
+
+    def kill(self):
+        """SIGKILL: no cleanup runs, like a crash."""
+        self.ns.stop(self.proc, sig=signal.SIGKILL)
+
+    def stop(self):
+        return self.ns.stop(self.proc)
+
+    def log_text(self):
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_mark(self):
+        return len(self.log_text())
+
+    def wait_log(self, regex, timeout=20, since=0):
+        """Wait for ``regex`` in the daemon log after offset ``since``; returns the match."""
+        pattern = re.compile(regex)
+        deadline = time.monotonic() + timeout
+        while True:
+            match = pattern.search(self.log_text(), since)
+            if match:
+                return match
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError("daemon exited (%s) before %r:\n%s" % (self.proc.returncode, regex, self.tail()))
+            if time.monotonic() > deadline:
+                raise AssertionError("timed out waiting for %r in daemon log:\n%s" % (regex, self.tail()))
+            time.sleep(0.05)
+
+    def tail(self, lines=40):
+        text = self.log_text().splitlines()[-lines:]
+        try:
+            text += (self.dir / "stderr.txt").read_text(errors="replace").splitlines()[-10:]
+        except FileNotFoundError:
+            pass
+        return "\n".join(text)

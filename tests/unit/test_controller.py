@@ -1,0 +1,315 @@
+"""Controller: the admission transaction, rollback, teardown by (epoch, CID), reconciliation.
+
+Driven through a real ManagementProtocol on a scripted peer (exact lines),
+with an in-memory ipset and Clock; no sockets, no root.
+"""
+
+import ipaddress
+
+import pytest
+from twisted.internet.task import Clock
+
+from ovpnmgr.config import FirewallConfig, OpenVPNConfig
+from ovpnmgr.controller import Controller
+from ovpnmgr.directory import Directory, hash_password
+from ovpnmgr.firewall import Firewall
+from ovpnmgr.ipset import FakeIPSet, IPSetError
+from ovpnmgr.pool import AddressPool
+from ovpnmgr.testing import ScriptedManagement, connect_env
+from proxy.mappings import MappingTable
+
+IP = ipaddress.IPv4Address
+SUBNET = ipaddress.IPv4Network("10.9.0.0/24")
+HASH = hash_password("pw", n=16)
+USERS = """
+devices:
+  p1: {upstream: "http://192.168.255.2:8080"}
+  p2: {upstream: "socks5://192.168.255.3:1080"}
+users:
+  alice: {password: "%s", device: p1}
+  bob: {password: "%s", device: p2}
+  carol: {password: "%s", device: p1, address: 10.9.0.77}
+  certy: {common_name: certy-cn, device: p2}
+""" % (HASH, HASH, HASH)
+
+
+class World:
+    """A controller wired to fakes, plus helpers to play OpenVPN."""
+
+    def __init__(self, users=USERS, **ovpn):
+        self.clock = Clock()
+        self.config = OpenVPNConfig(
+            management="unix:/x", subnet=SUBNET, server_address=IP("10.9.0.1"), temp_backoff=7, **ovpn
+        )
+        self.directory = Directory.parse(users, "users.yaml", SUBNET, IP("10.9.0.1"))
+        self.pool = AddressPool(SUBNET, "10.9.0.1", static=self.directory.static_addresses())
+        self.ipset = FakeIPSet()
+        self.firewall = Firewall(FirewallConfig(), 12345, SUBNET, self.ipset, runner=None)
+        self.mappings = MappingTable()
+        self.controller = Controller(self.clock, self.config, self.directory, self.pool, self.firewall, self.mappings)
+        self.attach()
+
+    def attach(self, status_clients=()):
+        self.script = ScriptedManagement(clock=self.clock, auto_reply=True, status_clients=status_clients)
+        self.attached = []
+        self.controller.attach(self.script.protocol).addBoth(self.attached.append)
+        self.script.connect()
+        return self.script
+
+    def commands(self, verb):
+        return [c for c in self.script.sent_commands() if c.startswith(verb)]
+
+    def connect(self, cid, kid=1, user="alice", password="pw", **env):
+        self.script.notify_connect(cid, kid, connect_env(username=user, password=password, untrusted_port=str(40000 + cid), **env))
+
+    def members(self):
+        return set(self.ipset.content)
+
+
+def test_attach_enables_state_and_reconciles():
+    """A new management connection: state on, then status 3, then ready."""
+    w = World()
+    assert w.script.sent_commands()[:2] == ["state on", "status 3"]
+    assert w.attached and w.attached[0] is w.script.protocol
+
+
+def test_admission_order_member_mapping_then_client_auth():
+    """CONNECT → ipset member and mapping exist when client-auth is written, with ifconfig-push."""
+    w = World()
+    seen = {}
+    original = w.script.protocol.client_auth
+
+    def spy(cid, kid, lines):
+        seen["members"] = w.members()
+        seen["mapped"] = w.mappings.lookup("10.9.0.2")
+        return original(cid, kid, lines)
+
+    w.script.protocol.client_auth = spy
+    w.connect(0, kid=1)
+    assert seen["members"] == {IP("10.9.0.2")}
+    assert seen["mapped"] == w.directory.devices["p1"].upstream
+    assert w.commands("client-auth")[-1] == "client-auth 0 1\nifconfig-push 10.9.0.2 255.255.255.0\nEND"
+    assert w.controller.sessions[(w.controller.epoch, 0)].state == "authorized"
+
+
+def test_push_options_are_appended_to_the_block():
+    """Configured push options go into the client-auth block, quoted."""
+    w = World(push=("dhcp-option DNS 10.9.0.1",))
+    w.connect(0)
+    assert w.commands("client-auth")[-1].split("\n")[2] == 'push "dhcp-option DNS 10.9.0.1"'
+
+
+def test_wrong_password_is_a_plain_deny_and_leaves_nothing():
+    """Bad credentials: client-deny without TEMP; no member, mapping or address held."""
+    w = World()
+    w.connect(3, kid=2, password="wrong")
+    deny = w.commands("client-deny")
+    assert deny == ['client-deny 3 2 "wrong password for user alice" "authentication failed"']
+    assert not w.commands("client-auth") and w.members() == set() and len(w.mappings) == 0
+    assert w.pool.in_use() == {}
+
+
+def test_ipset_failure_rolls_back_and_denies_temporarily():
+    """The kernel refuses the member: address released, no mapping, TEMP deny with backoff."""
+    w = World()
+    w.ipset.fail_next_add = IPSetError("add", "pocketproxy-clients", "10.9.0.2", 28, "set is full")
+    w.connect(0)
+    deny = w.commands("client-deny")[-1]
+    assert deny.startswith("client-deny 0 1 ") and deny.endswith('"TEMP[backoff 7,advance no]: temporary failure, retrying"')
+    assert "full" in deny
+    assert w.members() == set() and len(w.mappings) == 0 and w.pool.in_use() == {}
+    assert not w.commands("client-auth")
+    w.connect(1)
+    assert w.members() == {IP("10.9.0.3")}
+
+
+def test_mapping_failure_rolls_back_member():
+    """A failure after the member was added removes the member again."""
+    w = World()
+
+    def boom(*a, **k):
+        raise RuntimeError("mapping table broken")
+
+    w.mappings.transfer = boom
+    w.connect(0)
+    assert w.commands("client-deny") and w.members() == set() and w.pool.in_use() == {}
+
+
+def test_client_auth_error_rolls_back():
+    """OpenVPN answers ERROR (the client left): everything is released."""
+    w = World()
+    w.script.set_reply("client-auth", ["ERROR: client-auth command failed"])
+    w.connect(0)
+    assert w.members() == set() and len(w.mappings) == 0 and w.controller.sessions == {}
+
+
+def test_pool_exhaustion_is_temporary():
+    """No free address → TEMP deny."""
+    users = USERS
+    w = World(users=users)
+    w.pool = AddressPool("10.9.0.0/30", "10.9.0.1")
+    w.controller.pool = w.pool
+    w.connect(0)
+    w.connect(1, user="bob")
+    assert "TEMP[" in w.commands("client-deny")[-1]
+
+
+def test_certificate_only_user_admitted_by_cn():
+    """No password: the certificate CN identifies the user."""
+    w = World()
+    w.connect(0, user="", password="", common_name="certy-cn")
+    assert w.commands("client-auth")[-1].startswith("client-auth 0 1\nifconfig-push 10.9.0.2 ")
+    assert w.mappings.lookup("10.9.0.2") == w.directory.devices["p2"].upstream
+
+
+def test_static_address_and_duplicate_cn_ordering():
+    """Same user reconnects: the new CID takes the static address; the old CID's late DISCONNECT keeps it."""
+    w = World()
+    w.connect(0, user="carol")
+    assert w.members() == {IP("10.9.0.77")}
+    w.connect(1, user="carol")
+    assert w.commands("client-auth")[-1].startswith("client-auth 1 1\nifconfig-push 10.9.0.77 ")
+    w.script.notify_disconnect(0, {"common_name": "carol"})
+    assert w.members() == {IP("10.9.0.77")}
+    assert w.mappings.owner("10.9.0.77") is w.controller.sessions[(w.controller.epoch, 1)]
+    w.script.notify_disconnect(1, {})
+    assert w.members() == set() and len(w.mappings) == 0
+
+
+def test_disconnect_releases_by_cid_only():
+    """DISCONNECT removes exactly that CID's member, mapping and address."""
+    w = World()
+    w.connect(0)
+    w.connect(1, user="bob")
+    w.script.notify_address(0, "10.9.0.2")
+    w.script.notify_established(0, {"ifconfig_pool_remote_ip": "10.9.0.2"})
+    w.script.notify_disconnect(0, {"bytes_sent": "5"})
+    assert w.members() == {IP("10.9.0.3")}
+    assert w.mappings.addresses() == {IP("10.9.0.3")}
+    w.script.notify_disconnect(7, {})  # unknown CID: ignored
+    assert w.members() == {IP("10.9.0.3")}
+
+
+def test_address_mismatch_is_killed():
+    """OpenVPN reports a different address than pushed: client-kill."""
+    w = World()
+    w.connect(0)
+    w.script.notify_address(0, "10.9.0.200")
+    assert w.commands("client-kill") == ["client-kill 0"]
+    w.script.notify_address(0, "10.9.0.2")
+    assert w.commands("client-kill") == ["client-kill 0"]
+
+
+def test_reauth_fast_path_and_removed_user():
+    """REAUTH of a known user → client-auth-nt; of a user whose credentials fail → client-deny."""
+    w = World()
+    w.connect(0)
+    w.script.notify_reauth(0, 3, connect_env(username="alice", password="pw"))
+    assert w.commands("client-auth-nt") == ["client-auth-nt 0 3"]
+    w.script.notify_reauth(0, 4, connect_env(username="alice", password="changed"))
+    assert w.commands("client-deny")[-1].startswith("client-deny 0 4 ")
+    w.script.notify_reauth(9, 1, connect_env(username="alice", password="pw"))
+    assert w.commands("client-deny")[-1].startswith('client-deny 9 1 "unknown session"')
+
+
+def test_hold_is_released():
+    """Every >HOLD gets a hold release."""
+    w = World()
+    w.script.notify_hold()
+    assert w.commands("hold release") == ["hold release"]
+
+
+def test_openvpn_restart_starts_new_epoch_and_flushes():
+    """>STATE RECONNECTING: all sessions dropped, CID 0 of the new epoch is a new client."""
+    w = World()
+    w.connect(0)
+    w.connect(1, user="bob")
+    old_epoch = w.controller.epoch
+    w.script.notify_state("RECONNECTING", "SIGHUP")
+    assert w.controller.epoch == old_epoch + 1
+    assert w.members() == set() and len(w.mappings) == 0 and w.controller.sessions == {}
+    w.connect(0, user="bob")
+    assert (w.controller.epoch, 0) in w.controller.sessions
+    assert w.members() == {IP("10.9.0.4")} or len(w.members()) == 1
+
+
+def test_daemon_start_time_change_starts_new_epoch():
+    """A CONNECT from a different OpenVPN process (new daemon_start_time) flushes old sessions."""
+    w = World()
+    w.connect(0)
+    w.connect(1, user="bob", daemon_start_time="123")
+    assert set(w.controller.sessions) == {(w.controller.epoch, 1)}
+    assert len(w.members()) == 1
+
+
+def test_draining_denies_temporarily():
+    """While draining, new CONNECTs get a TEMP deny."""
+    w = World()
+    w.controller.draining = True
+    w.connect(0)
+    assert "TEMP[backoff 7" in w.commands("client-deny")[-1]
+    assert w.members() == set()
+
+
+def test_reconcile_after_own_restart_rebuilds_and_evicts():
+    """Attach with established clients in status 3: rebuild mapping and member, evict stale, kill unknowns."""
+    w = World()
+    w.ipset.content = {IP("10.9.0.99"), IP("10.9.0.77")}  # left from the previous incarnation; .50 was lost
+    w.attach(
+        status_clients=[
+            {"cid": 4, "virtual_address": "10.9.0.50", "username": "alice", "common_name": "alice"},
+            {"cid": 5, "virtual_address": "10.9.0.77", "username": "carol", "common_name": "carol"},
+            {"cid": 6, "virtual_address": "10.9.0.60", "username": "mallory", "common_name": "mallory"},
+            {"cid": 7, "pending": True, "username": "UNDEF"},
+        ]
+    )
+    assert w.members() == {IP("10.9.0.50"), IP("10.9.0.77")}
+    assert w.mappings.lookup("10.9.0.50") == w.directory.devices["p1"].upstream
+    assert sorted(w.commands("client-kill")) == ["client-kill 6", "client-kill 7"]
+    assert w.pool.owner("10.9.0.50") is w.controller.sessions[(w.controller.epoch, 4)]
+    # The rebuilt sessions work as usual afterwards.
+    w.script.notify_disconnect(4, {})
+    assert w.members() == {IP("10.9.0.77")}
+
+
+def test_reconnect_mid_admission_reapproves_known_pending_client():
+    """Management socket lost after client-auth was sent: on reattach the pending client is approved again."""
+    w = World()
+    w.script.set_reply("client-auth", None)  # the reply never comes
+    w.connect(2, kid=1)
+    w.script.disconnect()
+    assert w.members() == {IP("10.9.0.2")}
+    w.attach(status_clients=[{"cid": 2, "pending": True, "real_address": "198.51.100.7:40002"}])
+    assert w.commands("client-auth") == ["client-auth 2 1\nifconfig-push 10.9.0.2 255.255.255.0\nEND"]
+    assert w.members() == {IP("10.9.0.2")}
+    assert not w.commands("client-kill")
+
+
+def test_reconnect_drops_sessions_absent_from_status():
+    """A client that left while we were detached is released on reattach."""
+    w = World()
+    w.connect(0)
+    w.script.disconnect()
+    w.attach(status_clients=[])
+    assert w.members() == set() and len(w.mappings) == 0 and w.pool.in_use() == {}
+
+
+def test_attach_through_clientservice_proxy_routes_notifications():
+    """ClientService hands prepareConnection a protocol proxy; notifications must still reach us."""
+    from twisted.application.internet import _ReconnectingProtocolProxy
+
+    w = World()
+    script = ScriptedManagement(clock=w.clock, auto_reply=True)
+    w.controller.attach(_ReconnectingProtocolProxy(script.protocol, lambda: None))
+    script.connect()
+    w.script = script
+    w.connect(0)
+    assert w.commands("client-auth") and w.members() == {IP("10.9.0.2")}
+
+
+def test_no_timers_left_behind():
+    """After a normal life cycle no DelayedCalls remain on the clock except protocol timeouts answered."""
+    w = World()
+    w.connect(0)
+    w.script.notify_disconnect(0, {})
+    assert w.clock.getDelayedCalls() == []
