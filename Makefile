@@ -1,0 +1,51 @@
+# pocketproxy: every target works on a fresh Debian 12 machine as root.
+# `make demo` runs the lab; `make test` runs the whole suite on Debian's
+# packaged libraries and again on current PyPI releases.
+
+PY       ?= /usr/bin/python3
+VENV     ?= .venv-pypi
+PYTEST   ?= -q -ra
+APT_DEPS  = make openvpn ipset iptables iproute2 openssl procps curl \
+            python3 python3-venv python3-pip \
+            python3-twisted python3-pyroute2 python3-yaml python3-txaio python3-service-identity \
+            python3-pytest python3-pytest-twisted python3-hypothesis
+
+export POCKETPROXY_REQUIRE_INTEGRATION ?= 1
+
+.PHONY: deps test test-debian test-pypi unit demo bench-admission clean
+
+deps:
+	@missing=$$(for p in $(APT_DEPS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing: $$missing"; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+	fi
+
+test: deps test-debian test-pypi
+
+test-debian: deps
+	$(PY) -m pytest $(PYTEST) tests
+
+$(VENV)/.done: setup.py
+	$(PY) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q . pytest pytest-twisted hypothesis
+	touch $@
+
+test-pypi: deps $(VENV)/.done
+	$(VENV)/bin/pip install -q --force-reinstall --no-deps .
+	$(VENV)/bin/twistd --help | grep -qw pocketproxy
+	$(VENV)/bin/python -c "import twisted, importlib.metadata as m; print('PyPI leg: Twisted', twisted.__version__, 'pyroute2', m.version('pyroute2'))"
+	cd tests/.. && $(VENV)/bin/python -m pytest $(PYTEST) -p no:cacheprovider tests
+
+unit: deps
+	$(PY) -m pytest $(PYTEST) tests/unit
+
+demo: deps
+	$(PY) -m tests.lab.demo
+
+bench-admission: deps
+	$(PY) -m tests.bench.admission
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
