@@ -294,17 +294,32 @@ def test_reconnect_drops_sessions_absent_from_status():
     assert w.members() == set() and len(w.mappings) == 0 and w.pool.in_use() == {}
 
 
-def test_attach_through_clientservice_proxy_routes_notifications():
-    """ClientService hands prepareConnection a protocol proxy; notifications must still reach us."""
-    from twisted.application.internet import _ReconnectingProtocolProxy
+def test_attach_through_clientservice_routes_notifications_and_reattaches():
+    """Under a real ClientService (which hands prepareConnection a proxy) CONNECTs reach us, also after a reconnect."""
+    from twisted.application.internet import ClientService
+    from twisted.internet.protocol import Factory
+
+    from ovpnmgr.protocol import ManagementProtocol
+    from ovpnmgr.testing import ScriptedEndpoint
 
     w = World()
-    script = ScriptedManagement(clock=w.clock, auto_reply=True)
-    w.controller.attach(_ReconnectingProtocolProxy(script.protocol, lambda: None))
-    script.connect()
-    w.script = script
+    endpoint = ScriptedEndpoint(w.clock, auto_reply=True)
+    factory = Factory.forProtocol(lambda: ManagementProtocol(w.clock))
+    service = ClientService(endpoint, factory, clock=w.clock, prepareConnection=w.controller.attach)
+    service.startService()
+    w.clock.advance(0)
+    w.script = endpoint.scripts[0]
     w.connect(0)
     assert w.commands("client-auth") and w.members() == {IP("10.9.0.2")}
+    w.script.disconnect()
+    w.clock.advance(60)
+    w.clock.advance(0)
+    w.script = endpoint.scripts[1]
+    assert w.script.sent_commands()[:2] == ["state on", "status 3"]
+    assert w.members() == set()  # cid 0 is absent from the new status 3: released
+    w.connect(1, user="bob")
+    assert w.members() == {IP("10.9.0.3")}
+    service.stopService()
 
 
 def test_no_timers_left_behind():
