@@ -23,8 +23,10 @@ from twisted.logger import Logger
 
 from ovpnmgr import events
 from ovpnmgr.directory import AuthFailed
+from ovpnmgr.firewall import FirewallError
 from ovpnmgr.pool import AddressInUse, PoolExhausted
 from ovpnmgr.protocol import CommandFailed, ManagementError
+from proxy.mappings import MappingConflict
 
 AUTHENTICATING = "authenticating"
 AUTHORIZING = "authorizing"  # client-auth sent, no reply yet
@@ -177,9 +179,15 @@ class Controller:
                 event="ipset-add",
             )
             self.mappings.transfer(session.address, user.device.upstream, session)
-        except (TemporaryFailure, PoolExhausted, Exception) as e:
+        except (TemporaryFailure, PoolExhausted, FirewallError, MappingConflict) as e:
             self._rollback(session)
-            self._deny(session, "%s: %s" % (type(e).__name__, e), temporary=True)
+            self._deny(session, str(e), temporary=True)
+            return
+        except Exception as e:
+            # A bug must still leave nothing behind and let the client retry.
+            self._log.failure("admission of cid {cid} failed unexpectedly", cid=session.cid)
+            self._rollback(session)
+            self._deny(session, "internal error: %s" % type(e).__name__, temporary=True)
             return
         self._authorize(session)
 
@@ -323,6 +331,8 @@ class Controller:
             if user.name != session.user.name or user.device != session.user.device:
                 self._reauth_deny(ev, "user changed")
                 return
+            if self.protocol is None:
+                return  # detached: the key stays pending; reconciliation kills unknown pending clients
             return self.protocol.client_auth_nt(ev.cid, ev.kid).addErrback(
                 self._log_command_error, "client-auth-nt", session
             )

@@ -30,8 +30,10 @@
   in-flight command fails with :class:`ManagementDisconnected`, later commands fail at
   once, and no timer is left behind.
 * **Oversized input.** A received line longer than :attr:`~ManagementProtocol.MAX_LENGTH`
-  is logged (its length only) and the connection is dropped as a :class:`ProtocolViolation`:
-  skipping part of a line would desynchronise the reply stream.
+  is logged (its length only) and skipped up to its newline; the connection stays up.
+  This cannot desynchronise replies: a skipped notification is just lost, a skipped row
+  of a multi-line reply is missing from it (``END`` still closes it), and a skipped
+  single-line reply leaves its command to time out, which drops the connection.
 * **Outgoing lines** are validated before anything is queued: no control characters,
   at most :data:`MAX_OUTGOING_LINE` bytes (OpenVPN's input buffer is 1024 bytes and
   silently wraps), decimal non-negative CID/KID. Violations raise :class:`InvalidArgument`
@@ -257,6 +259,7 @@ class ManagementProtocol(LineOnlyReceiver):
         self._login_timer = None
         self._password_sent = False
         self._closing = False
+        self._discarding = False  # inside an oversized line: skip to its newline
         self._lost = False
         self._failure = None
         self._ready_waiters = []
@@ -364,16 +367,21 @@ class ManagementProtocol(LineOnlyReceiver):
                 break
             line = buf[pos:end]
             pos = end + 1
+            if self._discarding:
+                self._discarding = False
+                continue
             if len(line) > self.MAX_LENGTH:
                 self.lineLengthExceeded(line)
-                break
+                continue
             self.lineReceived(line)
         if self._closing:
             self._buffer = b""
             return
         self._buffer = self._buffer[pos:]
         if len(self._buffer) > self.MAX_LENGTH:
-            self.lineLengthExceeded(self._buffer)
+            if not self._discarding:
+                self.lineLengthExceeded(self._buffer)
+            self._discarding = True
             self._buffer = b""
 
     def lineReceived(self, line):
@@ -389,14 +397,12 @@ class ManagementProtocol(LineOnlyReceiver):
             self._reply_line(text)
 
     def lineLengthExceeded(self, line):
-        """``LineOnlyReceiver.lineLengthExceeded``: log the length and drop the connection."""
+        """``LineOnlyReceiver.lineLengthExceeded``: log the length (never the content) and skip the line."""
         self._log.warn(
-            "management line of {length} bytes exceeds the {limit}-byte limit; dropping the connection",
+            "management line of {length}+ bytes exceeds the {limit}-byte limit; skipped",
             length=len(line),
             limit=self.MAX_LENGTH,
         )
-        error = ProtocolViolation("received a line longer than %d bytes" % self.MAX_LENGTH)
-        self._abort(error, inflight_error=error)
 
     def connectionLost(self, reason=None):
         """``IProtocol.connectionLost``: fail everything pending, fire disconnect waiters."""

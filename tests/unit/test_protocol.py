@@ -10,6 +10,7 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 
+from ovpnmgr.testing import status3_lines
 from ovpnmgr.events import (
     ByteCountClient,
     ClientAddress,
@@ -842,25 +843,43 @@ def test_callbacks_issuing_commands_during_failure_fail_cleanly():
 # --- hostile or broken input -------------------------------------------------------------------
 
 
-def test_oversized_line_drops_connection():
-    """A line over MAX_LENGTH fails the in-flight command with ProtocolViolation and drops the link."""
+def test_oversized_line_is_skipped_and_protocol_keeps_working():
+    """A line over MAX_LENGTH is logged (length only) and skipped; later lines still correlate."""
     c = Conn()
     d = c.proto.status3()
     with capturedLogs() as logged:
         c.feed(b"A" * (c.proto.MAX_LENGTH + 1) + b"\r\n")
-    failure_of(d, ProtocolViolation)
-    assert c.transport.disconnecting
+    assert not c.transport.disconnecting
+    assert not d.called
+    assert any("skipped" in formatEvent(e) for e in logged)
     assert not any("AAAA" in formatEvent(e) for e in logged)
+    c.lines(*status3_lines([], include_end=True))
+    assert result_of(d).clients == ()
     assert c.clock.getDelayedCalls() == []
 
 
-def test_oversized_partial_line_drops_connection():
-    """An unterminated line growing past MAX_LENGTH also drops the link instead of buffering forever."""
+def test_oversized_partial_line_is_discarded_up_to_its_newline():
+    """An unterminated line growing past MAX_LENGTH is not buffered; the rest of it is skipped too."""
     c = Conn()
-    for _ in range(3):
-        c.feed(b"B" * (c.proto.MAX_LENGTH // 2))
+    with capturedLogs() as logged:
+        for _ in range(3):
+            c.feed(b"B" * (c.proto.MAX_LENGTH // 2))
+        assert c.proto._buffer == b""
+        c.feed(b"BBBB\r\n>HOLD:Waiting for hold release:0\r\n")
+    assert not c.transport.disconnecting
+    assert c.events[-1] == Hold("Waiting for hold release:0")
+    assert sum("skipped" in formatEvent(e) for e in logged) == 1
+
+
+def test_oversized_single_reply_ends_in_timeout_not_desync():
+    """A skipped single-line reply leaves its command to time out, which drops the connection."""
+    c = Conn()
+    d = c.proto.pid()
+    c.feed(b"SUCCESS: " + b"9" * c.proto.MAX_LENGTH + b"\r\n")
+    assert not d.called
+    c.clock.advance(c.proto.command_timeout + 1)
+    failure_of(d, CommandTimeout)
     assert c.transport.disconnecting
-    assert c.proto._buffer == b""
 
 
 def test_garbage_and_invalid_utf8_do_not_break_the_protocol():
