@@ -288,13 +288,17 @@ def parse_config(text, path):
     return Config(path=path, **sections)
 
 
-def load_config(path):
-    """Read and validate the config file at ``path``; raise :class:`ConfigError` on any problem."""
+def read_text(path, what):
+    """The UTF-8 text of ``path``; :class:`ConfigError` saying ``cannot read <what>`` otherwise."""
     try:
         with open(path, encoding="utf-8") as f:
-            text = f.read()
+            return f.read()
     except OSError as e:
-        raise ConfigError(path, None, "cannot read config file: %s" % (e.strerror or e))
+        raise ConfigError(path, None, "cannot read %s: %s" % (what, e.strerror or e))
     except UnicodeDecodeError as e:
         raise ConfigError(path, None, "not UTF-8 text: %s" % e)
-    return parse_config(text, path)
+
+
+def load_config(path):
+    """Read and validate the config file at ``path``; raise :class:`ConfigError` on any problem."""
+    return parse_config(read_text(path, "config file"), path)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import yaml
 from twisted.internet import defer
 
-from ovpnmgr.config import ConfigError
+from ovpnmgr.config import ConfigError, read_text
 from proxy.upstream import Upstream
 
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 16384, 8, 1
@@ -100,14 +100,7 @@ class Directory:
     @classmethod
     def load(cls, path, subnet=None, server_address=None):
         """Read and validate the users file; raise :class:`ConfigError` naming file, key and problem."""
-        try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-        except OSError as e:
-            raise ConfigError(path, None, "cannot read users file: %s" % (e.strerror or e))
-        except UnicodeDecodeError as e:
-            raise ConfigError(path, None, "not UTF-8 text: %s" % e)
-        return cls.parse(text, path, subnet, server_address)
+        return cls.parse(read_text(path, "users file"), path, subnet, server_address)
 
     @classmethod
     def parse(cls, text, path="<memory>", subnet=None, server_address=None):
