@@ -431,6 +431,7 @@ class Controller:
         """
         previous = {s.cid: s for s in self.sessions.values()}
         self.sessions = {}
+        present = self._kernel_members()  # one netlink dump per reconcile, not one per client
         rows = {row.cid: row for row in status.clients}
         for cid, session in previous.items():
             row = rows.get(cid)
@@ -444,8 +445,8 @@ class Controller:
             if row.pending:
                 self._reconcile_pending(row, session)
             else:
-                self._reconcile_established(row, session)
-        self._sweep()
+                self._reconcile_established(row, session, present)
+        self._sweep(present)
         self._log.info(
             "reconciled with OpenVPN: {n} clients ({pending} pending), {members} ipset members",
             n=len(self.sessions),
@@ -467,7 +468,7 @@ class Controller:
         if session.state in (AUTHORIZING, AUTHORIZED):
             self._authorize(session)
 
-    def _reconcile_established(self, row, session):
+    def _reconcile_established(self, row, session, present):
         try:
             address = ipaddress.IPv4Address(row.virtual_address)
         except ValueError:
@@ -475,7 +476,7 @@ class Controller:
         if session is not None and session.address == address and session.user is not None:
             session.state = ESTABLISHED
             self._adopt(session)
-            self._ensure_rules(session)
+            self._ensure_rules(session, present)
             return
         if session is not None:
             session.cancelled = True
@@ -499,32 +500,39 @@ class Controller:
             self._kill(row.cid, "address conflict")
             return
         self.sessions[session.key] = session
-        self._ensure_rules(session)
+        self._ensure_rules(session, present)
 
-    def _ensure_rules(self, session):
+    def _kernel_members(self):
+        """The kernel set's members, or None if they cannot be read (then every member is re-added)."""
+        try:
+            return set(self.firewall.members())
+        except Exception as e:
+            self._log.error("could not list ipset members: {error}", error=e)
+            return None
+
+    def _ensure_rules(self, session, present):
         try:
             self.mappings.transfer(session.address, session.user.device.upstream, session)
-            if session.address not in self.firewall.members():
+            if present is None or session.address not in present:
                 self.firewall.add_member(session.address)
-                self._log.info("re-added missing ipset member {vpn_ip}", vpn_ip=str(session.address), event="drift")
+                if present is not None:
+                    present.add(session.address)
+                    self._log.info("re-added missing ipset member {vpn_ip}", vpn_ip=str(session.address), event="drift")
         except Exception as e:
             self._log.error("cid {cid}: could not restore rules: {error}; killing it", cid=session.cid, error=e)
             self._end(session)
             self._kill(session.cid, "rules")
 
-    def _sweep(self):
+    def _sweep(self, present):
         owned = {s.address for s in self.sessions.values() if s.address is not None}
         for ip, holder in list(self.pool.in_use().items()):
             if ip not in owned:
                 self.pool.release(holder)
         for ip in self.mappings.addresses() - owned:
             self.mappings.remove(ip)
-        try:
-            stale = self.firewall.members() - owned
-        except Exception as e:
-            self._log.error("could not list ipset members: {error}", error=e)
+        if present is None:
             return
-        for ip in stale:
+        for ip in present - owned:
             self._log.info("removing stale ipset member {vpn_ip}", vpn_ip=str(ip), event="stale-member")
             try:
                 self.firewall.remove_member(ip)

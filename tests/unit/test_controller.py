@@ -272,6 +272,25 @@ def test_reconcile_after_own_restart_rebuilds_and_evicts():
     assert w.members() == {IP("10.9.0.77")}
 
 
+def test_reconcile_reads_the_kernel_set_once():
+    """Reconcile of many established clients dumps the ipset once, not once per client (was quadratic)."""
+    w = World()
+    rows = [{"cid": i, "virtual_address": "10.9.0.%d" % (i + 10), "username": "alice"} for i in range(50)]
+    w.ipset.calls.clear()
+    w.attach(status_clients=rows)
+    assert [c for c in w.ipset.calls if c[0] == "members"] == [("members", None)]
+    assert len(w.members()) == 50
+
+
+def test_reconcile_with_unreadable_set_re_adds_every_member():
+    """If the set cannot be listed, reconcile still (idempotently) adds every established member and evicts nothing."""
+    w = World()
+    w.ipset.content = {IP("10.9.0.99")}
+    w.ipset.fail_next_members = True
+    w.attach(status_clients=[{"cid": 1, "virtual_address": "10.9.0.20", "username": "alice"}])
+    assert w.members() == {IP("10.9.0.20"), IP("10.9.0.99")}
+
+
 def test_reconnect_mid_admission_reapproves_known_pending_client():
     """Management socket lost after client-auth was sent: on reattach the pending client is approved again."""
     w = World()
