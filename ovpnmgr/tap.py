@@ -123,8 +123,12 @@ class LoggingEndpoint:
         return d.addErrback(failed)
 
 
-def build(reactor, config, directory, password):
-    """Wire every component for ``config``; returns ``(MultiService, controller)``."""
+def build(reactor, config, directory, password, ipset=None):
+    """Wire every component for ``config``; returns ``(MultiService, controller)``.
+
+    :param ipset: the kernel-set adapter; default a :class:`~ovpnmgr.ipset.NetlinkIPSet`
+        for ``config.firewall.ipset`` (benchmarks pass an alternative).
+    """
     from ovpnmgr.controller import Controller
     from ovpnmgr.firewall import Firewall
     from ovpnmgr.ipset import NetlinkIPSet
@@ -137,7 +141,8 @@ def build(reactor, config, directory, password):
     pool = AddressPool(ovpn.subnet, ovpn.server_address, static=directory.static_addresses())
     mappings = MappingTable()
     fw = config.firewall
-    ipset = NetlinkIPSet(fw.ipset, maxelem=fw.maxelem)
+    if ipset is None:
+        ipset = NetlinkIPSet(fw.ipset, maxelem=fw.maxelem)
     firewall = Firewall(fw, config.proxy.listen, ovpn.subnet, ipset, ProcessRunner(reactor, fw.command_timeout))
     controller = Controller(
         reactor,
