@@ -147,3 +147,24 @@ def test_management_socket_absent_at_start_retries_with_backoff(tmp_path):
         alice = lab.add_client("alice", username="alice", password="alice-pw")
         alice.wait_connected(timeout=20)
         assert members(lab) == {ipaddress.IPv4Address(alice.vpn_ip())}
+
+
+def test_management_password_right_and_wrong(tmp_path):
+    """(g) With a management password file the daemon logs in; a wrong one is reported and retried, never admitted."""
+    require_root()
+    with Lab(tmp_path / "lab", mgmt_password="mgmt-secret") as lab:
+        wrong = tmp_path / "wrong.pw"
+        wrong.write_text("not-it\n")
+        daemon = start_daemon(lab, tmp_path / "wrong", wait=False, openvpn={"password_file": str(wrong)})
+        daemon.wait_log(r"management handshake failed: .*password", timeout=20)
+        daemon.wait_log(r"Scheduling retry 2 to connect", timeout=20)
+        assert "reconciled with OpenVPN" not in daemon.log_text()
+        assert "not-it" not in daemon.log_text()
+        daemon.stop()
+        right = tmp_path / "right.pw"
+        right.write_text("mgmt-secret\n")
+        daemon = start_daemon(lab, tmp_path / "right", openvpn={"password_file": str(right)})
+        alice = lab.add_client("alice", username="alice", password="alice-pw")
+        alice.wait_connected(timeout=20)
+        assert members(lab) == {ipaddress.IPv4Address(alice.vpn_ip())}
+        assert "mgmt-secret" not in daemon.log_text()
