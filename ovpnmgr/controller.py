@@ -18,7 +18,6 @@ OpenVPN's view (OpenVPN is the source of truth; there is no state file).
 
 import ipaddress
 
-from twisted.internet import defer
 from twisted.logger import Logger
 
 from ovpnmgr import events

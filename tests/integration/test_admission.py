@@ -54,8 +54,9 @@ def test_admitted_only_after_ipset_member_and_rules(lab, tmp_path):
     assert members(lab) == {ip}
     log = daemon.log_text()
     added = re.search(r"ipset member added %s for cid (\d+) user alice" % re.escape(str(ip)), log)
+    assert added, log
     sent = re.search(r"client-auth sent for cid %s kid \d+ user alice vpn_ip %s" % (added.group(1), re.escape(str(ip))), log)
-    assert added and sent, log
+    assert sent, log
     assert added.start() < sent.start(), "client-auth was written before the ipset member was added"
     daemon.wait_log(r"admitted user alice cid %s vpn_ip %s device phone" % (added.group(1), re.escape(str(ip))))
     assert alice.ping(lab.server.vpn_ip), "tunnel does not carry traffic after admission"

@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 
-from tests.lab.daemon import ROOT, Daemon
+from tests.lab.daemon import ROOT
 from tests.lab.netns import Namespace, require_root, wait_for
 
 

@@ -5,7 +5,6 @@ the real daemon is tested against it. Root only: each test skips without root un
 POCKETPROXY_REQUIRE_INTEGRATION is set.
 """
 
-import os
 import subprocess
 import time
 

@@ -10,7 +10,6 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 
-from ovpnmgr.testing import status3_lines
 from ovpnmgr.events import (
     ByteCountClient,
     ClientAddress,
@@ -40,6 +39,8 @@ from ovpnmgr.protocol import (
     ManagementProtocol,
     ProtocolViolation,
 )
+from ovpnmgr.testing import status3_lines
+from tests.unit.deferreds import failure_of, result_of
 
 BANNER = b">INFO:OpenVPN Management Interface Version 5 -- type 'help' for more info\r\n"
 SECRET = b"m4nagement-S3CRET"
@@ -88,26 +89,6 @@ class Conn:
 
     def lose(self, exc=None):
         self.proto.connectionLost(Failure(exc or ConnectionDone()))
-
-
-def result_of(d):
-    """The result of a fired Deferred (raising its failure's exception)."""
-    box = []
-    d.addBoth(box.append)
-    assert box, "Deferred has not fired"
-    if isinstance(box[0], Failure):
-        box[0].raiseException()
-    return box[0]
-
-
-def failure_of(d, *types):
-    """The Failure of a fired, failed Deferred, checked against ``types``."""
-    box = []
-    d.addBoth(box.append)
-    assert box, "Deferred has not fired"
-    assert isinstance(box[0], Failure), "Deferred succeeded with %r" % (box[0],)
-    assert box[0].check(*types), box[0]
-    return box[0]
 
 
 def assert_no_result(d):

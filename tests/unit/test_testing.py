@@ -4,7 +4,6 @@ from twisted.application.internet import ClientService
 from twisted.internet.error import ConnectionLost
 from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock
-from twisted.python.failure import Failure
 
 from ovpnmgr.events import ClientAddress, ClientConnect, ClientDisconnect, ClientEstablished, Hold, Info, parse_status3
 from ovpnmgr.protocol import BadPassword, CommandFailed, CommandTimeout, ManagementDisconnected, ManagementProtocol
@@ -16,24 +15,7 @@ from ovpnmgr.testing import (
     connect_env,
     status3_lines,
 )
-
-
-def result_of(d):
-    """The result of a fired Deferred (raising its failure's exception)."""
-    box = []
-    d.addBoth(box.append)
-    assert box, "Deferred has not fired"
-    if isinstance(box[0], Failure):
-        box[0].raiseException()
-    return box[0]
-
-
-def failure_of(d, *types):
-    """The Failure of a fired, failed Deferred, checked against ``types``."""
-    box = []
-    d.addBoth(box.append)
-    assert box and isinstance(box[0], Failure) and box[0].check(*types), box
-    return box[0]
+from tests.unit.deferreds import failure_of, result_of
 
 
 def scripted(**kw):
