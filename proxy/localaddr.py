@@ -1,0 +1,57 @@
+# -*- test-case-name: tests.unit.test_localaddr -*-
+"""The host's own addresses, for the proxy's loop guard.
+
+A connection whose original destination is one of our own addresses was not
+redirected (somebody dialled the proxy port directly) or would loop back into
+us; either way it must not be relayed. The set is read over netlink and
+refreshed periodically, because tun addresses appear when OpenVPN starts.
+"""
+
+import ipaddress
+
+from twisted.logger import Logger
+
+ALWAYS_LOCAL = (
+    ipaddress.ip_network("127.0.0.0/8"),
+    ipaddress.ip_network("0.0.0.0/32"),
+    ipaddress.ip_network("::1/128"),
+    ipaddress.ip_network("::/128"),
+)
+
+
+def netlink_addresses():
+    """Every address configured on an interface of this network namespace."""
+    from pyroute2 import IPRoute
+
+    out = set()
+    with IPRoute() as ipr:
+        for msg in ipr.get_addr():
+            for attr in ("IFA_LOCAL", "IFA_ADDRESS"):
+                value = msg.get_attr(attr)
+                if value:
+                    out.add(ipaddress.ip_address(value.split("%", 1)[0]))
+    return out
+
+
+class LocalAddresses:
+    """A cached set of local addresses; ``refresh()`` re-reads it (cheap, netlink)."""
+
+    _log = Logger()
+
+    def __init__(self, read=netlink_addresses):
+        self._read = read
+        self._addresses = frozenset()
+        self.refresh()
+
+    def refresh(self):
+        """Re-read the addresses; on failure keep the previous set and say so."""
+        try:
+            self._addresses = frozenset(self._read())
+        except Exception as e:
+            self._log.warn("cannot read local addresses (loop guard uses the previous set): {error}", error=e)
+
+    def __contains__(self, ip):
+        ip = ipaddress.ip_address(ip)
+        if ip in self._addresses:
+            return True
+        return any(ip.version == net.version and ip in net for net in ALWAYS_LOCAL)

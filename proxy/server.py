@@ -1,0 +1,545 @@
+# -*- test-case-name: tests.unit.test_server -*-
+"""The transparent proxy's listening side: accept, guard, sniff, dial, relay.
+
+Every accepted connection is identified by its source address (the VPN
+client) and its original destination. It is refused with an RST, and
+counted, when the source has no mapping (never an open proxy), when the
+destination is this host (loop guard) or when a limit is reached. Otherwise
+the client's device proxy is dialled at once while, on client-first ports
+only, the first bytes are sniffed for a TLS SNI or HTTP Host name within a
+short budget; the CONNECT goes out when both are ready. Any upstream failure
+reaches the client as an RST, logged once.
+"""
+
+import collections
+import errno
+import resource
+import socket
+from dataclasses import dataclass
+
+from twisted.internet import error as terror
+from twisted.internet import task
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from proxy import origdst, sniff
+from proxy.localaddr import LocalAddresses
+from proxy.relay import Relay
+from proxy.stats import ProxyStats
+from proxy.upstream import UpstreamError, dial
+
+FDS_RESERVED = 256  # management, admin, netlink, logs, dialling headroom
+
+
+@dataclass(frozen=True)
+class ProxySettings:
+    """Data-path policy; defaults are safe over a slow, lossy cellular WAN.
+
+    :ivar sniff_ports: client-first ports where a name is sniffed; all other
+        ports CONNECT to the original IP at once (server-first banners never wait).
+    :ivar max_connections: global cap; 0 derives it from ``RLIMIT_NOFILE``.
+    :ivar keepalive: TCP keepalive idle seconds on both legs (0 = off); dead
+        peers are found without a short idle timeout killing quiet sessions.
+    """
+
+    sniff_ports: frozenset = frozenset({80, 443, 8080, 8443})
+    sniff_budget: float = 0.2
+    connect_timeout: float = 30.0
+    handshake_timeout: float = 30.0
+    idle_timeout: float = 3600.0
+    half_closed_timeout: float = 60.0
+    max_connections: int = 0
+    max_connections_per_client: int = 1024
+    keepalive: int = 120
+    splice: bool = True
+    sweep_interval: float = 5.0
+
+
+def fd_derived_limit(splice):
+    """Connections that fit under ``RLIMIT_NOFILE``: 2 fds each, plus pipes when spliced."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    per_connection = 3 if splice else 2
+    return max(16, (soft - FDS_RESERVED) // per_connection)
+
+
+def raise_nofile_limit():
+    """Raise the soft ``RLIMIT_NOFILE`` to the hard limit (Debian's soft default is 1024)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else 1048576
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        return target
+    return soft
+
+
+class SniffSkipList:
+    """(destination, port) pairs where the client stayed silent: stop sniffing them.
+
+    Some client-first-looking ports carry server-first protocols; after
+    ``threshold`` silent budgets in a row a destination is skipped for ``ttl``
+    seconds (mihomo's rule), so its banner stops waiting on us.
+    """
+
+    def __init__(self, clock, threshold=5, ttl=600.0, size=4096):
+        self.clock = clock
+        self.threshold = threshold
+        self.ttl = ttl
+        self.size = size
+        self._silent = collections.OrderedDict()
+
+    def skip(self, key):
+        entry = self._silent.get(key)
+        if entry is None:
+            return False
+        count, since = entry
+        if self.clock.seconds() - since > self.ttl:
+            del self._silent[key]
+            return False
+        return count >= self.threshold
+
+    def silent(self, key):
+        count, _ = self._silent.pop(key, (0, 0.0))
+        self._silent[key] = (count + 1, self.clock.seconds())
+        while len(self._silent) > self.size:
+            self._silent.popitem(last=False)
+
+    def spoke(self, key):
+        self._silent.pop(key, None)
+
+
+def tune_socket(transport, keepalive):
+    """TCP_NODELAY (relayed small writes must not wait on Nagle) and keepalive
+    (idle ``keepalive`` s, probes every quarter of that, 4 probes) on a real socket."""
+    try:
+        transport.setTcpNoDelay(True)
+        if keepalive:
+            sock = transport.getHandle()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, keepalive)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, keepalive // 4))
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 4)
+    except (AttributeError, OSError):
+        pass  # not a kernel TCP socket (tests' StringTransport)
+
+
+@implementer(IHalfCloseableProtocol)
+class ProxyConnection(Protocol):
+    """One accepted client connection, from identification to the end of its relay."""
+
+    _log = Logger()
+
+    def __init__(self, factory):
+        self.factory = factory
+        self.client_ip = None
+        self.destination = None
+        self.upstream = None
+        self.relay = None
+        self.sniffed_name = None
+        self._buffer = bytearray()
+        self._sniffing = False
+        self._sniff_timer = None
+        self._dialling = None
+        self._device = None
+        self._handshaking = False
+        self._client_eof = False
+        self._registered = False
+        self._done = False
+
+    # --- Twisted callbacks -------------------------------------------------
+
+    def connectionMade(self):
+        try:
+            self._admit()
+        except Exception:
+            self._log.failure("proxy connection setup failed; aborting it")
+            self._close_setup()
+            self.transport.abortConnection()
+
+    def dataReceived(self, data):
+        if self.relay is not None:
+            self.relay.client_leg.dataReceived(data)
+            return
+        self._buffer += data
+        if self._sniffing:
+            self._try_sniff()
+
+    def readConnectionLost(self):
+        # A paused-then-resumed transport can report EOF twice; pass it on once.
+        if self._client_eof:
+            return
+        self._client_eof = True
+        if self.relay is not None:
+            self.relay.client_leg.readConnectionLost()
+            return
+        if self._sniffing:
+            self._end_sniff(None, "eof")
+
+    def writeConnectionLost(self):
+        if self.relay is not None:
+            self.relay.client_leg.writeConnectionLost()
+
+    def connectionLost(self, reason=None):
+        if self.relay is not None:
+            self.relay.client_leg.connectionLost(reason)
+            return
+        self._close_setup()
+        self._forget()
+
+    # --- used by MappingTable when the client's mapping goes away ------------
+
+    def abortConnection(self):
+        """RST this client connection and its upstream (mapping removed or changed)."""
+        if self.relay is not None:
+            self.relay.abort("mapping removed")
+            return
+        self._close_setup()
+        self.transport.abortConnection()
+
+    # --- admission -----------------------------------------------------------
+
+    def _admit(self):
+        f = self.factory
+        f.stats.accepted += 1
+        self.client_ip = origdst.unmap(self.transport.getPeer().host)
+        try:
+            dst_ip, dst_port = f.destination_of(self.transport)
+        except OSError as e:
+            return self._refuse("origdst", "no original destination (%s)" % (e.strerror or e))
+        self.destination = (dst_ip, dst_port)
+        if f.is_loop(dst_ip, dst_port, self.transport.getHost()):
+            return self._refuse("loop", "destination %s is this host" % self._dest())
+        upstream = f.mappings.lookup(self.client_ip)
+        if upstream is None:
+            return self._refuse("unmapped", "source has no device mapping")
+        if f.stats.active >= f.max_connections:
+            return self._refuse("limit", "global connection limit %d reached" % f.max_connections)
+        if f.mappings.live_count(self.client_ip) >= f.settings.max_connections_per_client:
+            return self._refuse(
+                "client-limit", "per-client limit %d reached" % f.settings.max_connections_per_client
+            )
+        self.upstream = upstream
+        f.mappings.register(self.client_ip, self)
+        self._registered = True
+        f.stats.active += 1
+        f.connections.add(self)
+        tune_socket(self.transport, f.settings.keepalive)
+
+        key = (dst_ip, dst_port)
+        if dst_port not in f.settings.sniff_ports:
+            self._end_sniff(None, "skipped")
+        elif f.skiplist.skip(key):
+            self._end_sniff(None, "learned")
+        else:
+            self._sniffing = True
+            self._sniff_timer = f.reactor.callLater(f.settings.sniff_budget, self._sniff_timeout)
+        if not self._done:
+            self._dial()
+
+    def _refuse(self, reason, why):
+        """RST an unacceptable connection, count it, log it (throttled per source)."""
+        self.factory.stats.refused[reason] += 1
+        if self.factory.should_log(reason, self.client_ip):
+            self._log.warn(
+                "refused connection from {client} to {dest}: {why}",
+                client=str(self.client_ip),
+                dest=self._dest(),
+                why=why,
+                reason=reason,
+                event="proxy-refused",
+            )
+        self._done = True
+        self.transport.abortConnection()
+
+    def _dest(self):
+        if self.destination is None:
+            return "?"
+        ip, port = self.destination
+        return "[%s]:%d" % (ip, port) if ip.version == 6 else "%s:%d" % (ip, port)
+
+    # --- sniffing --------------------------------------------------------------
+
+    def _try_sniff(self):
+        data = bytes(self._buffer)
+        if data[:1] == b"\x16":
+            result, how = sniff.tls_sni(data), "sni"
+        else:
+            result, how = sniff.http_host(data), "host"
+        if result is sniff.NEED_MORE and len(data) < sniff.SNIFF_CAP:
+            return
+        self._end_sniff(None if result is sniff.NEED_MORE else result, how)
+
+    def _sniff_timeout(self):
+        self._sniff_timer = None
+        if self._sniffing:
+            if not self._buffer:
+                self.factory.skiplist.silent(self.destination)
+            self._end_sniff(None, "timeout")
+
+    def _end_sniff(self, name, how):
+        """Sniffing is over (name found, not found, budget spent, or port skipped)."""
+        self._sniffing = False
+        if self._sniff_timer is not None and self._sniff_timer.active():
+            self._sniff_timer.cancel()
+        self._sniff_timer = None
+        if self._buffer and self.destination is not None:
+            self.factory.skiplist.spoke(self.destination)
+        if name is not None:
+            valid = sniff.valid_hostname(name)
+            if valid is None:
+                how = "invalid"
+            self.sniffed_name = valid
+        elif how in ("sni", "host"):
+            how = "none"
+        self.factory.stats.sniffed[how] += 1
+        self.transport.pauseProducing()
+        self._maybe_handshake()
+
+    # --- upstream ------------------------------------------------------------------
+
+    def _dial(self):
+        s = self.factory.settings
+        self._dialling = self.factory.dial(self.factory.reactor, self.upstream, s.connect_timeout, s.handshake_timeout)
+        self._dialling.addCallbacks(self._dialled, self._failed)
+
+    def _dialled(self, device):
+        self._dialling = None
+        if self._done:
+            device.abort()
+            return
+        self._device = device
+        tune_socket(device.transport, self.factory.settings.keepalive)
+        self._maybe_handshake()
+
+    def _maybe_handshake(self):
+        if self._done or self._sniffing or self._device is None or self._handshaking:
+            return
+        self._handshaking = True
+        host = self.sniffed_name or str(self.destination[0])
+        d = self._device.handshake(host, self.destination[1])
+        d.addCallbacks(self._handshaken, self._failed)
+
+    def _handshaken(self, leftover):
+        if self._done:
+            self._device.abort()
+            return
+        f = self.factory
+        self.relay = Relay(
+            f.reactor, self.transport, self._device.transport, on_finished=self._relay_finished, splice=f.splice
+        )
+        f.stats.relayed += 1
+        self._device.attach(self.relay.upstream_leg)
+        to_upstream, self._buffer = bytes(self._buffer), None
+        self.relay.start(to_upstream=to_upstream, to_client=leftover)
+        if self._client_eof:
+            self.relay.client_leg.readConnectionLost()
+
+    def _failed(self, reason):
+        self._dialling = None
+        if self._done:
+            return None  # the client went away first; nothing to report
+        err = reason.value
+        kind = err.kind if isinstance(err, UpstreamError) else "internal"
+        if not isinstance(err, UpstreamError):
+            self._log.failure("unexpected error while connecting through the device", reason)
+        self.factory.stats.upstream_errors[kind] += 1
+        self._log.warn(
+            "upstream failed for {client} via {device} to {dest}: {kind}: {error}",
+            client=str(self.client_ip),
+            device=str(self.upstream),
+            dest=self._dest() if not self.sniffed_name else "%s (%s)" % (self.sniffed_name, self._dest()),
+            kind=kind,
+            error=str(err),
+            event="upstream-failed",
+        )
+        self._close_setup()
+        self.transport.abortConnection()
+        return None
+
+    # --- teardown ----------------------------------------------------------------
+
+    def _close_setup(self):
+        """Stop whatever is in flight before the relay exists (idempotent)."""
+        self._done = True
+        self._sniffing = False
+        if self._sniff_timer is not None and self._sniff_timer.active():
+            self._sniff_timer.cancel()
+        self._sniff_timer = None
+        if self._dialling is not None:
+            d, self._dialling = self._dialling, None
+            d.cancel()
+        if self._device is not None:
+            self._device.abort()
+
+    def _relay_finished(self, relay):
+        stats = self.factory.stats
+        stats.bytes_up += relay.bytes_up
+        stats.bytes_down += relay.bytes_down
+        stats.completed += 1
+        self._forget()
+
+    def _forget(self):
+        if self._registered:
+            self._registered = False
+            f = self.factory
+            f.mappings.unregister(self.client_ip, self)
+            f.stats.active -= 1
+            f.connections.discard(self)
+
+
+class ProxyFactory(Factory):
+    """Builds :class:`ProxyConnection` s sharing mappings, settings, stats and limits.
+
+    :param destination_of: ``transport → (ip, port)``; REDIRECT lookup by default,
+        :func:`proxy.origdst.tproxy_destination` for TPROXY, a stub in tests.
+    :param local: a container of local addresses for the loop guard.
+    :param splice: a :class:`proxy.splice.SplicePolicy`, or None for the plain relay.
+    :param transparent: TPROXY mode (the accepted socket's address is the destination).
+    :param dial: :func:`proxy.upstream.dial` (tests pass a scripted one).
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        reactor,
+        mappings,
+        settings=ProxySettings(),
+        stats=None,
+        destination_of=None,
+        local=None,
+        splice=None,
+        transparent=False,
+        dial=dial,
+    ):
+        self.reactor = reactor
+        self.mappings = mappings
+        self.settings = settings
+        self.stats = stats if stats is not None else ProxyStats()
+        self.transparent = transparent
+        self.dial = dial
+        if destination_of is None:
+            lookup = origdst.tproxy_destination if transparent else origdst.redirect_destination
+            destination_of = lambda transport: lookup(transport.getHandle())  # noqa: E731
+        self.destination_of = destination_of
+        self.local = local if local is not None else LocalAddresses()
+        self.splice = splice
+        self.max_connections = settings.max_connections or fd_derived_limit(splice is not None)
+        self.skiplist = SniffSkipList(reactor)
+        self.connections = set()
+        self.listening = set()  # (ip, port) pairs of our own listeners
+        self._log_throttle = {}
+
+    def buildProtocol(self, addr):
+        p = ProxyConnection(self)
+        p.factory = self
+        return p
+
+    def is_loop(self, ip, port, accepted_on):
+        """Destinations on this host (our listeners above all) are never relayed.
+
+        With REDIRECT, a connection that was not redirected reports its real
+        destination, i.e. the very address it was accepted on: caught here even
+        before the local-address cache knows a new tun address.
+        """
+        if not self.transparent and (ip, port) == (origdst.unmap(accepted_on.host), accepted_on.port):
+            return True
+        return (ip, port) in self.listening or ip in self.local
+
+    def should_log(self, reason, ip, interval=10.0):
+        """At most one refusal line per (reason, source) every ``interval`` seconds."""
+        now = self.reactor.seconds()
+        key = (reason, ip)
+        last = self._log_throttle.get(key)
+        if last is not None and now - last < interval:
+            return False
+        if len(self._log_throttle) > 10000:
+            self._log_throttle.clear()
+        self._log_throttle[key] = now
+        return True
+
+    def sweep(self):
+        """Enforce idle and half-closed timeouts (a coarse pass every few seconds)."""
+        now = self.reactor.seconds()
+        s = self.settings
+        expired = 0
+        for conn in list(self.connections):
+            relay = conn.relay
+            if relay is not None:
+                why = relay.check_timeouts(now, s.idle_timeout, s.half_closed_timeout)
+                if why is not None:
+                    self.stats.closed[why] += 1
+                    expired += 1
+        if expired:
+            self._log.info("closed {count} proxied connections on timeout", count=expired)
+        self._log_throttle.clear()
+        refresh = getattr(self.local, "refresh", None)
+        if refresh is not None:
+            refresh()
+
+
+def listen(reactor, factory, port, addresses=("0.0.0.0", "::"), transparent=False, backlog=1024):
+    """Listen on ``port`` at each address; IPv6 sockets are v6-only so both families coexist.
+
+    Sockets are built by hand (``IP_TRANSPARENT`` must be set before bind for
+    TPROXY) and adopted by the reactor. Returns the listening ports; raises
+    ``CannotListenError`` naming the address on failure.
+    """
+    ports = []
+    try:
+        for address in addresses:
+            ip = origdst.unmap(address)
+            family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                if transparent:
+                    if family == socket.AF_INET6:
+                        sock.setsockopt(socket.IPPROTO_IPV6, origdst.IPV6_TRANSPARENT, 1)
+                    else:
+                        sock.setsockopt(socket.SOL_IP, origdst.IP_TRANSPARENT, 1)
+                sock.bind((str(ip), port))
+                sock.listen(backlog)
+                sock.setblocking(False)
+                lp = reactor.adoptStreamPort(sock.fileno(), family, factory)
+            except OSError as e:
+                raise terror.CannotListenError(str(ip), port, e)
+            finally:
+                sock.close()
+            host = lp.getHost()
+            factory.listening.add((origdst.unmap(host.host), host.port))
+            ports.append(lp)
+    except BaseException:
+        for lp in ports:
+            lp.stopListening()
+        raise
+    return ports
+
+
+def is_unavailable_family(err):
+    """An address family this host lacks (IPv6 disabled): worth a warning, not a crash."""
+    reason = getattr(err, "socketError", None)
+    return isinstance(reason, OSError) and reason.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL)
+
+
+class SweepLoop:
+    """Runs :meth:`ProxyFactory.sweep` every ``settings.sweep_interval`` seconds."""
+
+    def __init__(self, factory):
+        self.factory = factory
+        self._loop = task.LoopingCall(factory.sweep)
+        self._loop.clock = factory.reactor
+
+    def start(self):
+        self._loop.start(self.factory.settings.sweep_interval, now=False).addErrback(
+            lambda f: Logger().failure("proxy sweeper stopped", f)
+        )
+
+    def stop(self):
+        if self._loop.running:
+            self._loop.stop()
+
+

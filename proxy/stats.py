@@ -1,0 +1,46 @@
+# -*- test-case-name: tests.unit.test_server -*-
+"""Counters of the data path, read by the admin socket and metrics.
+
+Plain integers and Counters: cheap to bump on every connection, and a
+snapshot is a dict an exporter can render however it likes.
+"""
+
+from collections import Counter
+
+
+class ProxyStats:
+    """What happened to proxied connections since start.
+
+    :ivar refused: connections refused before dialling, by reason
+        (``unmapped``, ``loop``, ``origdst``, ``limit``, ``client-limit``).
+    :ivar upstream_errors: failed device handshakes by ``UpstreamError.kind``.
+    :ivar sniffed: how the CONNECT target was chosen (``sni``, ``host``,
+        ``timeout``, ``none``, ``invalid``, ``skipped``, ``learned``).
+    """
+
+    def __init__(self):
+        self.accepted = 0
+        self.relayed = 0
+        self.completed = 0
+        self.active = 0
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self.refused = Counter()
+        self.upstream_errors = Counter()
+        self.sniffed = Counter()
+        self.closed = Counter()
+
+    def snapshot(self):
+        """A JSON-friendly copy of every counter."""
+        return {
+            "accepted": self.accepted,
+            "relayed": self.relayed,
+            "completed": self.completed,
+            "active": self.active,
+            "bytes_up": self.bytes_up,
+            "bytes_down": self.bytes_down,
+            "refused": dict(self.refused),
+            "upstream_errors": dict(self.upstream_errors),
+            "sniffed": dict(self.sniffed),
+            "closed": dict(self.closed),
+        }

@@ -1,0 +1,334 @@
+"""ProxyFactory/ProxyConnection: guards, limits, sniff policy, parallel dial, failures, timeouts.
+
+The accepted side is a StringTransport; the device side is a scripted
+HandshakeClient stand-in; time is a MemoryReactorClock. The real Relay joins
+the two, so the bytes that reach each transport are the real ones.
+"""
+
+import ipaddress
+
+import pytest
+from twisted.internet import defer
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
+
+from proxy.localaddr import LocalAddresses
+from proxy.mappings import MappingTable
+from proxy.server import ProxyFactory, ProxySettings, SniffSkipList
+from proxy.upstream import Forbidden, Upstream
+
+DEVICE = Upstream.parse("http://dev:s3cret-pw@192.0.2.10:8080")
+CLIENT = "10.9.0.5"
+DEST = ipaddress.ip_address("93.184.216.34")
+
+
+class Transport(StringTransport):
+    """StringTransport that records aborts (RST) separately from clean closes."""
+
+    aborted = False
+
+    def abortConnection(self):
+        self.aborted = True
+        super().abortConnection()
+
+
+class FakeDevice:
+    """Stands in for proxy.upstream.HandshakeClient."""
+
+    def __init__(self):
+        self.transport = Transport()
+        self.handshakes = []
+        self.pending = None
+        self.leg = None
+        self.aborted = False
+
+    def handshake(self, host, port):
+        self.handshakes.append((host, port))
+        self.pending = defer.Deferred()
+        return self.pending
+
+    def attach(self, leg):
+        self.leg = leg
+
+    def abort(self):
+        self.aborted = True
+
+
+class World:
+    def __init__(self, **settings):
+        self.reactor = MemoryReactorClock()
+        self.mappings = MappingTable()
+        self.mappings.add(CLIENT, DEVICE, owner="s1")
+        self.dials = []
+        self.destination = (DEST, 443)
+        self.factory = ProxyFactory(
+            self.reactor,
+            self.mappings,
+            ProxySettings(**settings),
+            destination_of=lambda transport: self.destination,
+            local=LocalAddresses(read=lambda: {ipaddress.ip_address("10.9.0.1"), ipaddress.ip_address("192.0.2.1")}),
+            dial=self._dial,
+        )
+
+    def _dial(self, reactor, upstream, connect_timeout, handshake_timeout):
+        d = defer.Deferred()
+        self.dials.append((upstream, d))
+        return d
+
+    def accept(self, source=CLIENT, port=443, host=("10.9.0.1", 12345)):
+        self.destination = (self.destination[0], port)
+        proto = self.factory.buildProtocol(None)
+        transport = Transport(hostAddress=IPv4Address("TCP", *host), peerAddress=IPv4Address("TCP", source, 40000))
+        proto.makeConnection(transport)
+        return proto, transport
+
+    def connect_device(self, index=-1):
+        device = FakeDevice()
+        self.dials[index][1].callback(device)
+        return device
+
+
+@pytest.fixture
+def logs():
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    yield events
+    globalLogPublisher.removeObserver(events.append)
+
+
+def text(events):
+    from twisted.logger import formatEvent
+
+    return "\n".join(formatEvent(e) for e in events)
+
+
+def test_unmapped_source_is_reset_and_counted(logs):
+    """A source without a mapping never gets a dial: RST, counter, one log line."""
+    w = World()
+    _, t = w.accept(source="10.9.0.77")
+    assert t.aborted and w.dials == []
+    assert w.factory.stats.refused == {"unmapped": 1}
+    assert "refused connection from 10.9.0.77 to 93.184.216.34:443: source has no device mapping" in text(logs)
+
+
+def test_connection_to_the_proxy_itself_is_a_loop():
+    """Original destination == the accepted address (not redirected) → refused as a loop."""
+    w = World()
+    w.destination = (ipaddress.ip_address("10.9.0.1"), 12345)
+    proto = w.factory.buildProtocol(None)
+    t = Transport(hostAddress=IPv4Address("TCP", "10.9.0.1", 12345), peerAddress=IPv4Address("TCP", CLIENT, 1))
+    proto.makeConnection(t)
+    assert t.aborted and w.dials == []
+    assert w.factory.stats.refused == {"loop": 1}
+
+
+def test_local_destinations_are_loops():
+    """Any address of this host is refused, whatever the port."""
+    w = World()
+    w.destination = (ipaddress.ip_address("192.0.2.1"), 80)
+    t = w.accept(port=80)[1]
+    assert t.aborted and w.factory.stats.refused == {"loop": 1}
+
+
+def test_loopback_is_always_local():
+    """127.0.0.0/8 needs no cache entry to be refused."""
+    w = World()
+    w.destination = (ipaddress.ip_address("127.0.0.53"), 53)
+    assert w.accept(port=53)[1].aborted
+
+
+def test_per_client_limit():
+    """The (N+1)th live connection of one client is reset; other clients are unaffected."""
+    w = World(max_connections_per_client=2)
+    w.mappings.add("10.9.0.6", DEVICE, owner="s2")
+    assert not w.accept()[1].aborted
+    assert not w.accept()[1].aborted
+    assert w.accept()[1].aborted
+    assert not w.accept(source="10.9.0.6")[1].aborted
+    assert w.factory.stats.refused == {"client-limit": 1}
+
+
+def test_global_limit():
+    """The global cap counts every client's live connections."""
+    w = World(max_connections=1)
+    w.mappings.add("10.9.0.6", DEVICE, owner="s2")
+    assert not w.accept()[1].aborted
+    assert w.accept(source="10.9.0.6")[1].aborted
+    assert w.factory.stats.refused == {"limit": 1}
+
+
+def test_server_first_port_connects_to_ip_at_once():
+    """On a non-sniffed port the client is paused and the CONNECT names the IP as soon as the device answers."""
+    w = World()
+    proto, t = w.accept(port=22)
+    assert t.producerState == "paused"
+    assert [u for u, _ in w.dials] == [DEVICE]
+    device = w.connect_device()
+    assert device.handshakes == [("93.184.216.34", 22)]
+    assert w.factory.stats.sniffed == {"skipped": 1}
+
+
+def test_sniff_port_dials_in_parallel_and_uses_the_sni():
+    """The device is dialled before any client byte; the sniffed name goes into CONNECT; bytes are forwarded."""
+    import ssl
+
+    ctx = ssl.create_default_context()
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ctx.wrap_bio(incoming, outgoing, server_hostname="Example.ORG")
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    hello = outgoing.read()
+
+    w = World()
+    proto, t = w.accept(port=443)
+    assert len(w.dials) == 1 and t.producerState == "producing"
+    device = w.connect_device()
+    assert device.handshakes == []  # still sniffing
+    proto.dataReceived(hello[:100])
+    assert device.handshakes == []  # need more bytes
+    proto.dataReceived(hello[100:])
+    assert device.handshakes == [("example.org", 443)]
+    device.pending.callback(b"server bytes")
+    assert device.transport.value() == hello
+    assert t.value() == b"server bytes"
+    assert device.leg is proto.relay.upstream_leg
+    assert w.factory.stats.sniffed == {"sni": 1}
+
+
+def test_http_host_used_when_device_answers_later():
+    """Sniff finishing first waits for the dial; the Host name (port stripped) is used."""
+    w = World()
+    proto, t = w.accept(port=80)
+    proto.dataReceived(b"GET / HTTP/1.1\r\nHost: www.example.com:80\r\n\r\n")
+    assert t.producerState == "paused"
+    device = w.connect_device()
+    assert device.handshakes == [("www.example.com", 80)]
+
+
+def test_invalid_sniffed_name_falls_back_to_ip():
+    """A Host that is not a valid hostname never reaches a CONNECT line."""
+    w = World()
+    proto, _ = w.accept(port=80)
+    device = w.connect_device()
+    proto.dataReceived(b"GET / HTTP/1.1\r\nHost: evil.com\tx\r\n\r\n")
+    assert device.handshakes == [("93.184.216.34", 80)]
+    assert w.factory.stats.sniffed in ({"invalid": 1}, {"none": 1})
+
+
+def test_sniff_budget_expires_then_ip_is_used():
+    """A silent client on a sniff port costs exactly the budget, then the IP is used."""
+    w = World(sniff_budget=0.2)
+    proto, t = w.accept(port=443)
+    device = w.connect_device()
+    w.reactor.advance(0.19)
+    assert device.handshakes == []
+    w.reactor.advance(0.02)
+    assert device.handshakes == [("93.184.216.34", 443)]
+    assert w.factory.stats.sniffed == {"timeout": 1}
+
+
+def test_silent_destinations_are_learned_and_skipped():
+    """After 5 silent budgets for one destination, later connections skip the sniff."""
+    w = World(sniff_budget=0.2)
+    for _ in range(5):
+        w.accept(port=8443)
+        w.reactor.advance(0.3)
+    proto, t = w.accept(port=8443)
+    assert t.producerState == "paused"
+    assert w.factory.stats.sniffed == {"timeout": 5, "learned": 1}
+
+
+def test_skiplist_forgets_after_ttl_and_when_the_client_speaks():
+    """Learned entries expire, and a client that speaks clears the count."""
+    clock = MemoryReactorClock()
+    skip = SniffSkipList(clock, threshold=2, ttl=10)
+    skip.silent("k")
+    skip.silent("k")
+    assert skip.skip("k")
+    clock.advance(11)
+    assert not skip.skip("k")
+    skip.silent("k")
+    skip.spoke("k")
+    skip.silent("k")
+    assert not skip.skip("k")
+
+
+def test_upstream_failure_resets_client_and_logs_once_without_secrets(logs):
+    """A device refusal → client RST, counter by kind, one log line naming client/device/destination."""
+    w = World()
+    proto, t = w.accept(port=22)
+    device = w.connect_device()
+    device.pending.errback(Forbidden("device proxy 192.0.2.10:8080 answered 403 Forbidden"))
+    assert t.aborted and device.aborted
+    assert w.factory.stats.upstream_errors == {"forbidden": 1}
+    out = text(logs)
+    assert out.count("upstream failed for 10.9.0.5 via http://dev:***@192.0.2.10:8080 to 93.184.216.34:22") == 1
+    assert "s3cret" not in out
+    assert w.mappings.live_count(CLIENT) == 1  # until the transport reports the RST done
+    proto.connectionLost(Failure(Exception("aborted")))
+    assert w.mappings.live_count(CLIENT) == 0 and w.factory.stats.active == 0
+
+
+def test_dial_failure_resets_client():
+    """The device unreachable → RST for the client."""
+    from proxy.upstream import Unreachable
+
+    w = World()
+    _, t = w.accept(port=22)
+    w.dials[0][1].errback(Unreachable("device proxy 192.0.2.10:8080: connection refused"))
+    assert t.aborted and w.factory.stats.upstream_errors == {"unreachable": 1}
+
+
+def test_client_leaving_during_dial_cancels_it():
+    """A client gone before the device answers: the dial is cancelled, nothing leaks."""
+    w = World()
+    proto, t = w.accept(port=22)
+    d = w.dials[0][1]
+    proto.connectionLost(Failure(Exception("gone")))
+    assert d.called  # cancelled
+    assert w.mappings.live_count(CLIENT) == 0 and w.factory.stats.active == 0
+    assert w.factory.stats.upstream_errors == {}
+
+
+def test_client_eof_during_sniff_is_replayed_to_the_relay():
+    """Request then FIN before the device answers: the request and the FIN both reach the device."""
+    w = World()
+    proto, t = w.accept(port=80)
+    proto.dataReceived(b"GET / HTTP/1.0\r\nHost: a.example\r\n\r\n")
+    proto.readConnectionLost()
+    device = w.connect_device()
+    assert device.handshakes == [("a.example", 80)]
+    device.pending.callback(b"")
+    assert device.transport.value() == b"GET / HTTP/1.0\r\nHost: a.example\r\n\r\n"
+    assert device.transport.disconnecting  # loseWriteConnection after the buffered bytes
+
+
+def test_mapping_removal_resets_live_connections():
+    """Removing the client's mapping RSTs its connections, in setup or relaying."""
+    w = World()
+    p1, t1 = w.accept(port=22)
+    d1 = w.connect_device()
+    d1.pending.callback(b"")
+    p2, t2 = w.accept(port=22)
+    w.mappings.remove(CLIENT)
+    assert t1.aborted and d1.transport.aborted
+    assert t2.aborted
+
+
+def test_idle_relays_are_closed_by_the_sweeper():
+    """A relay silent for idle_timeout is aborted by the sweep and counted."""
+    w = World(idle_timeout=60, sweep_interval=5)
+    proto, t = w.accept(port=22)
+    device = w.connect_device()
+    device.pending.callback(b"")
+    w.reactor.advance(30)
+    w.factory.sweep()
+    assert not t.aborted
+    w.reactor.advance(31)
+    w.factory.sweep()
+    assert t.aborted and w.factory.stats.closed == {"idle": 1}
+    proto.connectionLost(Failure(Exception("aborted")))
+    device.leg.connectionLost(Failure(Exception("aborted")))
+    assert w.factory.stats.active == 0 and w.factory.stats.completed == 1
