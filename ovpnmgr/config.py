@@ -47,9 +47,26 @@ class OpenVPNConfig:
 
 @dataclass(frozen=True)
 class ProxyConfig:
-    """Where the transparent proxy listens (the REDIRECT target port)."""
+    """The transparent proxy: where it listens and its data-path policy.
+
+    Timeouts default to values that survive a cellular WAN: tens of seconds to
+    reach and handshake with a device, an hour of idleness (TCP keepalive finds
+    dead peers sooner), a minute for a half-closed connection to finish.
+    """
 
     listen: int = 12345
+    bind: tuple = ("0.0.0.0", "::")
+    mode: str = "redirect"
+    sniff_ports: frozenset = frozenset({80, 443, 8080, 8443})
+    sniff_budget: float = 0.2
+    connect_timeout: float = 30.0
+    handshake_timeout: float = 30.0
+    idle_timeout: float = 3600.0
+    half_closed_timeout: float = 60.0
+    keepalive: int = 120
+    max_connections: int = 0
+    max_connections_per_client: int = 1024
+    splice: bool = True
 
 
 @dataclass(frozen=True)
@@ -77,7 +94,10 @@ class FirewallConfig:
     maxelem: int = 65536
     iptables: str = "iptables"
     iptables_restore: str = "iptables-restore"
+    ip: str = "ip"
     command_timeout: float = 10.0
+    tproxy_mark: int = 1
+    tproxy_table: int = 100
 
 
 @dataclass(frozen=True)
@@ -206,6 +226,42 @@ def _push_lines(value, ctx):
     return tuple(out)
 
 
+def _bool(value, ctx):
+    if not isinstance(value, bool):
+        raise _Bad("expected true or false, got %r" % (value,))
+    return value
+
+
+def _choice(*options):
+    def check(value, ctx):
+        if value not in options:
+            raise _Bad("expected one of %s, got %r" % (", ".join(options), value))
+        return value
+
+    return check
+
+
+def _ports(value, ctx):
+    if not isinstance(value, list):
+        raise _Bad("expected a list of TCP ports, got %r" % (value,))
+    port = _int(1, 65535)
+    return frozenset(port(item, ctx) for item in value)
+
+
+def _bind_addresses(value, ctx):
+    if not isinstance(value, list) or not value:
+        raise _Bad("expected a non-empty list of addresses such as [\"0.0.0.0\", \"::\"], got %r" % (value,))
+    out = []
+    for item in value:
+        try:
+            out.append(str(ipaddress.ip_address(_str(item, ctx))))
+        except ValueError as e:
+            raise _Bad("not an IP address (%s)" % e)
+    if len(set(out)) != len(out):
+        raise _Bad("duplicate address in %r" % (value,))
+    return tuple(out)
+
+
 # section name -> (dataclass, {key: (validator, required)})
 _SCHEMA = {
     "openvpn": (
@@ -222,7 +278,24 @@ _SCHEMA = {
             "push": (_push_lines, False),
         },
     ),
-    "proxy": (ProxyConfig, {"listen": (_int(1, 65535), False)}),
+    "proxy": (
+        ProxyConfig,
+        {
+            "listen": (_int(1, 65535), False),
+            "bind": (_bind_addresses, False),
+            "mode": (_choice("redirect", "tproxy"), False),
+            "sniff_ports": (_ports, False),
+            "sniff_budget": (_number(0, 5), False),
+            "connect_timeout": (_number(0.5, 600), False),
+            "handshake_timeout": (_number(0.5, 600), False),
+            "idle_timeout": (_number(1, 86400 * 7), False),
+            "half_closed_timeout": (_number(1, 86400), False),
+            "keepalive": (_int(0, 7200), False),
+            "max_connections": (_int(0, 10_000_000), False),
+            "max_connections_per_client": (_int(1, 10_000_000), False),
+            "splice": (_bool, False),
+        },
+    ),
     "admin": (AdminConfig, {"socket": (_path, False), "mode": (_mode, False)}),
     "directory": (DirectoryConfig, {"file": (_readable_file, True)}),
     "firewall": (
@@ -234,6 +307,9 @@ _SCHEMA = {
             "maxelem": (_int(1, 1 << 24), False),
             "iptables": (_str, False),
             "iptables_restore": (_str, False),
+            "ip": (_str, False),
+            "tproxy_mark": (_int(1, 0x7FFFFFFF), False),
+            "tproxy_table": (_int(1, 0x7FFFFFFF), False),
             "command_timeout": (_number(0.1, 120), False),
         },
     ),

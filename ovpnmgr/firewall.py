@@ -46,6 +46,13 @@ from ovpnmgr.process import CommandError
 
 # (table, built-in chain our jump lives in). filter first: see module docstring.
 TABLES = (("filter", "FORWARD"), ("nat", "PREROUTING"))
+# TPROXY mode intercepts in mangle PREROUTING instead of nat (plus policy routing).
+TPROXY_TABLES = (("filter", "FORWARD"), ("mangle", "PREROUTING"))
+
+
+def tables(mode):
+    """The (table, built-in chain) pairs pocketproxy owns a chain in, for ``mode``."""
+    return TPROXY_TABLES if mode == "tproxy" else TABLES
 
 
 class FirewallError(Exception):
@@ -119,9 +126,19 @@ class Drift:
 # --- the rules as text (pure functions; unit-tested byte for byte) ---
 
 
-def chain_rules(config, proxy_port):
+def chain_rules(config, proxy_port, mode="redirect"):
     """``{table: [rule lines of our chain]}`` in ``iptables -S`` form."""
     chain = config.chain
+    if mode == "tproxy":
+        mark = "0x%x/0x%x" % (config.tproxy_mark, config.tproxy_mark)
+        return {
+            "filter": chain_rules(config, proxy_port)["filter"],
+            "mangle": [
+                "-A %s -m addrtype --dst-type LOCAL -j RETURN" % chain,
+                "-A %s -p tcp -m set --match-set %s src -j TPROXY --on-port %d --on-ip 0.0.0.0 --tproxy-mark %s"
+                % (chain, config.ipset, proxy_port, mark),
+            ],
+        }
     return {
         "filter": [
             "-A %s -p tcp -j REJECT --reject-with tcp-reset" % chain,
@@ -165,16 +182,16 @@ def jumps_to(lines, builtin, chain):
     return found
 
 
-def restore_input(config, proxy_port, listings):
+def restore_input(config, proxy_port, listings, mode="redirect"):
     """The ``iptables-restore --noflush`` input.
 
     :param listings: ``{table: [lines of iptables -t table -S]}``; every
         existing jump to our chain found there is deleted before the jump
         is inserted at position 1.
     """
-    rules = chain_rules(config, proxy_port)
+    rules = chain_rules(config, proxy_port, mode)
     out = []
-    for table, builtin in TABLES:
+    for table, builtin in tables(mode):
         out.append("*%s" % table)
         out.append(":%s - [0:0]" % config.chain)
         out.extend(rules[table])
@@ -185,11 +202,11 @@ def restore_input(config, proxy_port, listings):
     return ("\n".join(out) + "\n").encode("utf-8", "surrogateescape")
 
 
-def rule_problems(config, proxy_port, listings):
+def rule_problems(config, proxy_port, listings, mode="redirect"):
     """What is wrong with our chains/jumps in ``listings`` (empty if nothing)."""
-    rules = chain_rules(config, proxy_port)
+    rules = chain_rules(config, proxy_port, mode)
     problems = []
-    for table, builtin in TABLES:
+    for table, builtin in tables(mode):
         lines = listings.get(table, [])
         expected_jump = "-A %s %s" % (builtin, jump_spec(config))
         jumps = jumps_to(lines, builtin, config.chain)
@@ -221,8 +238,9 @@ class Firewall:
 
     _log = Logger()
 
-    def __init__(self, config, proxy_port, subnet, ipset, runner):
+    def __init__(self, config, proxy_port, subnet, ipset, runner, mode="redirect"):
         self.config = config
+        self.mode = mode
         self.proxy_port = int(proxy_port)
         self.subnet = ipaddress.IPv4Network(subnet)
         self._ipset = ipset
@@ -257,7 +275,7 @@ class Firewall:
     @defer.inlineCallbacks
     def _listings(self, operation):
         listings = {}
-        for table, _ in TABLES:
+        for table, _ in tables(self.mode):
             out = yield self._command(operation, self._listing_argv(table))
             listings[table] = out.decode("utf-8", "surrogateescape").splitlines()
         return listings
@@ -278,15 +296,50 @@ class Firewall:
         except IPSetError as e:
             raise FirewallError("cannot install firewall: %s" % e, operation="install")
         listings = yield self._listings("install firewall")
-        text = restore_input(self.config, self.proxy_port, listings)
+        text = restore_input(self.config, self.proxy_port, listings, self.mode)
         yield self._command("install firewall", self._restore_argv(), text)
+        if self.mode == "tproxy":
+            yield self._install_policy_routing()
         self._log.info(
-            "firewall installed: chain {chain} (nat PREROUTING, filter FORWARD, -i {iface}), ipset {ipset}"
-            " -> REDIRECT :{port}",
+            "firewall installed: chain {chain} ({table} PREROUTING, filter FORWARD, -i {iface}), ipset {ipset}"
+            " -> {target} :{port}",
+            table="mangle" if self.mode == "tproxy" else "nat",
+            target="TPROXY" if self.mode == "tproxy" else "REDIRECT",
             chain=self.config.chain,
             iface=self.config.interface,
             ipset=self.config.ipset,
             port=self.proxy_port,
+        )
+
+    # -- TPROXY policy routing: marked packets are delivered locally --------
+
+    def _policy_rule(self):
+        mark = "0x%x/0x%x" % (self.config.tproxy_mark, self.config.tproxy_mark)
+        return ["fwmark", mark, "lookup", str(self.config.tproxy_table)]
+
+    @defer.inlineCallbacks
+    def _policy_routing_problems(self):
+        ip = self.config.ip
+        rules = yield self._command("check policy routing", [ip, "-4", "rule", "show"])
+        # "table all" rather than "table N": an empty table N is an error for ip(8).
+        routes = yield self._command("check policy routing", [ip, "-4", "route", "show", "table", "all"])
+        problems = []
+        if " ".join(self._policy_rule()) not in rules.decode("utf-8", "replace"):
+            problems.append("ip rule %s missing" % " ".join(self._policy_rule()))
+        wanted = "local default dev lo table %d " % self.config.tproxy_table
+        if not any(line.startswith(wanted) for line in routes.decode("utf-8", "replace").splitlines()):
+            problems.append("route 'local default dev lo' missing in table %d" % self.config.tproxy_table)
+        return problems
+
+    @defer.inlineCallbacks
+    def _install_policy_routing(self):
+        ip = self.config.ip
+        problems = yield self._policy_routing_problems()
+        if any(p.startswith("ip rule") for p in problems):
+            yield self._command("install policy routing", [ip, "-4", "rule", "add", *self._policy_rule()])
+        yield self._command(
+            "install policy routing",
+            [ip, "-4", "route", "replace", "local", "0.0.0.0/0", "dev", "lo", "table", str(self.config.tproxy_table)],
         )
 
     # -- membership (synchronous netlink) ---------------------------------
@@ -351,7 +404,9 @@ class Firewall:
     def _check(self, expected):
         expected = frozenset(ipaddress.IPv4Address(ip) for ip in expected)
         listings = yield self._listings("check firewall")
-        problems = rule_problems(self.config, self.proxy_port, listings)
+        problems = rule_problems(self.config, self.proxy_port, listings, self.mode)
+        if self.mode == "tproxy":
+            problems += yield self._policy_routing_problems()
         set_missing = False
         try:
             actual = frozenset(self._ipset.members())

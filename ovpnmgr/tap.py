@@ -99,6 +99,26 @@ class AdmissionService(service.MultiService):
         return super().stopService()
 
 
+class PocketproxyService(service.MultiService):
+    """The daemon; a proxy port that cannot be bound stops it at startup with one clear line."""
+
+    _log = Logger()
+
+    def privilegedStartService(self):
+        from twisted.internet.error import CannotListenError
+
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            self._log.critical(
+                "pocketproxy: cannot listen on {address} port {port}: {error}; exiting",
+                address=e.interface,
+                port=e.port,
+                error=e.socketError,
+            )
+            raise SystemExit(1)
+
+
 @implementer(IStreamClientEndpoint)
 class LoggingEndpoint:
     """Wraps the management endpoint so every failed attempt says why (ClientService only says it retries)."""
@@ -123,6 +143,51 @@ class LoggingEndpoint:
         return d.addErrback(failed)
 
 
+def proxy_settings(config):
+    """:class:`proxy.server.ProxySettings` from the ``proxy`` config section."""
+    from proxy.server import ProxySettings
+
+    p = config.proxy
+    return ProxySettings(
+        sniff_ports=p.sniff_ports,
+        sniff_budget=p.sniff_budget,
+        connect_timeout=p.connect_timeout,
+        handshake_timeout=p.handshake_timeout,
+        idle_timeout=p.idle_timeout,
+        half_closed_timeout=p.half_closed_timeout,
+        max_connections=p.max_connections,
+        max_connections_per_client=p.max_connections_per_client,
+        keepalive=p.keepalive,
+        splice=p.splice,
+    )
+
+
+def build_proxy(reactor, config, mappings):
+    """The transparent proxy service for ``config.proxy`` over ``mappings``."""
+    from proxy.server import ProxyFactory, fd_derived_limit, raise_nofile_limit
+    from proxy.service import ProxyService
+    from proxy.splice import SplicePolicy
+
+    p = config.proxy
+    nofile = raise_nofile_limit()
+    splice = None
+    if p.splice:
+        # A spliced connection holds 4 pipe fds on top of its 2 sockets. The
+        # fd-derived cap C is a third of the limit L: 2C + 4S <= L allows
+        # S = C/4 spliced connections at once, i.e. C/2 pipes.
+        cap = p.max_connections or fd_derived_limit(True)
+        splice = SplicePolicy(max_pipes=max(2, cap // 2))
+        if not splice.available:
+            Logger().warn("splice(2) is not available here; using the plain relay")
+            splice = None
+    transparent = p.mode == "tproxy"
+    factory = ProxyFactory(reactor, mappings, proxy_settings(config), splice=splice, transparent=transparent)
+    Logger().info("open-file limit {nofile}; proxy connection cap {cap}", nofile=nofile, cap=factory.max_connections)
+    default_bind = p.bind == type(p)().bind
+    optional = ("::",) if default_bind else ()
+    return ProxyService(reactor, factory, p.listen, p.bind, optional=optional, transparent=transparent), factory
+
+
 def build(reactor, config, directory, password, ipset=None):
     """Wire every component for ``config``; returns ``(MultiService, controller)``.
 
@@ -143,7 +208,9 @@ def build(reactor, config, directory, password, ipset=None):
     fw = config.firewall
     if ipset is None:
         ipset = NetlinkIPSet(fw.ipset, maxelem=fw.maxelem)
-    firewall = Firewall(fw, config.proxy.listen, ovpn.subnet, ipset, ProcessRunner(reactor, fw.command_timeout))
+    firewall = Firewall(
+        fw, config.proxy.listen, ovpn.subnet, ipset, ProcessRunner(reactor, fw.command_timeout), mode=config.proxy.mode
+    )
     controller = Controller(
         reactor,
         ovpn,
@@ -161,7 +228,9 @@ def build(reactor, config, directory, password, ipset=None):
         clock=reactor,
         prepareConnection=controller.attach,
     )
-    top = service.MultiService()
+    top = PocketproxyService()
+    proxy_service, _ = build_proxy(reactor, config, mappings)
+    proxy_service.setServiceParent(top)  # listening before any client can be admitted
     AdmissionService(reactor, firewall, management).setServiceParent(top)
     return top, controller
 

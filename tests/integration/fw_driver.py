@@ -96,7 +96,14 @@ def main(reactor, spec_json):
     config = FirewallConfig(**spec.get("config", {}))
     ipset = NetlinkIPSet(config.ipset, config.maxelem)
     runner = ProcessRunner(reactor, config.command_timeout)
-    fw = Firewall(config, spec.get("port", 12345), IPv4Network(spec.get("subnet", "10.9.0.0/24")), ipset, runner)
+    fw = Firewall(
+        config,
+        spec.get("port", 12345),
+        IPv4Network(spec.get("subnet", "10.9.0.0/24")),
+        ipset,
+        runner,
+        mode=spec.get("mode", "redirect"),
+    )
     results = []
     try:
         for op in spec["ops"]:

@@ -41,11 +41,40 @@ def test_shipped_config_starts_and_stops_cleanly(tmp_path):
         wait_for(lambda: "cannot reach OpenVPN management at unix:/run/pocketproxy/openvpn-mgmt.sock" in text() or proc.poll() is not None, 30, what="management retry")
         assert proc.poll() is None, text()
         assert "kernel base rules installed" in text()
+        assert "transparent proxy listening on 0.0.0.0:12345 (redirect" in text()
+        assert "transparent proxy listening on :::12345 (redirect" in text()
+        listening = ns.run("ss", "-Htln", "sport", "= :12345").stdout
+        assert "0.0.0.0:12345" in listening and "[::]:12345" in listening
         assert ns.run("iptables", "-t", "nat", "-S", "PREROUTING").stdout.splitlines()[1] == "-A PREROUTING -i tun+ -j POCKETPROXY"
         # twistd re-raises the shutdown signal after a clean shutdown, so -SIGTERM is its clean exit.
         assert ns.stop(proc, sig=signal.SIGTERM) in (0, -signal.SIGTERM)
         assert "Received SIGTERM, shutting down." in text() and "Server Shut Down." in text()
         assert "Traceback" not in text()
+    finally:
+        ns.destroy()
+
+
+def test_busy_proxy_port_stops_startup_with_one_clear_line(tmp_path):
+    """If the proxy port cannot be bound, twistd exits non-zero before attaching to OpenVPN."""
+    require_root()
+    argv, env = _twistd_argv(tmp_path)
+    ns = Namespace("run")
+    try:
+        holder = ns.popen(
+            [sys.executable, "-c", "import socket,sys; s=socket.socket(); s.bind(('0.0.0.0',12345)); s.listen(); "
+             "print('bound', flush=True); sys.stdin.read()"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        )
+        assert holder.stdout.readline().strip() == b"bound"
+        proc = ns.popen(
+            argv + ["--nodaemon", "--pidfile=", "--logfile=%s" % (tmp_path / "log"), "pocketproxy", "--config", str(ROOT / "conf" / "pocketproxy.yaml")],
+            env=dict(os.environ, **env), cwd=tmp_path,
+        )
+        proc.communicate(timeout=30)
+        log = (tmp_path / "log").read_text()
+        assert proc.returncode == 1, log
+        assert "pocketproxy: cannot listen on 0.0.0.0 port 12345: [Errno 98] Address already in use; exiting" in log
+        assert "-A PREROUTING -i tun+ -j POCKETPROXY" not in ns.run("iptables", "-t", "nat", "-S").stdout
     finally:
         ns.destroy()
 

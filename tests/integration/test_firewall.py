@@ -67,9 +67,9 @@ def ns(namespaces):
     return namespaces("fw")
 
 
-def drive(ns, ops, config=None, port=12345, subnet="10.9.0.0/24"):
+def drive(ns, ops, config=None, port=12345, subnet="10.9.0.0/24", mode="redirect"):
     """Run firewall ops inside ``ns`` via fw_driver.py; return one result per op."""
-    spec = {"config": {"interface": "tun+", **(config or {})}, "port": port, "subnet": subnet, "ops": ops}
+    spec = {"config": {"interface": "tun+", **(config or {})}, "port": port, "subnet": subnet, "ops": ops, "mode": mode}
     r = ns.run(PYTHON, str(DRIVER), json.dumps(spec), check=False, env=_env(), timeout=300)
     assert r.returncode == 0, "driver failed (rc %d): %s" % (r.returncode, r.stderr)
     results = json.loads(r.stdout.splitlines()[-1])
@@ -254,6 +254,41 @@ def test_check_detects_and_repair_fixes_drift(ns):
     assert after["ok"] is True, after["describe"]
     assert ipset_members(ns) == expected
     assert_installed_once(ns)
+
+
+def test_tproxy_mode_installs_mangle_rules_and_policy_routing(ns):
+    """TPROXY mode: mangle chain + ip rule + local route, idempotent; drift in any of them is found and repaired."""
+    baseline = preexisting_rules(ns)
+    ok(drive(ns, [{"op": "install"}, {"op": "install"}], mode="tproxy"))
+    mangle = listing(ns, "mangle")
+    assert [l for l in mangle if l.startswith("-A PREROUTING")] == ["-A PREROUTING -i tun+ -j POCKETPROXY"]
+    assert [l for l in mangle if l.startswith("-A POCKETPROXY")] == [
+        "-A POCKETPROXY -m addrtype --dst-type LOCAL -j RETURN",
+        "-A POCKETPROXY -p tcp -m set --match-set pocketproxy-clients src"
+        " -j TPROXY --on-port 12345 --on-ip 0.0.0.0 --tproxy-mark 0x1/0x1",
+    ]
+    assert "-A POCKETPROXY" not in "\n".join(listing(ns, "nat"))
+    rules = ns.run("ip", "-4", "rule", "show").stdout
+    assert rules.count("fwmark 0x1/0x1 lookup 100") == 1, rules
+    assert ns.run("ip", "-4", "route", "show", "table", "100").stdout.startswith("local default dev lo")
+    after, in_mangle = [], False
+    for line in save(ns):  # the mangle table appears only now (empty built-ins apart from ours)
+        in_mangle = in_mangle or line == "*mangle"
+        if not in_mangle and not ours(line):
+            after.append(line)
+        in_mangle = in_mangle and line != "COMMIT"
+    assert after == baseline
+
+    ns.run("ip", "-4", "rule", "del", "fwmark", "0x1/0x1", "lookup", "100")
+    ns.run("ip", "-4", "route", "flush", "table", "100")
+    check, repair, after = ok(
+        drive(ns, [{"op": "check", "expected": []}, {"op": "repair", "expected": []}, {"op": "check", "expected": []}], mode="tproxy")
+    )
+    assert check["rule_problems"] == [
+        "ip rule fwmark 0x1/0x1 lookup 100 missing",
+        "route 'local default dev lo' missing in table 100",
+    ]
+    assert after["ok"] is True, after["describe"]
 
 
 def test_runner_timeout_kills_the_child(ns):

@@ -114,3 +114,49 @@ def test_shipped_config_parses():
     conf = pathlib.Path(__file__).resolve().parents[2] / "conf" / "pocketproxy.yaml"
     config = load_config(conf)
     assert config.openvpn.subnet.prefixlen == 24
+
+
+def test_proxy_section_defaults_are_wan_safe(cfgdir):
+    """Without settings the proxy listens dual-stack with tens-of-seconds setup and long idle timeouts."""
+    p = _parse(cfgdir, GOOD).proxy
+    assert (p.listen, p.bind, p.mode) == (12345, ("0.0.0.0", "::"), "redirect")
+    assert p.sniff_ports == frozenset({80, 443, 8080, 8443}) and p.sniff_budget == 0.2
+    assert p.connect_timeout >= 10 and p.handshake_timeout >= 10
+    assert p.idle_timeout >= 600 and p.half_closed_timeout >= 30
+    assert p.splice is True and p.max_connections == 0
+
+
+def test_proxy_section_typed(cfgdir):
+    """Every proxy key is parsed into its type."""
+    text = GOOD.replace(
+        "  listen: 12345\n",
+        "  listen: 3129\n  bind: ['10.9.0.1']\n  mode: tproxy\n  sniff_ports: [443]\n  sniff_budget: 0.15\n"
+        "  connect_timeout: 20\n  handshake_timeout: 25\n  idle_timeout: 900\n  half_closed_timeout: 30\n"
+        "  keepalive: 0\n  max_connections: 5000\n  max_connections_per_client: 64\n  splice: false\n",
+    )
+    p = _parse(cfgdir, text).proxy
+    assert (p.listen, p.bind, p.mode, p.sniff_ports, p.sniff_budget) == (3129, ("10.9.0.1",), "tproxy", {443}, 0.15)
+    assert (p.connect_timeout, p.handshake_timeout, p.idle_timeout, p.half_closed_timeout) == (20, 25, 900, 30)
+    assert (p.keepalive, p.max_connections, p.max_connections_per_client, p.splice) == (0, 5000, 64, False)
+
+
+@pytest.mark.parametrize(
+    "line,key,words",
+    [
+        ("bind: []", "proxy.bind", "non-empty list"),
+        ("bind: ['0.0.0.0', '0.0.0.0']", "proxy.bind", "duplicate"),
+        ("bind: ['localhost']", "proxy.bind", "not an IP address"),
+        ("mode: transparent", "proxy.mode", "one of redirect, tproxy"),
+        ("sniff_ports: 443", "proxy.sniff_ports", "list"),
+        ("sniff_ports: [0]", "proxy.sniff_ports", "between"),
+        ("sniff_budget: 30", "proxy.sniff_budget", "between"),
+        ("idle_timeout: -1", "proxy.idle_timeout", "between"),
+        ("splice: 'yes'", "proxy.splice", "true or false"),
+        ("max_connections_per_client: 0", "proxy.max_connections_per_client", "between"),
+    ],
+)
+def test_bad_proxy_values(cfgdir, line, key, words):
+    """Bad proxy settings name the key and the problem."""
+    err = _error(cfgdir, GOOD.replace("  listen: 12345\n", "  listen: 12345\n  %s\n" % line))
+    assert err.key == key
+    assert words in err.problem

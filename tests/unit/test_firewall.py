@@ -521,3 +521,25 @@ def test_fake_runner_records_and_answers_by_longest_prefix():
     runner.run(["true"], b"in").addCallback(results.append)
     assert results == [(0, b"nat", b""), (1, b"", b""), (0, b"", b"")]
     assert runner.calls[-1] == (["true"], b"in")
+
+
+def test_golden_restore_text_in_tproxy_mode():
+    """TPROXY mode owns a mangle chain (not nat) with the mark the policy rule matches."""
+    config = FirewallConfig(tproxy_mark=0x20)
+    text = restore_input(config, PORT, {}, mode="tproxy").decode()
+    assert text == (
+        GOLDEN.decode().split("*nat")[0]
+        + "*mangle\n"
+        ":POCKETPROXY - [0:0]\n"
+        "-A POCKETPROXY -m addrtype --dst-type LOCAL -j RETURN\n"
+        "-A POCKETPROXY -p tcp -m set --match-set pocketproxy-clients src"
+        " -j TPROXY --on-port 12345 --on-ip 0.0.0.0 --tproxy-mark 0x20/0x20\n"
+        "-I PREROUTING 1 -i tun+ -j POCKETPROXY\n"
+        "COMMIT\n"
+    )
+    assert rule_problems(config, PORT, {}, mode="tproxy") == [
+        "filter FORWARD: jump to POCKETPROXY missing",
+        "filter POCKETPROXY: chain missing",
+        "mangle PREROUTING: jump to POCKETPROXY missing",
+        "mangle POCKETPROXY: chain missing",
+    ]
