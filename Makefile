@@ -1,24 +1,29 @@
 # pocketproxy: every target works on a fresh Debian 12 machine as root.
 # `make demo` runs the lab; `make test` runs the whole suite on Debian's
 # packaged libraries and again on current PyPI releases.
+# `make deps` installs tools the tests drive (tinyproxy, dante-server, redsocks)
+# without starting their system services (a temporary policy-rc.d).
 
 PY       ?= /usr/bin/python3
 VENV     ?= .venv-pypi
 PYTEST   ?= -q -ra
 APT_DEPS  = make openvpn ipset iptables iproute2 openssl procps curl \
+            tinyproxy dante-server socat redsocks \
             python3 python3-venv python3-pip \
             python3-twisted python3-pyroute2 python3-yaml python3-txaio python3-service-identity \
             python3-pytest python3-pytest-twisted python3-hypothesis
 
 export POCKETPROXY_REQUIRE_INTEGRATION ?= 1
 
-.PHONY: deps test test-debian test-pypi unit demo bench-admission clean
+.PHONY: deps test test-debian test-pypi unit demo bench-admission bench-proxy clean
 
 deps:
 	@missing=$$(for p in $(APT_DEPS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  echo "installing: $$missing"; \
-	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+	  guard=; if [ ! -e /usr/sbin/policy-rc.d ]; then guard=1; printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d; chmod 755 /usr/sbin/policy-rc.d; fi; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; rc=$$?; \
+	  if [ -n "$$guard" ]; then rm -f /usr/sbin/policy-rc.d; fi; exit $$rc; \
 	fi
 
 test: deps test-debian test-pypi
@@ -46,6 +51,9 @@ demo: deps
 
 bench-admission: deps
 	$(PY) -m tests.bench.admission
+
+bench-proxy: deps
+	$(PY) -m tests.bench.proxy
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

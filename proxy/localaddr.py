@@ -51,7 +51,8 @@ class LocalAddresses:
             self._log.warn("cannot read local addresses (loop guard uses the previous set): {error}", error=e)
 
     def __contains__(self, ip):
-        ip = ipaddress.ip_address(ip)
+        if not isinstance(ip, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
+            ip = ipaddress.ip_address(ip)
         if ip in self._addresses:
             return True
         return any(ip.version == net.version and ip in net for net in ALWAYS_LOCAL)

@@ -31,6 +31,9 @@ class MappingTable:
 
     @staticmethod
     def _key(ip):
+        # The proxy passes parsed addresses on every connection: don't re-parse them.
+        if isinstance(ip, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
+            return ip
         return ipaddress.ip_address(ip)
 
     def add(self, ip, upstream, owner=None):

@@ -22,6 +22,8 @@ IPV6_TRANSPARENT = 75
 
 def unmap(address):
     """``::ffff:a.b.c.d`` → ``a.b.c.d``; other addresses unchanged (as ip_address objects)."""
+    if ":" not in address:
+        return ipaddress.IPv4Address(address)
     ip = ipaddress.ip_address(address.split("%", 1)[0])
     if ip.version == 6 and ip.ipv4_mapped is not None:
         return ip.ipv4_mapped

@@ -443,7 +443,7 @@ class ProxyFactory(Factory):
         destination, i.e. the very address it was accepted on: caught here even
         before the local-address cache knows a new tun address.
         """
-        if not self.transparent and (ip, port) == (origdst.unmap(accepted_on.host), accepted_on.port):
+        if not self.transparent and port == accepted_on.port and ip == origdst.unmap(accepted_on.host):
             return True
         return (ip, port) in self.listening or ip in self.local
 
