@@ -317,7 +317,13 @@ class Relay:
         except OSError as e:
             policy.release(failed=True)
             self._splice_refused = True
-            self._log.warn("splice pipes unavailable, staying on the plain relay: {error}", error=e)
+            failed = policy.setup_failed
+            if failed & (failed - 1) == 0:  # 1st, 2nd, 4th, 8th...: visible but never a flood
+                self._log.warn(
+                    "splice pipes unavailable ({count} times so far), staying on the plain relay: {error}",
+                    count=failed,
+                    error=e,
+                )
             return False
         for s in (CLIENT, UPSTREAM):
             self._unregister_producer(s)

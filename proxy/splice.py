@@ -105,6 +105,8 @@ class SplicePolicy:
         Unprivileged sizes are capped at ``fs.pipe-max-size``; never below 64 KiB.
     :param min_bytes: a connection switches only after relaying this many bytes in plain mode.
     :param max_pipes: cap on pipes held at once (two per spliced connection); None for no cap.
+    :param privileged_budget: pipe bytes all spliced connections may hold at once when the
+        process is exempt from the per-user limit (a slow reader can pin a full pipe).
     :param available: override the platform check (tests).
     :param soft_pages: override ``fs.pipe-user-pages-soft`` (tests); 0 means the kernel has no limit.
     :param cap_eff: override the effective capability mask (tests).
@@ -119,6 +121,7 @@ class SplicePolicy:
         min_bytes=64 * 1024,
         max_pipes=None,
         *,
+        privileged_budget=256 << 20,
         available=None,
         soft_pages=None,
         cap_eff=None,
@@ -137,7 +140,9 @@ class SplicePolicy:
         self.pages_per_pipe = pages_for(self.pipe_size, page_size)
         self.min_bytes = min_bytes
         self.max_pipes = max_pipes
-        if self.privileged or not self.soft_pages:
+        if self.privileged:
+            self.budget_pages = pages_for(privileged_budget, page_size) if privileged_budget else None
+        elif not self.soft_pages:
             self.budget_pages = None
         else:
             self.budget_pages = self.soft_pages // 2

@@ -441,13 +441,15 @@ def test_unprivileged_pipe_size_is_capped_by_pipe_max_size_and_floored_at_64k():
     assert small.pipe_size == 65536
 
 
-def test_privileged_gets_1mib_pipes_without_budget():
-    """With CAP_SYS_RESOURCE (or CAP_SYS_ADMIN): 1 MiB pipes and no page budget."""
+def test_privileged_gets_1mib_pipes_within_a_memory_budget():
+    """With CAP_SYS_RESOURCE (or CAP_SYS_ADMIN): 1 MiB pipes, bounded by privileged_budget (256 MiB)."""
     for caps in (CAP_SYS_RESOURCE, CAP_SYS_ADMIN):
         policy = SplicePolicy(available=True, soft_pages=16384, cap_eff=caps, pipe_max_size=1 << 20)
-        assert (policy.pipe_size, policy.budget_pages) == (1 << 20, None)
-        assert all(policy.acquire() for _ in range(1000))
-        assert policy.refused_budget == 0
+        assert (policy.pipe_size, policy.budget_pages) == (1 << 20, 65536)
+        assert all(policy.acquire() for _ in range(128))  # 128 connections x 2 pipes x 1 MiB
+        assert not policy.acquire() and policy.refused_budget == 1
+    unbounded = SplicePolicy(available=True, cap_eff=CAP_SYS_ADMIN, privileged_budget=0)
+    assert unbounded.budget_pages is None and all(unbounded.acquire() for _ in range(1000))
 
 
 def test_soft_limit_zero_means_no_budget():
