@@ -21,9 +21,14 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 FAST_HASH = dict(n=1024, r=8, p=1)  # lab users: quick to verify, same code path
 
 
+# The lab's first device (tests.lab.world: device 0 runs tinyproxy with ``BasicAuth dev devpw``).
+DEFAULT_DEVICES = {"phone": "http://dev:devpw@192.168.255.2:8080"}
+
+
 def users_yaml(users, devices=None):
-    """users: {name: {"password": pw | None, "cn": cn | None, "device": name, "address": ip}}."""
-    devices = devices or {"phone": "http://dev:devpw@192.168.255.2:8080"}
+    """users: {name: {"password": pw | None, "cn": cn | None, "device": name, "address": ip}};
+    devices: {name: upstream URL} (default :data:`DEFAULT_DEVICES`)."""
+    devices = devices or DEFAULT_DEVICES
     out = {"devices": {name: {"upstream": url} for name, url in devices.items()}, "users": {}}
     for name, spec in users.items():
         entry = {"device": spec.get("device", next(iter(devices)))}
@@ -40,7 +45,11 @@ def users_yaml(users, devices=None):
 class Daemon:
     """One ``twistd -n pocketproxy`` process in namespace ``ns`` with its own config and log."""
 
-    def __init__(self, ns, workdir, mgmt_socket, users, subnet="10.9.0.0/24", server_address="10.9.0.1", **sections):
+    def __init__(
+        self, ns, workdir, mgmt_socket, users, subnet="10.9.0.0/24", server_address="10.9.0.1", devices=None, **sections
+    ):
+        """``sections`` are merged into the YAML config's sections (e.g. ``openvpn={"push": [...]}``,
+        ``proxy={"sniff_budget": 2.0}``); ``devices`` as for :func:`users_yaml`."""
         self.ns = ns
         self.dir = pathlib.Path(workdir)
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -51,7 +60,7 @@ class Daemon:
         plugins = self.dir / "plugins" / "twisted" / "plugins"
         plugins.mkdir(parents=True, exist_ok=True)
         (plugins / "pocketproxy_plugin.py").write_text((ROOT / "twistd-plugins" / "pocketproxy_plugin.py").read_text())
-        self.users_path.write_text(users_yaml(users))
+        self.users_path.write_text(users_yaml(users, devices))
         config = {
             "openvpn": {
                 "management": "unix:%s" % mgmt_socket,
@@ -82,7 +91,8 @@ class Daemon:
     def start(self):
         env = dict(os.environ)
         env["PYTHONPATH"] = "%s:%s" % (self.dir / "plugins", ROOT)
-        self.proc = self.ns.popen(self.argv(), env=env, stdout=open(self.dir / "stdout.txt", "ab"), stderr=open(self.dir / "stderr.txt", "ab"))
+        with open(self.dir / "stdout.txt", "ab") as out, open(self.dir / "stderr.txt", "ab") as err:
+            self.proc = self.ns.popen(self.argv(), env=env, stdout=out, stderr=err)
         return self
 
     def kill(self):

@@ -1,10 +1,13 @@
-"""``make demo``: a real OpenVPN client admitted by pocketproxy under twistd, in a namespace lab.
+"""``make demo``: a real OpenVPN client admitted by pocketproxy under twistd, browsing through a phone.
 
 Builds the lab (server namespace with OpenVPN 2.6 and pocketproxy, one
-namespace per customer), connects two customers (one with a password, one
-with a wrong password), prints what an operator would look at — the daemon's
-admission log, the kernel ipset and the pocketproxy chains — and tears
-everything down on exit or Ctrl-C. ``--hold`` keeps the lab up until Ctrl-C.
+namespace per customer, a "phone" namespace running tinyproxy and an origin
+reachable only through the phone), connects customers (one with a wrong
+password), fetches ``http://203.0.113.10/whoami`` and an HTTPS page from a
+customer through pocketproxy and the phone, prints what an operator would
+look at — the daemon's log, the kernel ipset and the pocketproxy chains — and
+tears everything down on exit or Ctrl-C. ``--hold`` keeps the lab up until
+Ctrl-C. Every wait is bounded.
 """
 
 import argparse
@@ -16,8 +19,21 @@ import time
 
 from tests.lab.daemon import Daemon
 from tests.lab.openvpn import Lab
+from tests.lab.world import ORIGIN_IP, ORIGIN_NAME, PUSH_ROUTE, World
 
 USERS = {"alice": {"password": "alice-pw"}, "bob": {"password": "bob-pw", "address": "10.9.0.77"}}
+
+
+LOG_KEYS = (
+    "ipset member added",
+    "client-auth sent",
+    "admitted user",
+    "denied cid",
+    "reconciled",
+    "proxy listening",
+    "refused connection",
+    "upstream failed",
+)
 
 
 def section(title):
@@ -29,12 +45,40 @@ def show(lab, *argv):
     print("$ %s\n%s" % (" ".join(argv), (out.stdout + out.stderr).rstrip()), flush=True)
 
 
+def browse(client, url, *curl_args):
+    """Fetch ``url`` with curl in the client's namespace; print the command and the answer."""
+    argv = ["curl", "-sS", "--max-time", "10", *curl_args, url]
+    started = time.monotonic()
+    out = client.ns.run(*argv, check=False, timeout=30)
+    answer = out.stdout.strip() or out.stderr.strip() or "(nothing)"
+    status = "ok" if out.returncode == 0 else "curl exit %d" % out.returncode
+    ms = (time.monotonic() - started) * 1000
+    print("%s$ %s\n%s   [%s, %.0f ms]" % (client.name, " ".join(argv), answer, status, ms), flush=True)
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
 def run(hold):
     workdir = tempfile.mkdtemp(prefix="pocketproxy-demo-")
-    with Lab(os.path.join(workdir, "lab")) as lab:
+    with Lab(os.path.join(workdir, "lab")) as lab, World(lab.server_ns, os.path.join(workdir, "world")) as world:
         section("lab")
-        print("server namespace %s: OpenVPN 2.6 (pid %s), management socket %s" % (lab.server_ns.name, lab.server.pid, lab.server.mgmt_socket))
-        daemon = Daemon(lab.server_ns, os.path.join(workdir, "daemon"), lab.server.mgmt_socket, USERS).start()
+        print(
+            "server namespace %s: OpenVPN 2.6 (pid %s), management socket %s"
+            % (lab.server_ns.name, lab.server.pid, lab.server.mgmt_socket)
+        )
+        phone = world.add_device("phone", username="dev", password="devpw")
+        print(
+            "phone namespace %s: tinyproxy (pid %s) at %s, reaches the origin from %s"
+            % (phone.ns.name, phone.proc.pid, phone.url.replace(":devpw@", ":***@"), phone.origin_ip)
+        )
+        print(
+            "origin namespace %s: %s (%s) HTTP :80, HTTPS :443, banner :22; linked only to the phone"
+            % (world.origin.ns.name, ORIGIN_IP, ORIGIN_NAME)
+        )
+        print("server -> origin directly: %s" % (world.server_route_error() or "ROUTE EXISTS (unexpected)"))
+        daemon = Daemon(
+            lab.server_ns, os.path.join(workdir, "daemon"), lab.server.mgmt_socket, USERS,
+            devices={"phone": phone.url}, openvpn={"push": [PUSH_ROUTE]},
+        ).start()
         daemon.wait_log(r"reconciled with OpenVPN", timeout=30)
         print("pocketproxy under twistd (pid %s), config %s" % (daemon.proc.pid, daemon.config_path))
 
@@ -45,14 +89,30 @@ def run(hold):
         mallory = lab.add_client("mallory", username="alice", password="guess")
         alice_ip = alice.wait_connected(timeout=30)
         bob_ip = bob.wait_connected(timeout=30)
-        print("alice connected as %s, bob as %s (static), %.1fs after start" % (alice_ip, bob_ip, time.monotonic() - started))
+        print(
+            "alice connected as %s, bob as %s (static), %.1fs after start"
+            % (alice_ip, bob_ip, time.monotonic() - started)
+        )
         reason = mallory.wait_auth_failed(timeout=30)
         print("mallory (wrong password for alice) refused: %s" % reason)
         print("alice pings the server through the tunnel: %s" % ("ok" if alice.ping(lab.server.vpn_ip) else "FAILED"))
 
+        section("alice browses: VPN -> pocketproxy -> phone (tinyproxy) -> origin")
+        mark = phone.log_mark()
+        seen = browse(alice, "http://%s/whoami" % ORIGIN_IP)
+        if seen:
+            verdict = "the phone's address" if seen == phone.origin_ip else "NOT the phone (unexpected)"
+            print("the origin saw %s: %s" % (seen, verdict))
+        resolve = "%s:443:%s" % (ORIGIN_NAME, ORIGIN_IP)
+        browse(alice, "https://%s/" % ORIGIN_NAME, "--cacert", world.origin.ca_cert, "--resolve", resolve)
+        print("the phone's tinyproxy log (what pocketproxy asked it for):")
+        for line in phone.log_text()[mark:].splitlines():
+            if "Request (" in line:
+                print("  " + line.split(": ", 1)[-1])
+
         section("pocketproxy's log (admissions and denials)")
         for line in daemon.log_text().splitlines():
-            if any(k in line for k in ("ipset member added", "client-auth sent", "admitted user", "denied cid", "reconciled")):
+            if any(k in line for k in LOG_KEYS):
                 print(line.split("] ", 1)[-1])
 
         section("kernel state an operator checks")
@@ -66,11 +126,14 @@ def run(hold):
         daemon.start()
         match = daemon.wait_log(r"reconciled with OpenVPN: .*", timeout=30, since=mark)
         print(match.group(0))
+        daemon.wait_log(r"transparent proxy listening", timeout=30, since=mark)
         print("alice still pings: %s" % ("ok" if alice.ping(lab.server.vpn_ip) else "FAILED"))
+        browse(alice, "http://%s/whoami" % ORIGIN_IP)
 
         if hold:
             section("lab is up; Ctrl-C tears it down")
             print("daemon log: %s" % daemon.log_path)
+            print("try: ip netns exec %s curl http://%s/whoami" % (alice.ns.name, ORIGIN_IP))
             try:
                 signal.pause()
             except KeyboardInterrupt:

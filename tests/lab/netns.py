@@ -8,6 +8,7 @@ moved into lab namespaces at once.
 
 import itertools
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -31,14 +32,39 @@ def require_root():
     pytest.skip("needs root for network namespaces")
 
 
-class Namespace:
-    """One network namespace with lo up, and the processes started inside it."""
+NETNS_ETC = "/etc/netns"  # ``ip netns exec`` bind-mounts /etc/netns/NAME/* over /etc/*
 
-    def __init__(self, role):
+
+def require_tools(*paths):
+    """Skip when a program the test drives is missing, or fail when integration tests are demanded."""
+    missing = [path for path in paths if not shutil.which(path)]
+    if not missing:
+        return
+    if os.environ.get("POCKETPROXY_REQUIRE_INTEGRATION"):
+        pytest.fail("integration tests demanded but missing: %s" % ", ".join(missing))
+    pytest.skip("missing: %s" % ", ".join(missing))
+
+
+class Namespace:
+    """One network namespace with lo up, and the processes started inside it.
+
+    ``hosts``: ``{name: address}`` written to ``/etc/netns/NAME/hosts``, which
+    ``ip netns exec`` mounts over ``/etc/hosts`` for every process started here
+    (the lab has no DNS; removed again by ``destroy()``).
+    """
+
+    def __init__(self, role, hosts=None):
         self.name = unique_name(role)
         self._procs = []
+        self._etc = None
         subprocess.run(["ip", "netns", "add", self.name], check=True)
         self.run("ip", "link", "set", "lo", "up")
+        if hosts:
+            self._etc = os.path.join(NETNS_ETC, self.name)
+            os.makedirs(self._etc, exist_ok=True)
+            lines = ["127.0.0.1 localhost"] + ["%s %s" % (address, name) for name, address in hosts.items()]
+            with open(os.path.join(self._etc, "hosts"), "w") as f:
+                f.write("\n".join(lines) + "\n")
 
     def argv(self, *argv):
         """The command line that runs ``argv`` inside this namespace."""
@@ -98,6 +124,9 @@ class Namespace:
                 break
             time.sleep(0.05)
         subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
+        if self._etc:
+            shutil.rmtree(self._etc, ignore_errors=True)
+            self._etc = None
 
     def __enter__(self):
         return self

@@ -1,0 +1,338 @@
+"""The world behind the proxy: "device" namespaces (phones running a real proxy) and an origin.
+
+Topology added next to a :class:`tests.lab.openvpn.Lab` (device i = 0, 1, 2, ...)::
+
+    server ns ── veth ── device ns i ── bridge ── origin ns
+    192.168.(255-i).1    192.168.(255-i).2         203.0.113.10 (HTTP :80, TLS :443, banner :22)
+                         203.0.113.(2+i)           "origin.test" in each device's /etc/hosts
+
+- A device runs tinyproxy 1.11 (HTTP CONNECT, :8080, no ConnectPort lines, so every port is
+  allowed; ``Allow`` only the server's side of the link; optional ``BasicAuth``) or dante
+  (SOCKS5, :1080, ``socksmethod: none``). Its proxy connects to the origin from the device's
+  own 203.0.113.x address, so the origin's ``/whoami`` names the device that carried a flow.
+- The origin is linked ONLY to the devices. The server namespace has no route to
+  203.0.113.0/24 (:meth:`World.server_route_error` proves it) and devices do not forward
+  (``ip_forward=0``), so origin traffic can only have gone through a device's proxy.
+- VPN clients reach 203.0.113.0/24 through the tunnel: the daemon must push
+  ``route 203.0.113.0 255.255.255.0`` (:data:`PUSH_ROUTE`).
+
+Processes are started with ``Namespace.popen`` and stopped by PID; :meth:`World.close`
+(also on ``with`` exit) destroys every namespace the world made.
+"""
+
+import ipaddress
+import os
+import re
+import subprocess
+import sys
+import time
+
+from tests.lab.netns import Namespace, link, unique_name, wait_for
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ORIGIN_NET = ipaddress.IPv4Network("203.0.113.0/24")
+ORIGIN_IP = "203.0.113.10"
+ORIGIN_NAME = "origin.test"
+PUSH_ROUTE = "route %s %s" % (ORIGIN_NET.network_address, ORIGIN_NET.netmask)
+TINYPROXY = "/usr/bin/tinyproxy"
+DANTED = "/usr/sbin/danted"
+PORTS = {"http": 8080, "socks5": 1080}
+_EXE = {"http": TINYPROXY, "socks5": DANTED}
+
+
+def missing_tools(kinds=("http", "socks5")):
+    """Paths of the device proxy programs (and openssl) that are not installed."""
+    needed = [_EXE[k] for k in kinds] + ["/usr/bin/openssl"]
+    return [path for path in needed if not os.path.exists(path)]
+
+
+def _openssl(*args):
+    subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=30)
+
+
+def make_origin_pki(directory):
+    """A throwaway CA and an origin certificate for ``origin.test`` (and the origin IP).
+
+    Returns ``(ca_cert, cert, key)`` paths."""
+    os.makedirs(directory, exist_ok=True)
+    ca_cert, ca_key = os.path.join(directory, "origin-ca.crt"), os.path.join(directory, "origin-ca.key")
+    cert, key = os.path.join(directory, "origin.crt"), os.path.join(directory, "origin.key")
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "2"]
+    _openssl(
+        "req", "-x509", *ec, "-keyout", ca_key, "-out", ca_cert, "-subj", "/CN=pocketproxy-lab-origin-ca",
+        "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+    )
+    _openssl(
+        "req", "-x509", *ec, "-keyout", key, "-out", cert, "-subj", "/CN=%s" % ORIGIN_NAME,
+        "-CA", ca_cert, "-CAkey", ca_key,
+        "-addext", "subjectAltName=DNS:%s,IP:%s" % (ORIGIN_NAME, ORIGIN_IP),
+        "-addext", "basicConstraints=critical,CA:FALSE",
+        "-addext", "keyUsage=critical,digitalSignature",
+        "-addext", "extendedKeyUsage=serverAuth",
+    )
+    return ca_cert, cert, key
+
+
+def _wait_listening(ns, address, port, proc, timeout, what):
+    """Wait until ``address:port`` listens in ``ns`` (``ss``), failing early if ``proc`` died."""
+
+    def listening():
+        if proc.poll() is not None:
+            raise AssertionError("%s exited with status %s before listening" % (what, proc.returncode))
+        out = ns.run("ss", "-Hltn", "sport = :%d" % port, check=False).stdout
+        return ("%s:%d" % (address, port)) in out
+
+    wait_for(listening, timeout, what="%s listening on %s:%d" % (what, address, port))
+
+
+class Origin:
+    """The origin namespace: a bridge holding 203.0.113.10 and the origin services."""
+
+    def __init__(self, directory):
+        self.directory = directory
+        self.address = ORIGIN_IP
+        self.proc = None
+        self.ns = Namespace("org")
+        try:
+            self.bridge = unique_name("ob")
+            self.ns.run("ip", "link", "add", self.bridge, "type", "bridge")
+            self.ns.run("ip", "addr", "add", "%s/%d" % (ORIGIN_IP, ORIGIN_NET.prefixlen), "dev", self.bridge)
+            self.ns.run("ip", "link", "set", self.bridge, "up")
+            self.ca_cert, self.cert, self.key = make_origin_pki(os.path.join(directory, "pki"))
+        except BaseException:
+            self.ns.destroy()
+            raise
+        self.log_path = os.path.join(directory, "origin.log")
+
+    def attach(self, ns, address):
+        """Plug ``ns`` into the origin bridge with ``address``/24 on its end."""
+        bridge_side, ns_side = unique_name("ob"), unique_name("oc")
+        subprocess.run(
+            ["ip", "link", "add", bridge_side, "netns", self.ns.name, "type", "veth",
+             "peer", "name", ns_side, "netns", ns.name],
+            check=True, timeout=30,
+        )
+        self.ns.run("ip", "link", "set", bridge_side, "master", self.bridge)
+        self.ns.run("ip", "link", "set", bridge_side, "up")
+        ns.run("ip", "addr", "add", "%s/%d" % (address, ORIGIN_NET.prefixlen), "dev", ns_side)
+        ns.run("ip", "link", "set", ns_side, "up")
+
+    def start(self, timeout=15):
+        ready = os.path.join(self.directory, "origin.ready")
+        if os.path.exists(ready):
+            os.unlink(ready)
+        argv = [
+            sys.executable, os.path.join(HERE, "origin_server.py"),
+            "--address", ORIGIN_IP, "--cert", self.cert, "--key", self.key, "--ready", ready,
+        ]
+        with open(self.log_path, "ab") as log:
+            self.proc = self.ns.popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+
+        def up():
+            if self.proc.poll() is not None:
+                raise AssertionError("origin server exited (%s):\n%s" % (self.proc.returncode, self.log_text()))
+            return os.path.exists(ready)
+
+        wait_for(up, timeout, what="origin services")
+        return self
+
+    def log_text(self):
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+
+class Device:
+    """One phone: a namespace linked to the server and the origin, running a real proxy."""
+
+    def __init__(self, world, name, index, kind="http", username=None, password=None):
+        if kind not in PORTS:
+            raise ValueError("device kind must be one of %s" % sorted(PORTS))
+        if kind == "socks5" and username:
+            # danted's username method checks system accounts; the lab creates none.
+            raise ValueError("the lab's dante device runs without authentication")
+        self.name = name
+        self.kind = kind
+        self.username = username
+        self.password = password
+        self.port = PORTS[kind]
+        net = 255 - index
+        self.server_ip = "192.168.%d.1" % net
+        self.ip = "192.168.%d.2" % net
+        self.origin_ip = str(ORIGIN_NET.network_address + 2 + index)
+        self.directory = os.path.join(world.directory, "device-%s" % name)
+        os.makedirs(self.directory, exist_ok=True)
+        self.config_path = os.path.join(self.directory, "tinyproxy.conf" if kind == "http" else "danted.conf")
+        self.log_path = os.path.join(self.directory, "%s.log" % ("tinyproxy" if kind == "http" else "danted"))
+        self.stdout_path = os.path.join(self.directory, "stdout.txt")
+        self.proc = None
+        self.ns = Namespace("dev", hosts={ORIGIN_NAME: ORIGIN_IP})
+        try:
+            self.ns.run("sysctl", "-qw", "net.ipv4.ip_forward=0")
+            link(world.server_ns, self.server_ip, self.ns, self.ip)
+            world.origin.attach(self.ns, self.origin_ip)
+            with open(self.config_path, "w") as f:
+                f.write(self.config_text())
+        except BaseException:
+            self.ns.destroy()
+            raise
+
+    @property
+    def url(self):
+        """The upstream URL for users.yaml (``http://user:pass@ip:8080`` or ``socks5://ip:1080``)."""
+        auth = "%s:%s@" % (self.username, self.password) if self.username else ""
+        return "%s://%s%s:%d" % (self.kind, auth, self.ip, self.port)
+
+    def config_text(self):
+        if self.kind == "http":
+            lines = [
+                "# pocketproxy lab device %s (tinyproxy; no ConnectPort lines: CONNECT to every port)" % self.name,
+                "Port %d" % self.port,
+                "Listen %s" % self.ip,
+                "Timeout 600",
+                'LogFile "%s"' % self.log_path,
+                "LogLevel Info",
+                "MaxClients 200",
+                "Allow %s" % self.server_ip,
+                "DisableViaHeader Yes",
+            ]
+            if self.username:
+                lines.append("BasicAuth %s %s" % (self.username, self.password))
+        else:
+            lines = [
+                "# pocketproxy lab device %s (dante SOCKS5, no authentication)" % self.name,
+                "logoutput: %s" % self.log_path,
+                "internal: %s port = %d" % (self.ip, self.port),
+                "external: %s" % self.origin_ip,
+                "socksmethod: none",
+                "clientmethod: none",
+                "user.privileged: root",
+                "user.unprivileged: nobody",
+                "client pass {\n  from: %s/32 to: 0.0.0.0/0\n  log: connect error\n}" % self.server_ip,
+                "socks pass {\n  from: %s/32 to: 0.0.0.0/0\n  command: connect\n  log: connect error\n}"
+                % self.server_ip,
+                "socks block {\n  from: 0.0.0.0/0 to: 0.0.0.0/0\n  log: connect error\n}",
+            ]
+        return "\n".join(lines) + "\n"
+
+    def argv(self):
+        if self.kind == "http":
+            return [TINYPROXY, "-d", "-c", self.config_path]
+        return [DANTED, "-f", self.config_path, "-N", "2"]
+
+    @property
+    def running(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self, timeout=15):
+        """Start the proxy (foreground) and wait until it listens."""
+        if self.running:
+            return self
+        with open(self.stdout_path, "ab") as out:
+            self.proc = self.ns.popen(self.argv(), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        what = "%s proxy of device %s" % (self.kind, self.name)
+        _wait_listening(self.ns, self.ip, self.port, self.proc, timeout, what)
+        return self
+
+    def stop(self):
+        """Stop the proxy by PID (SIGTERM, then SIGKILL); the device's address stays up."""
+        if self.proc is None:
+            return None
+        return self.ns.stop(self.proc, timeout=5)
+
+    def log_text(self):
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def log_mark(self):
+        return len(self.log_text())
+
+    def wait_log(self, regex, timeout=10, since=0):
+        """Wait for ``regex`` in the proxy's log after offset ``since``; returns the match."""
+        pattern = re.compile(regex)
+        deadline = time.monotonic() + timeout
+        while True:
+            match = pattern.search(self.log_text(), since)
+            if match:
+                return match
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    "timed out waiting for %r in %s log:\n%s" % (regex, self.name, self.log_text()[since:][-3000:])
+                )
+            time.sleep(0.05)
+
+
+class World:
+    """Devices and an origin attached to ``server_ns``; a context manager that always tears down."""
+
+    def __init__(self, server_ns, directory):
+        self.server_ns = server_ns
+        self.directory = str(directory)
+        os.makedirs(self.directory, exist_ok=True)
+        self.devices = {}
+        self.origin = None
+        try:
+            self.origin = Origin(self.directory)
+            self.origin.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def add_device(self, name, kind="http", username=None, password=None, start=True):
+        """A new device namespace (next free subnet) running its proxy unless ``start=False``."""
+        if len(self.devices) >= 8:
+            raise ValueError("too many lab devices")
+        device = Device(self, name, len(self.devices), kind, username, password)
+        self.devices[name] = device
+        if start:
+            device.start()
+        return device
+
+    def server_route_error(self):
+        """The kernel's answer to ``ip route get <origin>`` in the server namespace: an error
+        text when there is no route (as it must be), ``None`` if a route exists."""
+        out = self.server_ns.run("ip", "route", "get", ORIGIN_IP, check=False)
+        return None if out.returncode == 0 else (out.stderr.strip() or "exit %d" % out.returncode)
+
+    def logs(self, lines=30):
+        parts = []
+        if self.origin is not None:
+            parts.append("==== origin ====\n" + "\n".join(self.origin.log_text().splitlines()[-lines:]))
+        for device in self.devices.values():
+            tail = "\n".join(device.log_text().splitlines()[-lines:])
+            parts.append("==== device %s (%s) ====\n%s" % (device.name, device.kind, tail))
+        return "\n".join(parts)
+
+    def close(self):
+        """Stop every process by PID and delete the device and origin namespaces. Safe twice."""
+        errors = []
+        for device in reversed(list(self.devices.values())):
+            try:
+                device.ns.destroy()
+            except Exception as e:
+                errors.append(e)
+        self.devices = {}
+        if self.origin is not None:
+            try:
+                self.origin.ns.destroy()
+            except Exception as e:
+                errors.append(e)
+            self.origin = None
+        if errors:
+            raise errors[0]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            try:
+                print(self.logs())
+            except Exception:
+                pass
+        self.close()
