@@ -26,10 +26,10 @@ def netlink_addresses():
     out = set()
     with IPRoute() as ipr:
         for msg in ipr.get_addr():
-            for attr in ("IFA_LOCAL", "IFA_ADDRESS"):
-                value = msg.get_attr(attr)
-                if value:
-                    out.add(ipaddress.ip_address(value.split("%", 1)[0]))
+            # On a point-to-point address IFA_ADDRESS is the *peer*; IFA_LOCAL is ours.
+            value = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
+            if value:
+                out.add(ipaddress.ip_address(value.split("%", 1)[0]))
     return out
 
 
@@ -53,6 +53,8 @@ class LocalAddresses:
     def __contains__(self, ip):
         if not isinstance(ip, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
             ip = ipaddress.ip_address(ip)
+        if ip.version == 6 and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
         if ip in self._addresses:
             return True
         return any(ip.version == net.version and ip in net for net in ALWAYS_LOCAL)

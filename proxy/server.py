@@ -22,6 +22,7 @@ from twisted.internet import task
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+from twisted.python import failure
 from zope.interface import implementer
 
 from proxy import origdst, sniff
@@ -146,6 +147,7 @@ class ProxyConnection(Protocol):
         self._client_eof = False
         self._registered = False
         self._done = False
+        self.accepted_at = factory.reactor.seconds()
 
     # --- Twisted callbacks -------------------------------------------------
 
@@ -162,7 +164,8 @@ class ProxyConnection(Protocol):
             self.relay.client_leg.dataReceived(data)
             return
         self._buffer += data
-        if self._sniffing:
+        # An HTTP head can only progress at a line end: skip re-parsing byte-by-byte dribbles.
+        if self._sniffing and (self._buffer[0] == 0x16 or b"\n" in data or len(self._buffer) >= sniff.SNIFF_CAP):
             self._try_sniff()
 
     def readConnectionLost(self):
@@ -184,8 +187,10 @@ class ProxyConnection(Protocol):
         if self.relay is not None:
             self.relay.client_leg.connectionLost(reason)
             return
-        self._close_setup()
-        self._forget()
+        try:
+            self._close_setup()
+        finally:
+            self._forget()
 
     # --- used by MappingTable when the client's mapping goes away ------------
 
@@ -272,10 +277,13 @@ class ProxyConnection(Protocol):
 
     def _sniff_timeout(self):
         self._sniff_timer = None
-        if self._sniffing:
-            if not self._buffer:
-                self.factory.skiplist.silent(self.destination)
-            self._end_sniff(None, "timeout")
+        try:
+            if self._sniffing:
+                if not self._buffer:
+                    self.factory.skiplist.silent(self.destination)
+                self._end_sniff(None, "timeout")
+        except Exception:
+            self._internal_error(failure.Failure())
 
     def _end_sniff(self, name, how):
         """Sniffing is over (name found, not found, budget spent, or port skipped)."""
@@ -301,7 +309,7 @@ class ProxyConnection(Protocol):
     def _dial(self):
         s = self.factory.settings
         self._dialling = self.factory.dial(self.factory.reactor, self.upstream, s.connect_timeout, s.handshake_timeout)
-        self._dialling.addCallbacks(self._dialled, self._failed)
+        self._dialling.addCallbacks(self._dialled, self._failed).addErrback(self._internal_error)
 
     def _dialled(self, device):
         self._dialling = None
@@ -318,7 +326,7 @@ class ProxyConnection(Protocol):
         self._handshaking = True
         host = self.sniffed_name or str(self.destination[0])
         d = self._device.handshake(host, self.destination[1])
-        d.addCallbacks(self._handshaken, self._failed)
+        d.addCallbacks(self._handshaken, self._failed).addErrback(self._internal_error)
 
     def _handshaken(self, leftover):
         if self._done:
@@ -355,6 +363,19 @@ class ProxyConnection(Protocol):
         )
         self._close_setup()
         self.transport.abortConnection()
+        return None
+
+    def _internal_error(self, reason):
+        """A bug in our own setup code: log it, RST both sides, release the slot."""
+        self._log.failure("proxy connection from {client} failed internally", reason, client=str(self.client_ip))
+        self.factory.stats.upstream_errors["internal"] += 1
+        relay, self.relay = self.relay, None
+        if relay is not None:
+            relay.abort("internal error")
+        try:
+            self._close_setup()
+        finally:
+            self.transport.abortConnection()
         return None
 
     # --- teardown ----------------------------------------------------------------
@@ -429,6 +450,7 @@ class ProxyFactory(Factory):
         self.skiplist = SniffSkipList(reactor)
         self.connections = set()
         self.listening = set()  # (ip, port) pairs of our own listeners
+        self.listening_ports = set()
         self._log_throttle = {}
 
     def buildProtocol(self, addr):
@@ -445,7 +467,16 @@ class ProxyFactory(Factory):
         """
         if not self.transparent and port == accepted_on.port and ip == origdst.unmap(accepted_on.host):
             return True
-        return (ip, port) in self.listening or ip in self.local
+        if ip in self.local:
+            return True
+        if port in self.listening_ports and (ip, port) not in self.listening:
+            # Our port on an address the cache may not know yet (a tun that just
+            # came up): a direct connection to us under TPROXY. Re-read (≈1 ms).
+            refresh = getattr(self.local, "refresh", None)
+            if refresh is not None:
+                refresh()
+                return ip in self.local
+        return (ip, port) in self.listening
 
     def should_log(self, reason, ip, interval=10.0):
         """At most one refusal line per (reason, source) every ``interval`` seconds."""
@@ -464,6 +495,7 @@ class ProxyFactory(Factory):
         now = self.reactor.seconds()
         s = self.settings
         expired = 0
+        setup_limit = s.sniff_budget + s.connect_timeout + s.handshake_timeout + 2 * s.sweep_interval
         for conn in list(self.connections):
             relay = conn.relay
             if relay is not None:
@@ -471,9 +503,14 @@ class ProxyFactory(Factory):
                 if why is not None:
                     self.stats.closed[why] += 1
                     expired += 1
+            elif now - conn.accepted_at > setup_limit:
+                # Every setup step has its own timeout; this only catches a bug.
+                self._log.error("proxy connection from {client} stuck in setup; aborting", client=str(conn.client_ip))
+                self.stats.closed["setup-stuck"] += 1
+                conn.abortConnection()
         if expired:
             self._log.info("closed {count} proxied connections on timeout", count=expired)
-        self._log_throttle.clear()
+        self._log_throttle = {k: t for k, t in self._log_throttle.items() if now - t < 60}
         refresh = getattr(self.local, "refresh", None)
         if refresh is not None:
             refresh()
@@ -491,7 +528,10 @@ def listen(reactor, factory, port, addresses=("0.0.0.0", "::"), transparent=Fals
         for address in addresses:
             ip = origdst.unmap(address)
             family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
-            sock = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                sock = socket.socket(family, socket.SOCK_STREAM)
+            except OSError as e:  # e.g. EAFNOSUPPORT on a host booted without IPv6
+                raise terror.CannotListenError(str(ip), port, e)
             try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 if family == socket.AF_INET6:
@@ -511,6 +551,7 @@ def listen(reactor, factory, port, addresses=("0.0.0.0", "::"), transparent=Fals
                 sock.close()
             host = lp.getHost()
             factory.listening.add((origdst.unmap(host.host), host.port))
+            factory.listening_ports.add(host.port)
             ports.append(lp)
     except BaseException:
         for lp in ports:

@@ -61,8 +61,9 @@ class ProxyService(service.Service):
         self._sweeper.start()
 
     def stopService(self):
+        from twisted.internet import defer
+
         service.Service.stopService(self)
         self._sweeper.stop()
         ports, self.ports = self.ports, []
-        for p in ports:
-            p.stopListening()
+        return defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports])

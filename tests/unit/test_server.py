@@ -332,3 +332,89 @@ def test_idle_relays_are_closed_by_the_sweeper():
     proto.connectionLost(Failure(Exception("aborted")))
     device.leg.connectionLost(Failure(Exception("aborted")))
     assert w.factory.stats.active == 0 and w.factory.stats.completed == 1
+
+
+def test_bug_in_setup_is_logged_and_releases_the_slot(logs):
+    """An exception inside our own callbacks RSTs both sides, is logged, and frees the connection's slot."""
+    w = World()
+    proto, t = w.accept(port=22)
+    device = w.connect_device()
+
+    def broken(leg):
+        raise RuntimeError("boom")
+
+    device.attach = broken
+    device.pending.callback(b"")
+    assert t.aborted and device.transport.aborted
+    proto.connectionLost(Failure(Exception("aborted")))
+    assert w.factory.stats.active == 0 and w.mappings.live_count(CLIENT) == 0
+    assert w.factory.stats.upstream_errors == {"internal": 1}
+    assert "failed internally" in text(logs)
+
+
+def test_sweeper_aborts_connections_stuck_in_setup():
+    """A connection with no relay long past every setup timeout is aborted by the sweep."""
+    w = World(connect_timeout=10, handshake_timeout=10, sweep_interval=5)
+    proto, t = w.accept(port=22)
+    w.reactor.advance(20)
+    w.factory.sweep()
+    assert not t.aborted
+    w.reactor.advance(11)
+    w.factory.sweep()
+    assert t.aborted and w.factory.stats.closed == {"setup-stuck": 1}
+
+
+def test_refusal_log_throttle_survives_sweeps(logs):
+    """One unmapped connection per second for 20 s gives one refusal line per 10 s, sweeps or not."""
+    w = World(sweep_interval=5)
+    for second in range(20):
+        w.accept(source="10.9.0.77")
+        if second % 5 == 4:
+            w.factory.sweep()
+        w.reactor.advance(1)
+    assert w.factory.stats.refused == {"unmapped": 20}
+    assert text(logs).count("refused connection from 10.9.0.77") == 2
+
+
+def test_tproxy_loop_guard_rereads_local_addresses_for_our_port():
+    """Under TPROXY a direct connection to our port on a brand-new local address is still a loop."""
+    addresses = {ipaddress.ip_address("192.0.2.1")}
+    local = LocalAddresses(read=lambda: set(addresses))
+    w = World()
+    w.factory.transparent = True
+    w.factory.local = local
+    w.factory.listening = {(ipaddress.ip_address("0.0.0.0"), 12345)}
+    w.factory.listening_ports = {12345}
+    addresses.add(ipaddress.ip_address("10.9.0.1"))  # tun came up after the last refresh
+    w.destination = (ipaddress.ip_address("10.9.0.1"), 12345)
+    assert w.accept(port=12345, host=("10.9.0.1", 12345))[1].aborted
+    assert w.factory.stats.refused == {"loop": 1}
+
+
+def test_listen_reports_a_missing_address_family_as_cannot_listen(monkeypatch):
+    """No IPv6 in the kernel (EAFNOSUPPORT at socket()) is a CannotListenError naming the address."""
+    import errno
+    import socket as socketmod
+
+    from twisted.internet.error import CannotListenError
+
+    from proxy import server
+
+    real = socketmod.socket
+
+    def no_v6(family=socketmod.AF_INET, *a, **k):
+        if family == socketmod.AF_INET6:
+            raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")
+        return real(family, *a, **k)
+
+    monkeypatch.setattr(server.socket, "socket", no_v6)
+    w = World()
+    with pytest.raises(CannotListenError) as info:
+        server.listen(MemoryReactorClock(), w.factory, 0, ("::",))
+    assert info.value.interface == "::" and server.is_unavailable_family(info.value)
+
+
+def test_local_addresses_unmap_v4_mapped():
+    """::ffff:10.9.0.1 is the local 10.9.0.1."""
+    local = LocalAddresses(read=lambda: {ipaddress.ip_address("10.9.0.1")})
+    assert "::ffff:10.9.0.1" in local and "10.9.0.2" not in local
