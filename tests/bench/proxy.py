@@ -18,7 +18,9 @@ Measured per relay, side by side in one run (method of §8 of the transparent
 proxy notes): 1-stream and 64-stream upload throughput (1 MiB sends, SHUT_WR,
 byte count verified), relay CPU per GiB (``/proc/<pid>/stat`` over the process
 tree), connection setup rate (1-byte echo each), connect → first banner byte,
-and RSS/fds with 10,000 idle proxied connections. Every connection is
+and RSS/fds with idle proxied connections: 10,000, or per relay the largest
+multiple of 500 that fits RLIMIT_NOFILE in every process (relay, generator,
+sink) when the limit cannot be raised that far. Every connection is
 checked end to end; afterwards the REDIRECT rule counters and the sink's
 per-target CONNECT counts must equal the number of connections made. Exit 1 if
 any check failed.
@@ -40,11 +42,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "tests" / "bench" / "results"
-OUTER_TIMEOUT = 900  # hard limit for the whole inner run (default mode takes ~2-3 minutes)
+OUTER_TIMEOUT = 900  # hard limit for the whole inner run (default mode takes about 1 minute)
 INNER_DEADLINE = 870
 NOFILE = 262144  # wanted: > 10,000 idle × 6 fds (redsocks splice: 2 sockets + 2 pipes) with room to spare
-FDS_PER_IDLE = 6  # the most any relay here uses per idle connection (2 sockets + 2 splice pipes)
-FDS_SPARE = 1500
+IDLE_TARGET = 10000  # the issue's "10,000 idle proxied connections under 150 MB RSS"
+IDLE_TARGET_RSS_BYTES = 150 * 10**6  # MB = 10^6 B, as in MB/s
+IDLE_STEP = 500  # N per relay is a multiple of this when a limit caps it
+FDS_SPARE = 256  # fds left free in every process at the chosen N (as proxy.server.FDS_RESERVED)
+REDSOCKS_FDS = 6  # redsocks with splice (its default): 2 sockets + 2 pipes per connection, even idle
+FORKED_CHILD_KIB = 1024  # MemAvailable budget per forked relay child (socat: ~60 KiB PSS each measured)
 
 CLIENT_IP = "10.77.0.1"
 GATEWAY_IP = "10.77.0.2"
@@ -232,17 +238,39 @@ class SinkProcess:
         self.stderr.close()
 
 
-def make_relay(name, tmp):
+def pocketproxy_max_connections(splice, idle):
+    """``--max-connections`` for the runner: None (the product default) unless ``idle`` connections exceed it.
+
+    With splice on, pocketproxy derives its cap from RLIMIT_NOFILE at 3 fds per connection (a spliced
+    connection holds 2 pipes more); idle connections are never spliced and hold 2, so the idle test may
+    raise the cap to what the product derives for 2 fds each. The relay runs at the same hard limit as we do.
+    """
+    from proxy.server import fd_derived_limit
+
+    if idle <= fd_derived_limit(splice):
+        return None
+    return fd_derived_limit(False)
+
+
+def make_relay(name, tmp, idle=0):
     from tests.bench import proxy_relays as pr
 
     dport, port, sink_port = PORTS[name]
     common = dict(port=port, sink_port=sink_port, tmp=tmp, client_ip=CLIENT_IP)
     if name.startswith("pocketproxy"):
-        return pr.PocketProxy(name, python=pr.python_for_pocketproxy(), splice=(name == "pocketproxy"), **common)
+        splice = name == "pocketproxy"
+        return pr.PocketProxy(
+            name,
+            python=pr.python_for_pocketproxy(),
+            splice=splice,
+            max_connections=pocketproxy_max_connections(splice, idle),
+            **common,
+        )
     if name.startswith("redsocks"):
         nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         splice = False if name.endswith("nosplice") else None
-        return pr.Redsocks(name, splice=splice, nofile=nofile, conn_max=(nofile - 200) // FDS_PER_IDLE, **common)
+        per = 2 if splice is False else REDSOCKS_FDS
+        return pr.Redsocks(name, splice=splice, nofile=nofile, conn_max=(nofile - 200) // per, **common)
     if name.startswith("socat"):
         return pr.Socat(name, buffer=131072 if name.endswith("b128k") else None, **common)
     raise ValueError(name)
@@ -421,8 +449,48 @@ class Bench:
                 self.rec(name)["ttfb"] = out
                 self.log("%-22s first byte: p50 %.3f ms, p99 %.3f ms" % (name, out["p50_ms"], out["p99_ms"]))
 
+    def idle_plan(self, relay):
+        """N for one relay: the wanted count, or the largest multiple of IDLE_STEP with which every process
+        holding these connections stays within its own RLIMIT_NOFILE (FDS_SPARE left free): the relay at
+        its fds per idle connection, the generator (this process) and the sink at 1 each. A relay that forks
+        per connection (socat) is bounded by the processes that may still be forked instead; a relay with a
+        connection cap of its own by that cap."""
+        from tests.bench.proxy_relays import process_budget, process_fds
+
+        nofile = self.result["nofile"]
+
+        def room(base, per):
+            return (nofile - base - FDS_SPARE) // per
+
+        bounds = {
+            "generator fds (1/conn)": room(process_fds(os.getpid()), 1),
+            "sink fds (1/conn)": room(process_fds(self.sink.pid), 1),
+        }
+        if relay.forks_per_conn:
+            n, what = process_budget(FORKED_CHILD_KIB)
+            bounds["processes (%s)" % what] = n
+        else:
+            bounds["relay fds (%d/conn)" % relay.idle_fds_per_conn] = room(
+                process_fds(relay.pid), relay.idle_fds_per_conn
+            )
+        if relay.max_connections:
+            bounds["relay max_connections"] = relay.max_connections
+        fit, bound = min((max(0, b) // IDLE_STEP * IDLE_STEP, what) for what, b in bounds.items())
+        wanted = self.args.idle
+        return {
+            "n": min(wanted, fit),
+            "wanted": wanted,
+            "capped": fit < wanted,
+            "bound_by": bound if fit < wanted else "wanted",
+            "nofile": nofile,
+            "relay_fds_per_conn": relay.idle_fds_per_conn,
+            "relay_forks_per_conn": relay.forks_per_conn,
+            "bounds": bounds,
+        }
+
     def idle(self):
         from tests.bench import proxy_load as pl
+        from tests.bench.proxy_relays import process_fds
 
         a = self.args
         for name in self.names():
@@ -435,8 +503,19 @@ class Bench:
             deadline = time.monotonic() + 10
             while self.sink.command("stats")["open_by_port"].get(sink_port) and time.monotonic() < deadline:
                 time.sleep(0.05)  # earlier connections of this relay still closing
+            plan = self.idle_plan(relay)
+            n = plan["n"]
+            if n <= 0:
+                self.rec(name)["idle"] = {"plan": plan, "skipped": "no idle connection fits (%s)" % plan["bound_by"]}
+                self.log("%-22s idle: skipped, nothing fits (%s)" % (name, plan["bound_by"]))
+                continue
             before = relay.memory()
+            main_fds = process_fds(relay.pid)
             sink_before = self.sink.command("stats")["open_by_port"].get(sink_port, 0)
+            self.log(
+                "%-22s idle: %d connections (%s; RLIMIT_NOFILE %d)"
+                % (name, n, "capped by " + plan["bound_by"] if plan["capped"] else "as wanted", plan["nofile"])
+            )
 
             def while_held():
                 time.sleep(0.5)
@@ -449,12 +528,20 @@ class Bench:
             half = {}
 
             def progress(count):
-                if not half and count >= a.idle // 2:
+                if count <= a.idle_batch:
+                    # N was chosen for the declared fds per connection: stop before EMFILE if that is wrong
+                    per = (process_fds(relay.pid) - main_fds) / count
+                    if per > relay.idle_fds_per_conn + 0.05:
+                        raise BenchError(
+                            "relay holds %.2f fds per idle connection in one process, N=%d was chosen for %d"
+                            % (per, n, relay.idle_fds_per_conn)
+                        )
+                if not half and count >= n // 2:
                     half.update(relay.memory(), connections=count)
 
-            self.expect(name, pl.ECHO_IP, a.idle)
+            self.expect(name, pl.ECHO_IP, n)
             try:
-                opened, held = pl.hold_idle(t, a.idle, a.idle_batch, a.timeout, while_held, progress)
+                opened, held = pl.hold_idle(t, n, a.idle_batch, a.timeout, while_held, progress)
             except Exception as e:
                 self.fail(name, "idle", e)
                 relay.settle(timeout=30, fds=before["fds"])
@@ -463,30 +550,32 @@ class Bench:
             settled = relay.settle(timeout=60, fds=before["fds"])
             after = relay.memory()
             out = {
-                "connections": a.idle,
+                "connections": n,
+                "plan": plan,
                 "open_seconds": opened,
                 "before": before,
                 "held": held,
                 "after_close": after,
                 "close_seconds": time.perf_counter() - t_close,
                 "released": settled,
-                "rss_kib_per_conn": (held["rss_kib"] - before["rss_kib"]) / a.idle,
-                "pss_kib_per_conn": (held["pss_kib"] - before["pss_kib"]) / a.idle,
-                "fds_per_conn": (held["fds"] - before["fds"]) / a.idle,
+                "rss_kib_per_conn": (held["rss_kib"] - before["rss_kib"]) / n,
+                "pss_kib_per_conn": (held["pss_kib"] - before["pss_kib"]) / n,
+                "fds_per_conn": (held["fds"] - before["fds"]) / n,
                 "half": half,
             }
-            if half and half["connections"] < a.idle:
-                # marginal cost from N/2 to N (no one-time growth), and a linear extrapolation to 10,000
-                slope = (held["rss_kib"] - half["rss_kib"]) / (a.idle - half["connections"])
-                out["rss_kib_per_conn_marginal"] = slope
-                out["rss_kib_at_10000_extrapolated"] = before["rss_kib"] + 10000 * max(slope, out["rss_kib_per_conn"])
-                pslope = (held["pss_kib"] - half["pss_kib"]) / (a.idle - half["connections"])
-                out["pss_kib_at_10000_extrapolated"] = before["pss_kib"] + 10000 * max(pslope, out["pss_kib_per_conn"])
+            if plan["capped"] and n < IDLE_TARGET:
+                # linear extrapolation to 10,000 with the larger of the average and the marginal N/2 -> N cost
+                rss_slope, pss_slope = out["rss_kib_per_conn"], out["pss_kib_per_conn"]
+                if half and half["connections"] < n:
+                    out["rss_kib_per_conn_marginal"] = (held["rss_kib"] - half["rss_kib"]) / (n - half["connections"])
+                    out["pss_kib_per_conn_marginal"] = (held["pss_kib"] - half["pss_kib"]) / (n - half["connections"])
+                    rss_slope = max(rss_slope, out["rss_kib_per_conn_marginal"])
+                    pss_slope = max(pss_slope, out["pss_kib_per_conn_marginal"])
+                out["rss_kib_at_10000_extrapolated"] = before["rss_kib"] + IDLE_TARGET * rss_slope
+                out["pss_kib_at_10000_extrapolated"] = before["pss_kib"] + IDLE_TARGET * pss_slope
             self.rec(name)["idle"] = out
-            if held["sink_open"] != a.idle:
-                self.fail(
-                    name, "idle", BenchError("sink held %d connections, expected %d" % (held["sink_open"], a.idle))
-                )
+            if held["sink_open"] != n:
+                self.fail(name, "idle", BenchError("sink held %d connections, expected %d" % (held["sink_open"], n)))
             if not settled:
                 self.fail(
                     name,
@@ -499,8 +588,17 @@ class Bench:
             if not relay.alive():
                 self.fail(name, "idle", BenchError("relay process exited"))
             self.log(
-                "%-22s idle %d: RSS %.1f MiB (%+.2f KiB/conn), %d fds, opened in %.1f s"
-                % (name, a.idle, held["rss_kib"] / 1024, out["rss_kib_per_conn"], held["fds"], opened)
+                "%-22s idle %d: RSS %.1f MiB (%+.2f KiB/conn), %d fds, opened in %.1f s, fds back to %d in %.1f s"
+                % (
+                    name,
+                    n,
+                    held["rss_kib"] / 1024,
+                    out["rss_kib_per_conn"],
+                    held["fds"],
+                    opened,
+                    after["fds"],
+                    out["close_seconds"],
+                )
             )
 
     def profile(self):
@@ -573,7 +671,8 @@ class Bench:
                 stats = relay.stats()
                 self.rec(name)["proxy_stats"] = stats
                 want_total = sum(self.expected[name].values())
-                if stats is not None and name not in self.broken:
+                failed = any(e.startswith(name + "/") for e in self.result["errors"])
+                if stats is not None and name not in self.broken and not failed:
                     bad = {k: stats.get(k) for k in ("refused", "upstream_errors") if stats.get(k)}
                     if bad or stats.get("accepted") != want_total or stats.get("relayed") != want_total:
                         self.fail(
@@ -651,7 +750,7 @@ def run_inside(args, result, tmp):
         for name in names:
             if name == "direct":
                 continue
-            relay = make_relay(name, tmp)
+            relay = make_relay(name, tmp, args.idle)
             relays[name] = relay
             try:
                 relay.start(ROOT)
@@ -670,8 +769,12 @@ def run_inside(args, result, tmp):
         bench.setup()
         bench.log("time to first byte, %d samples" % a.ttfb)
         bench.first_byte()
+        result["environment"]["loadavg_timed_end"] = open("/proc/loadavg").read().split()[:3]
         if a.idle:
-            bench.log("%d idle connections per relay" % a.idle)
+            bench.log(
+                "idle connections: %d per relay, or the most that fit RLIMIT_NOFILE %d in every process"
+                % (a.idle, result["nofile"])
+            )
             bench.idle()
         if a.profile:
             bench.profile()
@@ -725,7 +828,7 @@ def report(result, args):
         return v
 
     mib = lambda kib: kib / 1024 if kib is not None else None  # noqa: E731
-    idle_n = format(args.idle, ",")
+    same_n = "same N"  # ratio only where the relay held as many idle connections as the baseline
     rows = [
         ("1 stream, MB/s", lambda n: get(n, "single", "mb_s"), "%.0f", True),
         ("1 stream, relay CPU-s/GiB", lambda n: get(n, "single", "relay_cpu_s_per_gib"), "%.2f", True),
@@ -738,11 +841,13 @@ def report(result, args):
         ("setup, relay CPU µs/conn", lambda n: get(n, "setup", "relay_cpu_us_per_conn"), "%.0f", True),
         ("first byte, p50 ms", lambda n: get(n, "ttfb", "p50_ms"), "%.3f", True),
         ("first byte, p99 ms", lambda n: get(n, "ttfb", "p99_ms"), "%.3f", True),
-        ("%s idle, RSS MiB" % idle_n, lambda n: mib(get(n, "idle", "held", "rss_kib")), "%.1f", True),
-        ("%s idle, RSS KiB/conn" % idle_n, lambda n: get(n, "idle", "rss_kib_per_conn"), "%.2f", True),
-        ("%s idle, PSS MiB" % idle_n, lambda n: mib(get(n, "idle", "held", "pss_kib")), "%.1f", True),
-        ("%s idle, fds" % idle_n, lambda n: get(n, "idle", "held", "fds"), "%d", True),
-        ("%s idle, processes" % idle_n, lambda n: get(n, "idle", "held", "processes"), "%d", False),
+        ("idle connections held (N)", lambda n: get(n, "idle", "connections"), "%d", False),
+        ("idle, RSS MiB at N", lambda n: mib(get(n, "idle", "held", "rss_kib")), "%.1f", same_n),
+        ("idle, RSS KiB/conn at N", lambda n: get(n, "idle", "rss_kib_per_conn"), "%.2f", True),
+        ("idle, PSS MiB at N", lambda n: mib(get(n, "idle", "held", "pss_kib")), "%.1f", same_n),
+        ("idle, fds at N", lambda n: get(n, "idle", "held", "fds"), "%d", same_n),
+        ("idle, fds/conn", lambda n: get(n, "idle", "fds_per_conn"), "%.2f", True),
+        ("idle, processes at N", lambda n: get(n, "idle", "held", "processes"), "%d", False),
         (
             "10,000 idle, RSS MiB, extrapolated",
             lambda n: mib(get(n, "idle", "rss_kib_at_10000_extrapolated")),
@@ -765,8 +870,7 @@ def report(result, args):
         header += " || " + " | ".join(ratio_cols)
     print(header)
     print("-" * len(header))
-    if not getattr(args, "idle_capped", False):
-        rows = [r for r in rows if "extrapolated" not in r[0]]
+    held_n = {n: get(n, "idle", "connections") for n in names}
     for label, pick, spec, with_ratio in rows:
         values = {n: pick(n) for n in names}
         if all(v is None for v in values.values()):
@@ -777,7 +881,8 @@ def report(result, args):
             base = values.get(BASELINE)
             for n, col in zip(others, ratio_cols):
                 v = values.get(n)
-                cells.append("%*s" % (len(col), "%.2fx" % (v / base) if with_ratio and v is not None and base else "-"))
+                ok = with_ratio is True or (with_ratio == same_n and held_n[n] == held_n.get(BASELINE))
+                cells.append("%*s" % (len(col), "%.2fx" % (v / base) if ok and v is not None and base else "-"))
             line += " || " + " | ".join(cells)
         print(line)
     print()
@@ -795,13 +900,7 @@ def report(result, args):
         " first byte = connect() -> first banner byte, %d sequential samples on a non-sniffed port"
         % (format(args.setup, ","), args.concurrency, args.setup_warmup, args.ttfb)
     )
-    if getattr(args, "idle_capped", False):
-        notes.append(
-            "idle: %s connections, not 10,000: RLIMIT_NOFILE is %d and cannot be raised (no CAP_SYS_RESOURCE here);"
-            " redsocks' splice takes 6 fds per connection even when idle. The 10,000 rows extrapolate linearly from"
-            " the baseline with the larger of the average and the N/2 -> N per-connection cost"
-            % (format(args.idle, ","), result.get("nofile", 0))
-        )
+    notes += idle_notes(result, names, get)
     notes.append(
         "socat forks one child per connection: its CPU includes the reaped children (cutime/cstime), its RSS/PSS/fds"
         " are summed over the process tree; socat and direct clients send the CONNECT line themselves, and their"
@@ -840,14 +939,73 @@ def report(result, args):
     ok = result["correct"]
     print("correct: %s%s" % ("yes" if ok else "NO", "" if ok else "\n  - " + "\n  - ".join(result["errors"])))
     print(
-        "results: %s (%.0f s inside the namespace; load average %s at start, %s at end)"
+        "results: %s (%.0f s inside the namespace; load average %s at start, %s after the timed phases, %s at end,"
+        " after the idle phase's processes)"
         % (
             result.get("json"),
             result.get("duration_s", float("nan")),
             " ".join(env.get("loadavg_start", [])),
+            " ".join(env.get("loadavg_timed_end", ["-"])),
             " ".join(env.get("loadavg_end", [])),
         )
     )
+
+
+def idle_notes(result, names, get):
+    """How N was chosen per relay, what the 10,000 rows are, and the issue's idle-memory target."""
+    plans = {n: get(n, "idle", "plan") for n in names if get(n, "idle", "plan")}
+    if not plans:
+        return []
+    first = next(iter(plans.values()))
+    held = {n: get(n, "idle", "connections") for n in plans}
+    per = []
+    for n, plan in plans.items():
+        if plan["relay_forks_per_conn"]:
+            how = "one process per connection"
+        else:
+            how = "%d fds/conn in one process" % plan["relay_fds_per_conn"]
+        bound = "capped by " + plan["bound_by"] if plan["capped"] else "as wanted"
+        per.append("%s %s (%s; %s)" % (n, format(held[n] or 0, ","), how, bound))
+    notes = [
+        "idle: N per relay = %s wanted, or the largest multiple of %d with which every process holding them (the"
+        " relay, the generator and the sink, 1 fd/conn each) stays within its RLIMIT_NOFILE of %d with %d fds spare"
+        " (the hard limit; raising it needs CAP_SYS_RESOURCE); a relay forking per connection is bounded by pids and"
+        " memory instead: %s. Each idle connection is proven by a 1-byte echo, and the relay's fds must return to"
+        " their baseline after closing"
+        % (format(first["wanted"], ","), IDLE_STEP, first["nofile"], FDS_SPARE, "; ".join(per))
+    ]
+    extrapolated = [n for n in plans if get(n, "idle", "rss_kib_at_10000_extrapolated") is not None]
+    if extrapolated:
+        notes.append(
+            "10,000 rows: only for relays not measured at 10,000 (%s), linear from the baseline with the larger of"
+            " the average and the N/2 -> N per-connection cost"
+            % ", ".join("%s measured at %s" % (n, format(held[n], ",")) for n in extrapolated)
+        )
+    for n in plans:
+        st = get(n, "idle", "held", "proxy_stats") or {}
+        default = st.get("max_connections_default")
+        if default and st.get("max_connections") != default:
+            notes.append(
+                "%s: max_connections raised from its default %s (RLIMIT_NOFILE %d at 3 fds/conn with splice) to %s"
+                " (2 fds/conn: idle connections are not spliced) so that N fits; with the defaults it refuses"
+                " connections beyond %s"
+                % (n, format(default, ","), first["nofile"], format(st["max_connections"], ","), format(default, ","))
+            )
+        if not n.startswith("pocketproxy") or not held[n]:
+            continue
+        if held[n] >= IDLE_TARGET:
+            rss, how = get(n, "idle", "held", "rss_kib"), "measured at %s" % format(held[n], ",")
+        elif get(n, "idle", "rss_kib_at_10000_extrapolated") is not None:
+            rss = get(n, "idle", "rss_kib_at_10000_extrapolated")
+            measured = get(n, "idle", "held", "rss_kib") / 1024
+            how = "extrapolated; measured at %s: %.1f MiB" % (format(held[n], ","), measured)
+        else:
+            continue
+        notes.append(
+            "target, 10,000 idle proxied connections under 150 MB RSS: %s %.1f MiB = %.1f MB (%s): %s"
+            % (n, rss / 1024, rss * 1024 / 1e6, how, "PASS" if rss * 1024 < IDLE_TARGET_RSS_BYTES else "MISS")
+        )
+    return notes
 
 
 def raise_nofile():
@@ -866,9 +1024,6 @@ def inside(args):
         sys.stderr.write("bench-proxy: --inside refuses to run in the root network namespace\n")
         return 2
     nofile = raise_nofile()
-    if args.idle is None:
-        args.idle = min(args.idle_wanted, max(500, (nofile - FDS_SPARE) // FDS_PER_IDLE // 500 * 500))
-        args.idle_capped = args.idle < args.idle_wanted
 
     def on_alarm(signum, frame):
         raise BenchTimeout("inner deadline of %ds exceeded" % INNER_DEADLINE)
@@ -917,7 +1072,7 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="python3 -m tests.bench.proxy", description=__doc__.split("\n\n")[0])
     parser.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--quick", action="store_true", help="small sizes, 1 run (about 30 s)")
+    parser.add_argument("--quick", action="store_true", help="small sizes, 1 run (about 10 s)")
     parser.add_argument(
         "--relays",
         default=",".join(DEFAULT_RELAYS),
@@ -935,8 +1090,8 @@ def main(argv=None):
     parser.add_argument(
         "--idle",
         type=int,
-        help="idle connections held per relay (10000, fewer when RLIMIT_NOFILE cannot be raised to fit 6 fds each;"
-        " 1000 with --quick; 0 = skip)",
+        help="idle connections wanted per relay (10000; 1000 with --quick; 0 = skip); a relay gets fewer, a multiple"
+        " of 500, when its fds per idle connection, the generator's or the sink's do not fit RLIMIT_NOFILE",
     )
     parser.add_argument("--idle-batch", type=int, default=500)
     parser.add_argument(
@@ -954,10 +1109,10 @@ def main(argv=None):
         ("multi_mib", 2048, 128),
         ("setup", 2000, 300),
         ("ttfb", 300, 50),
+        ("idle", IDLE_TARGET, 1000),
     ):
         if getattr(args, name) is None:
             setattr(args, name, quick if q else full)
-    args.idle_wanted = 1000 if q else 10000  # --idle unset: this, capped by the fd limit inside
     args.relays = [r.strip() for r in args.relays.split(",") if r.strip()]
     unknown = [r for r in args.relays if r not in PORTS]
     if unknown or not args.relays:

@@ -6,10 +6,16 @@ cutime+cstime of its reaped children), summed over the process tree, so
 socat's fork-per-connection children are counted: a child's time moves into
 the parent's cutime/cstime when socat reaps it, and callers wait for the tree
 to have no children before reading (see :meth:`Relay.settle`).
+
+Each relay also declares what bounds the idle test's connection count:
+``idle_fds_per_conn`` (fds per idle connection in the one process holding
+them), ``forks_per_conn`` (a process per connection instead, bounded by
+:func:`process_budget`) and ``max_connections`` (its own cap, if any).
 """
 
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -62,8 +68,12 @@ def cpu_seconds(pid):
 
 
 def _status_kib(pid, field):
+    return _status_kib_file("/proc/%d/status" % pid, field)
+
+
+def _status_kib_file(path, field):
     try:
-        with open("/proc/%d/status" % pid) as f:
+        with open(path) as f:
             for line in f:
                 if line.startswith(field + ":"):
                     return int(line.split()[1])
@@ -88,6 +98,58 @@ def _fds(pid):
         return len(os.listdir("/proc/%d/fd" % pid))
     except OSError:
         return 0
+
+
+def process_fds(pid):
+    """Open fds of ``pid`` alone (RLIMIT_NOFILE is per process, so this is what has to fit)."""
+    return _fds(pid)
+
+
+def _read_int(path):
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    return None if text == "max" else int(text)
+
+
+def _cgroup_pids():
+    """(pids.max, pids.current) of our cgroup, v2 or v1; (None, None) when unlimited or unknown."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None, None
+    for line in lines:
+        hier, controllers, path = line.split(":", 2)
+        if hier == "0" and not controllers:
+            base = "/sys/fs/cgroup" + path
+        elif "pids" in controllers.split(","):
+            base = "/sys/fs/cgroup/pids" + path
+        else:
+            continue
+        limit = _read_int(base.rstrip("/") + "/pids.max")
+        if limit is not None:
+            return limit, _read_int(base.rstrip("/") + "/pids.current") or 0
+    return None, None
+
+
+def process_budget(per_process_kib, spare=1000):
+    """How many more processes may be forked now: pid_max, RLIMIT_NPROC and the cgroup's pids.max minus
+    the tasks alive (``/proc/loadavg`` counts threads, which use pids too) and ``spare``, and MemAvailable
+    at ``per_process_kib`` each. :returns: (count, what bounds it)."""
+    with open("/proc/loadavg") as f:
+        tasks = int(f.read().split()[3].split("/")[1])
+    bounds = [("pid_max", _read_int("/proc/sys/kernel/pid_max") - tasks - spare)]
+    nproc = resource.getrlimit(resource.RLIMIT_NPROC)[0]
+    if nproc != resource.RLIM_INFINITY:
+        bounds.append(("RLIMIT_NPROC", nproc - tasks - spare))
+    limit, current = _cgroup_pids()
+    if limit is not None:
+        bounds.append(("cgroup pids.max", limit - current - spare))
+    bounds.append(("MemAvailable", _status_kib_file("/proc/meminfo", "MemAvailable") // per_process_kib))
+    return min((max(0, n), what) for what, n in bounds)
 
 
 def memory(pid):
@@ -129,6 +191,12 @@ class Relay:
 
     name = None
     kind = None
+    #: fds the process holding the connections opens per idle connection (RLIMIT_NOFILE is per process)
+    idle_fds_per_conn = 2
+    #: True when every connection gets its own forked process instead (socat)
+    forks_per_conn = False
+    #: the relay's own cap on concurrent connections, None when it has none
+    max_connections = None
 
     def __init__(self, name, port, sink_port, tmp, client_ip):
         self.name = name
@@ -220,11 +288,15 @@ class PocketProxy(Relay):
     """``proxy.server`` via :mod:`tests.bench.proxy_runner`, run with /usr/bin/python3 (or ``python``)."""
 
     kind = "pocketproxy"
+    idle_fds_per_conn = 2  # client + upstream socket; splice pipes only while a connection is spliced
 
-    def __init__(self, *a, python="/usr/bin/python3", splice=True, **kw):
+    def __init__(self, *a, python="/usr/bin/python3", splice=True, max_connections=None, **kw):
+        """:param max_connections: passed as ``--max-connections``; None keeps the product's
+        ``RLIMIT_NOFILE``-derived default (the runner reports both)."""
         super().__init__(*a, **kw)
         self.python = python
         self.splice = splice
+        self.max_connections = max_connections
 
     def argv(self):
         argv = [
@@ -240,6 +312,8 @@ class PocketProxy(Relay):
         ]
         if not self.splice:
             argv.append("--no-splice")
+        if self.max_connections:
+            argv += ["--max-connections", str(self.max_connections)]
         return argv + [
             "--stats-file",
             str(self.stats_path),
@@ -299,6 +373,9 @@ class Redsocks(Relay):
         self.splice = splice
         self.nofile = nofile
         self.conn_max = conn_max
+        self.max_connections = conn_max
+        # splice (its default) opens both pipes when a connection is accepted: 2 sockets + 2 pipes = 6 fds
+        self.idle_fds_per_conn = 2 if splice is False else 6
 
     def config(self):
         splice = "" if self.splice is None else "  splice = %s;\n" % ("true" if self.splice else "false")
@@ -335,6 +412,8 @@ class Socat(Relay):
     """
 
     kind = "socat"
+    idle_fds_per_conn = 0  # the listening parent holds none; each child has its 2 sockets (7 fds in all)
+    forks_per_conn = True
 
     def __init__(self, *a, buffer=None, half_close_timeout=30, **kw):
         super().__init__(*a, **kw)

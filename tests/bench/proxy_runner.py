@@ -4,7 +4,8 @@ Built like the daemon builds it: a :class:`proxy.mappings.MappingTable` with
 one static mapping (the load generator's source address → the sink's CONNECT
 address), a :class:`proxy.server.ProxyFactory` with default
 :class:`proxy.server.ProxySettings` (except a per-client limit high enough for
-the 10,000-idle-connections test), the splice pump when splice is on, the
+the idle-connections test and, when the benchmark asks with ``--max-connections``,
+a global cap above the one derived from ``RLIMIT_NOFILE``), the splice pump when splice is on, the
 listener from :func:`proxy.server.listen` and the timeout sweeper (both via
 :class:`proxy.service.ProxyService`, as ``ovpnmgr.tap.build_proxy`` wires it). The epoll
 reactor, logs below ``warn`` dropped (as admission.py does), warnings to
@@ -65,6 +66,9 @@ def main(argv=None):
     parser.add_argument("--upstream", required=True, help="the sink, e.g. http://127.0.0.1:9001")
     parser.add_argument("--no-splice", action="store_true")
     parser.add_argument("--per-client", type=int, default=100000)
+    parser.add_argument(
+        "--max-connections", type=int, default=0, help="global cap (0: derived from RLIMIT_NOFILE, the default)"
+    )
     parser.add_argument("--stats-file")
     parser.add_argument("--profile-file", help="SIGUSR2 starts cProfile, the next SIGUSR2 writes the report here")
     args = parser.parse_args(argv)
@@ -79,12 +83,14 @@ def main(argv=None):
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
 
     from proxy.mappings import MappingTable
-    from proxy.server import ProxyFactory, ProxySettings, raise_nofile_limit
+    from proxy.server import ProxyFactory, ProxySettings, fd_derived_limit, raise_nofile_limit
     from proxy.service import ProxyService
     from proxy.upstream import Upstream
 
     raise_nofile_limit()
-    settings = ProxySettings(max_connections_per_client=args.per_client, splice=not args.no_splice)
+    settings = ProxySettings(
+        max_connections=args.max_connections, max_connections_per_client=args.per_client, splice=not args.no_splice
+    )
     mappings = MappingTable()
     mappings.add(args.client, Upstream.parse(args.upstream), owner="bench")
     factory = ProxyFactory(reactor, mappings, settings, splice=_splice_policy() if settings.splice else None)
@@ -96,6 +102,7 @@ def main(argv=None):
         if args.stats_file:
             snap = factory.stats.snapshot()
             snap["max_connections"] = factory.max_connections
+            snap["max_connections_default"] = fd_derived_limit(factory.splice is not None)
             snap["splice"] = factory.splice is not None
             if factory.splice is not None:
                 snap["splice_stats"] = dict(factory.splice.stats(), min_bytes=factory.splice.min_bytes)
