@@ -9,12 +9,18 @@ reset on one side becomes a reset (``abortConnection``) on the other, and
 memory stays bounded because each transport is the other's streaming
 producer. Long, busy connections may move to the ``splice(2)`` pump
 (:mod:`proxy.splice`); counters and timeouts work the same in both modes.
+
+A reset is reported (and passed on) only when bytes could still be lost: an
+RST or a socket errno while a side still had something to send or receive.
+A FIN is never one, whichever side sends it first and whether it comes from
+shutdown() or close(); nor is the reactor's guess about a hang-up, nor a
+side ending after both of its directions were done.
 """
 
 import errno
 
-from twisted.internet.error import ConnectionDone, ConnectionLost
-from twisted.internet.interfaces import IHalfCloseableProtocol, IReactorFDSet
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer, IReactorFDSet
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -35,6 +41,33 @@ def write_buffer_len(transport):
     if data is None:
         return 0
     return len(data) - transport.offset + transport._tempDataLen
+
+
+@implementer(IPushProducer)
+class _Producer:
+    """A transport as the other transport's streaming producer, except that it cannot be stopped.
+
+    A Twisted transport calls its producer's stopProducing() (``loseConnection()`` on a
+    transport) from its own connectionLost, before its protocol hears of it. With the bare
+    transport as producer, a client's RST would first close the upstream cleanly (at once
+    when its write side is already shut: the relay hears "upstream closed" before "client
+    reset", and the device gets a FIN instead of an RST). The relay decides what the other
+    side gets, in ``_connection_lost``.
+    """
+
+    def __init__(self, transport):
+        self.transport = transport
+
+    def pauseProducing(self):
+        """IPushProducer.pauseProducing: the consumer's buffer is full."""
+        self.transport.pauseProducing()
+
+    def resumeProducing(self):
+        """IPushProducer.resumeProducing: the consumer's buffer drained."""
+        self.transport.resumeProducing()
+
+    def stopProducing(self):
+        """IPushProducer.stopProducing: ignored; the relay ends the other side itself."""
 
 
 @implementer(IHalfCloseableProtocol)
@@ -129,8 +162,8 @@ class Relay:
         if to_client:
             client.write(to_client)
             self.bytes_down += len(to_client)
-        upstream.registerProducer(client, True)
-        client.registerProducer(upstream, True)
+        upstream.registerProducer(_Producer(client), True)
+        client.registerProducer(_Producer(upstream), True)
         self._producer_registered = [True, True]
         queued, self._queued = self._queued, []
         self._replaying = True  # no switch to splice between replayed events
@@ -247,12 +280,24 @@ class Relay:
         if self._closed[side]:
             return
         self._closed[side] = True
+        # Both halves of this side had already ended (its EOF read, ours delivered): nothing of it
+        # was still in flight through the relay, so a reason other than ConnectionDone now (an RST
+        # racing the close, or a hang-up the reactor could only guess about) loses nothing.
+        reset = not reason.check(ConnectionDone)
+        if reset and self._read_ended[side] and self._write_ended[side]:
+            self._log.debug(
+                "{side} ended both ways before {reason}; closing cleanly ({relay!r})",
+                side=SIDE_NAMES[side],
+                reason=reason.value,
+                relay=self,
+            )
+            reset = False
         if not self._read_ended[side]:
             self._mark_eof(side)
         self._stop_pump()
         other = 1 - side
         if not self._closed[other]:
-            if not reason.check(ConnectionDone):
+            if reset:
                 self.abort("%s reset" % SIDE_NAMES[side])
             elif self.aborted is None and not self._handing_back:
                 self._unregister_producer(other)
@@ -341,14 +386,19 @@ class Relay:
     def _pump_done(self, error, side):
         self._policy.release()
         if error is None:
-            # Both write sides are already shut down, so an epoll HUP would make a loseConnection()
-            # look like a reset; end the transports directly, as loseConnection does once
-            # Twisted itself has shut the write side (IFileDescriptor.connectionLost).
+            # The pump shut both write sides down itself, behind Twisted's back. loseConnection()
+            # would register each transport for writing only; epoll then reports the hang-up
+            # of the fully closed socket without EPOLLIN and the reactor calls it ConnectionLost,
+            # i.e. "client reset" for a download that ended normally. End the transports
+            # directly, as loseConnection does once Twisted itself has shut the write side.
             self._handing_back = True
             for s in (CLIENT, UPSTREAM):
                 if not self._closed[s]:
                     self._transports[s].connectionLost(Failure(ConnectionDone()))
-        elif getattr(error, "errno", None) in _RESET_ERRNOS or isinstance(error, ConnectionLost):
+        elif getattr(error, "errno", None) in _RESET_ERRNOS:
+            # From a syscall on the socket, never from a reactor guess (SplicePump._lost asks the
+            # socket). A peer's FIN reads as EOF and the pump never writes after its own shutdown,
+            # so these mean the peer reset (or, ETIMEDOUT, died).
             self.abort("%s reset" % SIDE_NAMES[side])
         else:
             self.abort("splice error on %s: %s" % (SIDE_NAMES[side], error))

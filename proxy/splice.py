@@ -252,7 +252,10 @@ class _SocketEnd:
         self._pump._writable(self._side)
 
     def connectionLost(self, reason):
-        """IFileDescriptor.connectionLost: the reactor gave up on the fd (HUP/ERR without data, or fd gone)."""
+        """IFileDescriptor.connectionLost: the reactor dropped the fd after a HUP/ERR (or the fd is gone).
+
+        The reactor's reason is a guess, not the kernel's word (see :meth:`SplicePump._lost`).
+        """
         self._pump._lost(self._side, reason)
 
     def logPrefix(self):
@@ -368,8 +371,46 @@ class SplicePump:
         self._flush(d)
 
     def _lost(self, side, reason):
-        if self.active:
-            self._fail(reason.value, side)
+        """The reactor dropped ``side``'s end: ask the socket what happened instead of trusting the reason.
+
+        Twisted turns an EPOLLHUP without EPOLLIN into ConnectionLost when the fd is only
+        registered for writing (epoll masks EPOLLIN then) and into ConnectionDone when it is
+        registered for reading, without looking at the socket. A hang-up is a state, not an
+        error: a FIN is read as EOF (splice returns 0) and only an RST leaves an error. So a
+        pending socket error fails the pump with that errno; without one, the I/O pending on
+        this socket is resumed at once and splice() itself reports the EOF, the data or the
+        errno. (A hung-up socket never answers EAGAIN, so this cannot spin.)
+        """
+        if not self.active:
+            return
+        end = self._ends[side]
+        self._reading[side] = self._writing[side] = False
+        self._reactor.removeReader(end)  # the reactor did so already; a no-op then
+        self._reactor.removeWriter(end)
+        sock = self._socks[side]
+        if sock.fileno() == -1:
+            self._fail(OSError(errno.EBADF, "socket closed under the splice pump (%s)" % reason.value), side)
+            return
+        try:
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        except OSError as e:
+            self._fail(e, side)
+            return
+        if err:
+            self._fail(OSError(err, os.strerror(err)), side)
+            return
+        self._log.debug(
+            "splice pump: {side} hung up ({reason}) without a socket error; resuming its I/O",
+            side=SIDE_NAMES[side],
+            reason=reason.value,
+        )
+        outbound = self._dirs[1 - side]  # the other side's bytes waiting to go to this socket
+        if outbound.in_pipe and not outbound.done:
+            self._flush(outbound)
+        inbound = self._dirs[side]  # this socket's bytes (or EOF) for the other side
+        if self.active and not inbound.eof and not inbound.in_pipe:
+            self._set_reading(side, True)
+            self._readable(side)
 
     # -- the pump
 

@@ -1,4 +1,4 @@
-"""Relay over real loopback sockets and the real reactor: bytes, half-close, resets, splice and backpressure.
+"""Relay over real loopback sockets and the real reactor: bytes, half-close, resets, endings, splice, backpressure.
 
 The client and the backend are plain blocking sockets in threads (so the
 reactor only runs the relay under test); a tiny front server accepts the
@@ -10,6 +10,7 @@ import errno
 import hashlib
 import os
 import random
+import select
 import socket
 import struct
 import threading
@@ -458,3 +459,166 @@ async def test_exhausted_pipe_budget_keeps_the_connection_on_the_plain_relay():
     assert got_reply[1] == MIB + len(b"%d\n" % MIB)
     assert relay.spliced is False
     assert (policy.spliced_total, policy.refused_budget) == (0, 1)
+
+
+# -- how an HTTP download ends: clean endings must never be reported as resets
+
+GET = b"GET /blob/209715200 HTTP/1.1\r\nHost: 203.0.113.10\r\nUser-Agent: curl/7.88.1\r\nAccept: */*\r\n\r\n"
+DOWNLOAD = 8 * MIB  # far past the 64 KiB after which the relay switches to splice
+ROUNDS = 5  # the endings race (whose FIN first, which epoll batch): repeat each one
+
+
+def _recv_exactly(sock, n):
+    """Read exactly ``n`` bytes (fewer only at EOF); returns (sha256 hex, byte count)."""
+    h = hashlib.sha256()
+    got = 0
+    while got < n:
+        data = sock.recv(min(MIB, n - got))
+        if not data:
+            break
+        h.update(data)
+        got += len(data)
+    return h.hexdigest(), got
+
+
+def _get_then_close(sock, size):
+    """An HTTP/1.1 client: small request (no SHUT_WR), read exactly the body; the harness then close()s."""
+    sock.sendall(GET)
+    return _recv_exactly(sock, size)
+
+
+def _how_it_ended(sock):
+    """What the device side sees next: "eof" (FIN), "reset" (RST) or "data"."""
+    try:
+        return "eof" if sock.recv(65536) == b"" else "data"
+    except ConnectionResetError:
+        return "reset"
+
+
+def _reply_keep_alive(sock, body):
+    """(a) A keep-alive device: answer, keep the connection open, report how the relay ended it."""
+    request = _recv_exactly(sock, len(GET))
+    sock.sendall(body)
+    return request[1], _how_it_ended(sock)
+
+
+def _reply_then_fin(sock, body):
+    """(b) A device that ends the response with FIN (shutdown(SHUT_WR)), then reports the relay's ending."""
+    request = _recv_exactly(sock, len(GET))
+    sock.sendall(body)
+    sock.shutdown(socket.SHUT_WR)
+    return request[1], _how_it_ended(sock)
+
+
+def _reply_then_close(sock, body):
+    """(b') A device that close()s right after the response, as tinyproxy does once the origin is done."""
+    request = _recv_exactly(sock, len(GET))
+    sock.sendall(body)
+    return request[1], "closed"
+
+
+CLEAN_ENDINGS = {
+    "keep-alive": (_reply_keep_alive, "eof"),
+    "fin": (_reply_then_fin, "eof"),
+    "close": (_reply_then_close, "closed"),
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("ending", sorted(CLEAN_ENDINGS))
+@pytest_twisted.ensureDeferred
+async def test_download_read_exactly_then_closed_by_the_client_is_not_a_reset(mode, ending):
+    """Client reads exactly the body then close()s: no abort, the device gets a FIN, on_finished once."""
+    behaviour, device_sees = CLEAN_ENDINGS[ending]
+    body = payload(DOWNLOAD, 10)
+    digest = hashlib.sha256(body).hexdigest()
+    for _ in range(ROUNDS):
+        policy = make_policy(mode, min_bytes=64 * 1024)
+        h = Harness(policy)
+        fds = fd_count()
+        try:
+            got, device, relay = await h.run(h.client(_get_then_close, DOWNLOAD), h.serve(behaviour, body))
+        finally:
+            await h.close()
+        assert got == (digest, DOWNLOAD)
+        assert device == (len(GET), device_sees)
+        assert relay.aborted is None
+        assert (relay.bytes_up, relay.bytes_down) == (len(GET), DOWNLOAD)
+        assert relay.spliced is (mode == "splice")
+        assert h.finish_calls == 1
+        if policy is not None:
+            assert (policy.spliced_now, policy.spliced_total, policy.pages_in_use) == (0, 1, 0)
+        assert fd_count() == fds - 2
+
+
+def _read_some_then_close(sock, size, device_saw_eof):
+    """(c) A client that gives up: request, read ``size`` bytes of a longer body, close() with data in flight."""
+    sock.sendall(GET)
+    return _recv_exactly(sock, size)[1]
+
+
+def _read_some_half_close_then_close(sock, size, device_saw_eof):
+    """(c') Like (c), but shutdown(SHUT_WR) first and close() only once the device has seen that FIN."""
+    sock.sendall(GET)
+    got = _recv_exactly(sock, size)[1]
+    sock.shutdown(socket.SHUT_WR)
+    assert device_saw_eof.wait(TIMEOUT), "the relay never passed the client's FIN on"
+    sock.close()  # unread data: RST
+    return got
+
+
+def _stream_until_refused(sock, chunk, device_saw_eof):
+    """A device that keeps sending until the relay refuses; notes the relay's FIN; returns the errno it got."""
+    _recv_exactly(sock, len(GET))
+    sock.setblocking(False)
+    view = memoryview(chunk)
+    try:
+        while True:
+            readable, writable, _ = select.select([] if device_saw_eof.is_set() else [sock], [sock], [], TIMEOUT)
+            if not (readable or writable):
+                raise TimeoutError("the relay neither took data nor ended the connection")
+            if readable and sock.recv(65536) == b"":
+                device_saw_eof.set()
+            if writable:
+                view = view[sock.send(view) :] or memoryview(chunk)
+    except (ConnectionResetError, BrokenPipeError) as e:
+        return e.errno
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    "client", [_read_some_then_close, _read_some_half_close_then_close], ids=["close", "fin-close"]
+)
+@pytest_twisted.ensureDeferred
+async def test_client_closing_with_data_in_flight_is_a_client_reset(mode, client):
+    """A close() with unread data makes the client's kernel send RST: a genuine "client reset", in both modes.
+
+    Decision: this one is a reset. The client's kernel answers unread (or still arriving)
+    data with an RST, not a FIN (RFC 1122 4.2.2.13, Linux TCPAbortOnClose / TCPAbortOnData),
+    so the bytes in flight are lost; the relay must say so and reset the device, which would
+    otherwise keep sending into a dead connection. Also when the client half-closed first
+    and the relay had already passed that FIN on (the device's write side then only ends
+    by the relay's decision, never by Twisted stopping a producer behind its back).
+    """
+    for _ in range(ROUNDS):
+        policy = make_policy(mode, min_bytes=64 * 1024)
+        h = Harness(policy)
+        device_saw_eof = threading.Event()
+        fds = fd_count()
+        try:
+            got, device_errno, relay = await h.run(
+                h.client(client, MIB, device_saw_eof),
+                h.serve(_stream_until_refused, payload(MIB, 11), device_saw_eof),
+            )
+        finally:
+            await h.close()
+        assert got == MIB
+        assert relay.aborted == "client reset"
+        assert device_errno in (errno.ECONNRESET, errno.EPIPE)
+        if client is _read_some_half_close_then_close:
+            assert device_saw_eof.is_set()  # (c) may or may not have sent a FIN before its RST
+        assert relay.spliced is (mode == "splice")
+        assert h.finish_calls == 1
+        if policy is not None:
+            assert (policy.spliced_now, policy.spliced_total, policy.pages_in_use) == (0, 1, 0)
+        assert fd_count() == fds - 2

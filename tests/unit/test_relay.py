@@ -1,7 +1,10 @@
 """Relay and splice policy without sockets: StringTransport/FileDescriptor fakes and a Clock."""
 
+import errno
 import os
+import select
 import socket
+import struct
 
 import pytest
 from twisted.internet import abstract
@@ -101,8 +104,8 @@ def test_start_writes_buffered_bytes_registers_producers_and_resumes_client():
     p = Pair(to_upstream=b"GET / HTTP/1.1\r\n", to_client=b"early")
     assert p.upstream.value() == b"GET / HTTP/1.1\r\n"
     assert p.client.value() == b"early"
-    assert p.client.producer is p.upstream
-    assert p.upstream.producer is p.client
+    assert p.client.producer.transport is p.upstream
+    assert p.upstream.producer.transport is p.client
     assert p.client.streaming is True and p.upstream.streaming is True
     assert p.client.producerState == "producing"
     assert (p.relay.bytes_up, p.relay.bytes_down) == (16, 5)
@@ -152,7 +155,7 @@ def test_client_half_close_keeps_the_reply_flowing_then_closes_fully():
     p.relay.client_leg.readConnectionLost()
     assert p.upstream.write_closes == 1
     assert p.upstream.producer is None  # unregistered: a paused producer would block the write-close
-    assert p.client.producer is p.upstream  # the reply direction keeps its backpressure
+    assert p.client.producer.transport is p.upstream  # the reply direction keeps its backpressure
     assert p.relay.half_closed_since == 1002
     assert (p.client.closes, p.upstream.closes) == (0, 0)
     p.relay.upstream_leg.writeConnectionLost()
@@ -180,7 +183,7 @@ def test_upstream_half_close_keeps_the_client_upload_flowing_then_closes_fully()
     p.relay.upstream_leg.readConnectionLost()
     assert p.client.write_closes == 1
     assert p.client.producer is None
-    assert p.upstream.producer is p.client
+    assert p.upstream.producer.transport is p.client
     p.relay.client_leg.writeConnectionLost()
     assert p.client.closes == 0
     p.relay.client_leg.dataReceived(b"upload")
@@ -229,6 +232,45 @@ def test_reset_after_half_close_still_resets_the_other_side():
     p.relay.client_leg.readConnectionLost()
     p.lost(UPSTREAM, RESET)
     assert p.client.aborts == 1
+
+
+def test_reset_after_both_halves_ended_is_a_clean_close():
+    """A side whose EOF was read and ours delivered has nothing in flight: a late RST/guess is not a reset."""
+    p = Pair()
+    p.relay.client_leg.readConnectionLost()
+    p.relay.upstream_leg.readConnectionLost()
+    p.relay.client_leg.writeConnectionLost()
+    p.lost(CLIENT, RESET)
+    assert p.relay.aborted is None
+    assert (p.client.aborts, p.upstream.aborts) == (0, 0)
+    assert p.upstream.closes == 1
+    p.lost(UPSTREAM, DONE)
+    assert p.finished == [p.relay]
+
+
+def test_reset_after_only_our_eof_was_delivered_is_still_a_reset():
+    """A side that got our FIN but never sent its own may still have had bytes for us: its RST is a reset."""
+    p = Pair()
+    p.relay.upstream_leg.readConnectionLost()
+    p.relay.client_leg.writeConnectionLost()
+    p.lost(CLIENT, RESET)
+    assert p.relay.aborted == "client reset"
+    assert p.upstream.aborts == 1
+
+
+@pytest.mark.parametrize("side", [CLIENT, UPSTREAM])
+def test_a_lost_transport_stopping_its_producer_does_not_close_the_other_side(side):
+    """Twisted stops a lost transport's producer before its protocol hears why; only the relay ends the other side."""
+    p = Pair()
+    this, other = (p.client, p.upstream) if side == CLIENT else (p.upstream, p.client)
+    this_leg = p.relay.client_leg if side == CLIENT else p.relay.upstream_leg
+    this_leg.readConnectionLost()  # the other side's write side gets shut: a loseConnection would be immediate
+    this.producer.stopProducing()  # what FileDescriptor.connectionLost does first
+    assert (other.closes, other.aborts) == (0, 0)
+    assert other.producerState == "producing"
+    p.lost(side, RESET)
+    assert p.relay.aborted == "%s reset" % ("client" if side == CLIENT else "upstream")
+    assert (other.closes, other.aborts) == (0, 1)
 
 
 def test_abort_is_idempotent_and_drops_later_data():
@@ -517,6 +559,8 @@ class PumpRig:
         self.u_relay, self.u_app = socket.socketpair()
         for s in (self.c_relay, self.u_relay):
             s.setblocking(False)
+        for s in (self.c_app, self.u_app):
+            s.settimeout(5)  # a test waiting for bytes that never come fails instead of hanging
         self.bytes = {CLIENT: 0, UPSTREAM: 0}
         self.eofs = []
         self.done = []
@@ -634,13 +678,148 @@ def test_pump_half_closes_each_way_then_finishes_and_closes_pipes(rig):
     assert len(os.listdir("/proc/self/fd")) == rig.fds_before  # the four pipe fds are closed
 
 
+def tcp_pair():
+    """A connected loopback TCP pair (app end, relay end); the relay end non-blocking, as Twisted's are."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        app = socket.create_connection(listener.getsockname(), timeout=5)
+        relay_end, _ = listener.accept()
+    relay_end.setblocking(False)
+    return app, relay_end
+
+
+def wait_readable(sock):
+    """Block (bounded) until the kernel has something to report on ``sock``: data, EOF or an error."""
+    readable, _, _ = select.select([sock], [], [], 5)
+    assert readable, "the kernel reported nothing within 5 s"
+
+
 @needs_splice
-def test_pump_failure_from_the_reactor_tears_down_and_reports(rig):
-    """An fd the reactor gives up on fails the pump: descriptors removed, pipes closed, on_done(error)."""
+@pytest.mark.parametrize("guess", [RESET, DONE], ids=["ConnectionLost", "ConnectionDone"])
+def test_pump_reactor_hangup_guess_on_a_healthy_socket_keeps_pumping(rig, guess):
+    """A reactor HUP report without a socket error does not fail the pump; the socket is read again."""
     rig.pump.start()
+    rig.ends[UPSTREAM].connectionLost(guess)
+    assert rig.done == []
+    assert rig.ends[UPSTREAM] in rig.reactor.readers
+    rig.u_app.sendall(b"still here")
+    rig.ends[UPSTREAM].doRead()
+    assert rig.c_app.recv(100) == b"still here"
+
+
+@needs_splice
+@pytest.mark.parametrize("guess", [RESET, DONE], ids=["ConnectionLost", "ConnectionDone"])
+def test_pump_reactor_hangup_guess_after_fins_ends_cleanly(rig, guess):
+    """Peers that sent FIN, reported by the reactor as lost/done: their EOFs are passed on, the pump ends clean."""
+    rig.pump.start()
+    rig.u_app.sendall(b"tail")
+    rig.u_app.shutdown(socket.SHUT_WR)
+    rig.ends[UPSTREAM].connectionLost(guess)
+    assert rig.c_app.recv(100) == b"tail"
+    assert rig.ends[UPSTREAM] in rig.reactor.readers  # read again: the EOF comes next
+    rig.ends[UPSTREAM].doRead()
+    assert rig.eofs == [UPSTREAM]
+    assert rig.c_app.recv(100) == b""  # the FIN was passed on
+    assert rig.done == []
+    rig.c_app.shutdown(socket.SHUT_WR)
+    rig.ends[CLIENT].connectionLost(guess)
+    assert rig.eofs == [UPSTREAM, CLIENT]
+    assert rig.done == [None] and rig.fails == [None]
+    assert rig.reactor.readers == set() and rig.reactor.writers == set()
+    assert len(os.listdir("/proc/self/fd")) == rig.fds_before
+
+
+@needs_splice
+def test_pump_reactor_report_of_a_real_reset_fails_with_econnreset():
+    """An RST the reactor reports (a pending socket error) fails the pump with ECONNRESET on that side."""
+    c_app, c_relay = tcp_pair()
+    u_app, u_relay = tcp_pair()
+    reactor = MemoryReactorClock()
+    done = []
+    pump = SplicePump(
+        reactor,
+        (c_relay, u_relay),
+        65536,
+        on_bytes=lambda *a: None,
+        on_eof=lambda side: None,
+        on_done=lambda error, side: done.append((error, side)),
+    )
+    fds = len(os.listdir("/proc/self/fd"))
+    try:
+        pump.open()
+        pump.start()
+        c_app.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        c_app.close()  # RST
+        wait_readable(c_relay)
+        pump._ends[CLIENT].connectionLost(RESET)
+        assert len(done) == 1
+        error, side = done[0]
+        assert (type(error), error.errno, side) == (ConnectionResetError, errno.ECONNRESET, CLIENT)
+        assert pump.finished is True
+        assert reactor.readers == set() and reactor.writers == set()
+        assert len(os.listdir("/proc/self/fd")) == fds - 1  # the pipes are gone (and c_app is closed)
+    finally:
+        pump.stop()
+        for s in (c_app, c_relay, u_app, u_relay):
+            s.close()
+
+
+@needs_splice
+def test_pump_socket_closed_under_it_is_an_error_not_a_reset(rig):
+    """A socket closed behind the pump's back (a bug, fd gone) fails it with EBADF, which the relay calls an error."""
+    rig.pump.start()
+    rig.u_relay.close()
     rig.ends[UPSTREAM].connectionLost(RESET)
-    assert len(rig.done) == 1 and isinstance(rig.done[0], ConnectionLost)
+    assert len(rig.done) == 1 and rig.done[0].errno == errno.EBADF
     assert rig.fails == [UPSTREAM]
     assert rig.reactor.readers == set() and rig.reactor.writers == set()
     assert rig.pump.finished is True
-    assert len(os.listdir("/proc/self/fd")) == rig.fds_before
+
+
+# -- how the relay names a pump failure
+
+SPLICE_POLICY_KW = dict(min_bytes=0, available=True, soft_pages=0, cap_eff=0)
+
+
+@pytest.mark.parametrize(
+    "error,side,label",
+    [
+        (ConnectionResetError(errno.ECONNRESET, "reset"), CLIENT, "client reset"),
+        (BrokenPipeError(errno.EPIPE, "broken pipe"), CLIENT, "client reset"),
+        (OSError(errno.ENOTCONN, "not connected"), UPSTREAM, "upstream reset"),
+        (OSError(errno.EBADF, "gone"), CLIENT, "splice error on client: [Errno 9] gone"),
+        (ConnectionLost(), UPSTREAM, "splice error on upstream: %s" % ConnectionLost()),
+    ],
+    ids=["ECONNRESET", "EPIPE", "ENOTCONN", "EBADF", "ConnectionLost"],
+)
+def test_pump_failure_label(error, side, label):
+    """Only a syscall errno that means the peer reset is called a reset; anything else is a splice error."""
+    policy = SplicePolicy(**SPLICE_POLICY_KW)
+    policy.acquire()
+    p = Pair(splice=policy)
+    p.relay._pump_done(error, side)
+    assert p.relay.aborted == label
+    assert (p.client.aborts, p.upstream.aborts) == (1, 1)
+    assert policy.spliced_now == 0
+
+
+def test_clean_pump_end_hands_back_with_connection_done_not_lose_connection():
+    """After the pump shut both write sides, the transports end as ConnectionDone directly, never via the reactor."""
+    policy = SplicePolicy(**SPLICE_POLICY_KW)
+    policy.acquire()
+    p = Pair(splice=policy)
+    lost = {CLIENT: [], UPSTREAM: []}
+    for side, transport in ((CLIENT, p.client), (UPSTREAM, p.upstream)):
+        leg = p.relay.client_leg if side == CLIENT else p.relay.upstream_leg
+
+        def connection_lost(reason, leg=leg, side=side):
+            lost[side].append(reason)
+            leg.connectionLost(reason)
+
+        transport.connectionLost = connection_lost
+    p.relay._spliced_eof(CLIENT)
+    p.relay._spliced_eof(UPSTREAM)
+    p.relay._pump_done(None, None)
+    assert [f.type for f in lost[CLIENT] + lost[UPSTREAM]] == [ConnectionDone, ConnectionDone]
+    assert (p.client.closes, p.upstream.closes, p.client.aborts, p.upstream.aborts) == (0, 0, 0, 0)
+    assert p.relay.aborted is None
+    assert p.finished == [p.relay]
