@@ -215,6 +215,9 @@ def make_pipe(size):
     return r, w, actual
 
 
+READS_PER_WAKEUP = 4  # bounded, so one busy connection cannot starve the others
+
+
 class _Direction:
     """One way of the pump: source socket → pipe → destination socket."""
 
@@ -349,19 +352,25 @@ class SplicePump:
             # Spurious (the reactor may call us once more after a swap); the writer side drives now.
             self._set_reading(side, False)
             return
-        try:
-            n = os.splice(self._socks[side].fileno(), d.pipe_w, d.size, flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
-        except BlockingIOError:
-            return
-        except OSError as e:
-            self._fail(e, side)
-            return
-        if n == 0:
-            d.eof = True
-            self._set_reading(side, False)
-        else:
-            d.in_pipe += n
-        self._flush(d)
+        src = self._socks[side].fileno()
+        for _ in range(READS_PER_WAKEUP):
+            try:
+                n = os.splice(src, d.pipe_w, d.size, flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
+            except BlockingIOError:
+                return
+            except OSError as e:
+                self._fail(e, side)
+                return
+            if n == 0:
+                d.eof = True
+                self._set_reading(side, False)
+            else:
+                d.in_pipe += n
+            self._flush(d)
+            # Go round again only while the socket filled the pipe and the pipe drained:
+            # more is probably waiting, and another epoll wait would cost a wakeup.
+            if n < d.size or d.in_pipe or d.eof or not self.active:
+                return
 
     def _writable(self, side):
         d = self._dirs[1 - side]
