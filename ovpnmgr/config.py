@@ -75,6 +75,7 @@ class AdminConfig:
 
     socket: str | None = None
     mode: int = 0o660
+    group: int | None = None  # gid the socket file is given (resolved from a name at load)
 
 
 @dataclass(frozen=True)
@@ -197,6 +198,17 @@ def _mode(value, ctx):
     raise _Bad("expected an octal mode string such as \"0660\", got %r" % (value,))
 
 
+def _group(value, ctx):
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**32:
+        return value
+    import grp
+
+    try:
+        return grp.getgrnam(_str(value, ctx)).gr_gid
+    except KeyError:
+        raise _Bad("no such group %r" % (value,))
+
+
 _NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,28}$")
 
 
@@ -296,7 +308,7 @@ _SCHEMA = {
             "splice": (_bool, False),
         },
     ),
-    "admin": (AdminConfig, {"socket": (_path, False), "mode": (_mode, False)}),
+    "admin": (AdminConfig, {"socket": (_path, False), "mode": (_mode, False), "group": (_group, False)}),
     "directory": (DirectoryConfig, {"file": (_readable_file, True)}),
     "firewall": (
         FirewallConfig,

@@ -18,13 +18,14 @@ OpenVPN's view (OpenVPN is the source of truth; there is no state file).
 
 import ipaddress
 
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from ovpnmgr import events
 from ovpnmgr.directory import AuthFailed
 from ovpnmgr.firewall import FirewallError
 from ovpnmgr.pool import AddressInUse, PoolExhausted
-from ovpnmgr.protocol import CommandFailed, ManagementError
+from ovpnmgr.protocol import CommandFailed, ManagementDisconnected, ManagementError
 from proxy.mappings import MappingConflict
 
 AUTHENTICATING = "authenticating"
@@ -537,6 +538,90 @@ class Controller:
                 self.firewall.remove_member(ip)
             except Exception as e:
                 self._log.error("could not remove stale member {vpn_ip}: {error}", vpn_ip=str(ip), error=e)
+
+    # --- operators' view and actions (the admin socket) ---
+
+    @property
+    def management_ready(self):
+        """True while a logged-in management connection is attached."""
+        protocol = self.protocol
+        return protocol is not None and bool(getattr(protocol, "ready", False))
+
+    def client_list(self):
+        """The current sessions (every state), ordered by CID."""
+        return sorted(self.sessions.values(), key=lambda s: s.cid)
+
+    def sessions_of(self, name):
+        """The current sessions of user ``name`` (by directory name, else by the username sent)."""
+        return [s for s in self.client_list() if (s.user.name if s.user is not None else s.username) == name]
+
+    def expected_members(self):
+        """The addresses the controller believes are in the kernel set."""
+        return {s.address for s in self.sessions.values() if s.address is not None}
+
+    def counts(self):
+        """Counters of the admission side, JSON-friendly."""
+        sessions = list(self.sessions.values())
+        return {
+            "clients": len(sessions),
+            "established": sum(1 for s in sessions if s.state == ESTABLISHED),
+            "pending": sum(1 for s in sessions if s.state != ESTABLISHED),
+            "addresses_in_use": len(self.pool.in_use()),
+            "mappings": len(self.mappings),
+            "draining": self.draining,
+            "management_connected": self.management_ready,
+            "epoch": self.epoch,
+        }
+
+    def set_draining(self, draining):
+        """Pause (True) or resume (False) new admissions; paused CONNECTs get a TEMP deny."""
+        draining = bool(draining)
+        if draining != self.draining:
+            self._log.info(
+                "draining {state}: new admissions {what}",
+                state="on" if draining else "off",
+                what="are denied temporarily" if draining else "resume",
+                event="drain",
+            )
+        self.draining = draining
+
+    def kick(self, name):
+        """``client-kill`` every current session of user ``name``.
+
+        :returns: a Deferred firing with ``(killed, errors)``: the number of
+            sessions OpenVPN confirmed killed and the error texts of the others.
+        :raises ManagementError: when no management connection is attached.
+        """
+        if not self.management_ready:
+            raise ManagementDisconnected("OpenVPN management not connected")
+        sessions = self.sessions_of(name)
+        self._log.info("kicking user {user}: {n} session(s)", user=name, n=len(sessions), event="kick")
+        ds = [self.protocol.client_kill(s.cid) for s in sessions]
+        d = defer.DeferredList(ds, consumeErrors=True)
+
+        def summarize(results):
+            errors = [r.getErrorMessage() for ok, r in results if not ok]
+            return len(results) - len(errors), errors
+
+        return d.addCallback(summarize)
+
+    def check_rules(self):
+        """Compare the kernel (chain, ipset members) with :meth:`expected_members`.
+
+        :returns: the Deferred of :meth:`~ovpnmgr.firewall.Firewall.check` (a ``Drift``).
+        """
+        return self.firewall.check(self.expected_members())
+
+    def management_command(self, line, shape):
+        """Send one operator command over the management connection.
+
+        :returns: the Deferred of :meth:`~ovpnmgr.protocol.ManagementProtocol.command`.
+        :raises ManagementError: when no management connection is attached.
+        :raises InvalidArgument: for a line the protocol refuses to send.
+        """
+        if not self.management_ready:
+            raise ManagementDisconnected("OpenVPN management not connected")
+        return self.protocol.command(line, shape)
 
     # --- helpers ---
 

@@ -229,8 +229,12 @@ def build(reactor, config, directory, password, ipset=None):
         prepareConnection=controller.attach,
     )
     top = PocketproxyService()
-    proxy_service, _ = build_proxy(reactor, config, mappings)
+    proxy_service, proxy_factory = build_proxy(reactor, config, mappings)
     proxy_service.setServiceParent(top)  # listening before any client can be admitted
+    if config.admin.socket is not None:
+        from ovpnmgr.admin import AdminService
+
+        AdminService(reactor, config.admin, controller, proxy_stats=proxy_factory.stats).setServiceParent(top)
     AdmissionService(reactor, firewall, management).setServiceParent(top)
     return top, controller
 

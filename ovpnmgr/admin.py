@@ -1,0 +1,533 @@
+# -*- test-case-name: tests.unit.test_admin -*-
+"""The operators' admin socket: a unix socket speaking the OpenVPN management dialect.
+
+OpenVPN serves one management client at a time and pocketproxy is that client,
+so operators' tools (openvpn-monitor, ``socat``, scripts) talk to this socket
+instead. The dialect is OpenVPN's:
+
+* on connect, one banner line
+  ``>INFO:pocketproxy admin interface version 1 -- type 'help' for more info``
+  (the form of OpenVPN's ``>INFO:OpenVPN Management Interface Version 5 -- …``);
+* every line sent ends in ``\\r\\n``; input lines end in ``\\n`` (a ``\\r`` before
+  it is dropped) and are at most :data:`MAX_LINE` bytes: a longer line is
+  answered ``ERROR: line too long`` and the connection is closed;
+* single-line replies are ``SUCCESS: …`` or ``ERROR: …``; multi-line replies end
+  with a line that is exactly ``END``;
+* commands of one admin connection are answered strictly in order; several
+  admin connections are served at once (their passthrough commands share the
+  management connection's FIFO).
+
+Commands:
+
+* **Passthrough** (:data:`PASSTHROUGH`): ``status [n]``, ``load-stats``,
+  ``version``, ``pid``, ``state [all|n]``, ``client-kill CID [msg]``,
+  ``kill CN|IP:port``, ``help``: the line is sent unchanged to OpenVPN and the
+  reply relayed (``SUCCESS:``/``ERROR:`` re-framed with one space after the
+  colon, multi-line replies line by line up to ``END``). Without a management
+  connection: ``ERROR: OpenVPN management not connected``.
+* **Refused** with ``ERROR: command not allowed``: every other OpenVPN
+  management verb (:data:`OPENVPN_VERBS`), notably ``client-auth``,
+  ``client-auth-nt``, ``client-deny``, ``client-pending-auth`` (admission is
+  pocketproxy's), ``hold``, ``signal``, ``state on|off``, ``log``, ``bytecount``
+  and ``version N`` (they would change or break pocketproxy's own connection).
+* ``quit`` / ``exit`` close the **admin** connection, without a reply, as
+  OpenVPN does for its management clients; they are never sent to OpenVPN.
+* **pocketproxy verbs**, prefixed ``pp`` so they never clash with OpenVPN's;
+  each takes ``--json`` for one JSON line followed by ``END``:
+  ``pp help``, ``pp clients``, ``pp devices``, ``pp kick USER``,
+  ``pp drain [on|off]``, ``pp rules check``, ``pp stats``.
+* Anything else: ``ERROR: unknown command, enter 'help' for more options``.
+
+Not (yet) here: the optional ``ENTER PASSWORD:`` prompt; forwarding of
+real-time ``>`` notifications to admin clients.
+"""
+
+import datetime
+import errno
+import json
+import os
+import socket
+import stat
+from collections import deque
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.internet.error import CannotListenError
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.protocols.basic import LineOnlyReceiver
+
+from ovpnmgr.firewall import FirewallError
+from ovpnmgr.protocol import MULTI, SINGLE, CommandFailed, InvalidArgument, ManagementDisconnected, ManagementError
+
+__all__ = ["BANNER", "MAX_LINE", "PASSTHROUGH", "OPENVPN_VERBS", "AdminProtocol", "AdminFactory", "AdminService"]
+
+#: The first line every admin client receives.
+BANNER = ">INFO:pocketproxy admin interface version 1 -- type 'help' for more info"
+
+#: Longest accepted input line in bytes (without the ``\\n``); OpenVPN's own buffer is 1024.
+MAX_LINE = 1000
+
+NOT_CONNECTED = "ERROR: OpenVPN management not connected"
+NOT_ALLOWED = "ERROR: command not allowed"
+UNKNOWN = "ERROR: unknown command, enter 'help' for more options"
+
+#: OpenVPN management verbs known to OpenVPN 2.6/2.7 (to tell "not allowed" from "unknown").
+OPENVPN_VERBS = frozenset(
+    """auth-retry bytecount certificate client-auth client-auth-nt client-deny client-kill
+    client-pending-auth client-pf cr-response echo env-filter exit forget-passwords help hold kill
+    load-stats log mute needok needstr net password pid pk-sig pkcs11-id-count pkcs11-id-get proxy
+    quit remote remote-entry-count remote-entry-get rsa-sig signal state status test username verb
+    version push-update-broad push-update-cid""".split()
+)
+
+_SESSION_END = frozenset({"quit", "exit"})
+
+
+def _status_shape(args):
+    if len(args) <= 1 and all(a.isdigit() for a in args):
+        return MULTI
+    return None
+
+
+def _state_shape(args):
+    if not args or (len(args) == 1 and (args[0] == "all" or args[0].isdigit())):
+        return MULTI
+    return None  # "state on|off" would change pocketproxy's own notifications
+
+
+def _bare(shape):
+    return lambda args: shape if not args else None
+
+
+def _with_args(shape):
+    return lambda args: shape if args else None
+
+
+#: verb → f(args) → reply shape, or None when this use of the verb is refused.
+PASSTHROUGH = {
+    "status": _status_shape,
+    "state": _state_shape,
+    "load-stats": _bare(SINGLE),
+    "version": _bare(MULTI),  # "version N" gets no reply from 2.6 and is never sent
+    "pid": _bare(SINGLE),
+    "help": _bare(MULTI),
+    "client-kill": _with_args(SINGLE),
+    "kill": _with_args(SINGLE),
+}
+
+PP_HELP = [
+    "pocketproxy admin verbs (add --json for one JSON line before END):",
+    "pp clients            : sessions: user, cid, VPN address, device, since, live connections, state",
+    "pp devices            : devices, their users and connected addresses",
+    "pp kick USER          : client-kill every session of USER",
+    "pp drain [on|off]     : show, pause or resume new admissions (paused: TEMP deny)",
+    "pp rules check        : compare kernel chain and ipset members with admitted clients",
+    "pp stats              : admission and proxy counters",
+    "quit | exit           : close this admin session",
+    "OpenVPN passthrough   : status [n], load-stats, version, pid, state [all|n], client-kill CID [msg], kill, help",
+]
+
+
+def _iso(t):
+    if t is None:
+        return None
+    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _json(obj):
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+def _flatten(prefix, value, out):
+    if isinstance(value, dict):
+        for key in sorted(value):
+            _flatten("%s.%s" % (prefix, key) if prefix else str(key), value[key], out)
+    else:
+        if isinstance(value, bool):
+            value = int(value)
+        out.append("%s=%s" % (prefix, value))
+    return out
+
+
+class AdminProtocol(LineOnlyReceiver):
+    """One admin client. Lines are queued and answered one at a time, in order."""
+
+    delimiter = b"\n"
+    MAX_LENGTH = MAX_LINE
+
+    _log = Logger()
+
+    def __init__(self, controller, proxy_stats=None):
+        """
+        :param controller: the :class:`~ovpnmgr.controller.Controller`.
+        :param proxy_stats: the proxy's :class:`~proxy.stats.ProxyStats`, or None.
+        """
+        self.controller = controller
+        self.proxy_stats = proxy_stats
+        self._queue = deque()
+        self._busy = False
+        self._looping = False
+        self._closed = False
+
+    # --- Twisted protocol ---
+
+    def connectionMade(self):
+        """``IProtocol.connectionMade``: send the banner."""
+        self._write([BANNER])
+
+    def connectionLost(self, reason=None):
+        """``IProtocol.connectionLost``: drop queued lines (a reply in progress is discarded)."""
+        self._closed = True
+        self._queue.clear()
+
+    def lineReceived(self, line):
+        """``LineOnlyReceiver.lineReceived``: queue one command line."""
+        if self._closed:
+            return
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        self._queue.append(line)
+        self._next()
+
+    def lineLengthExceeded(self, line):
+        """``LineOnlyReceiver.lineLengthExceeded``: say so, log the length only, and close."""
+        self._log.warn("admin line of {length}+ bytes exceeds {limit}; closing", length=len(line), limit=MAX_LINE)
+        self._write(["ERROR: line too long (limit %d bytes)" % MAX_LINE])
+        self._close()
+
+    # --- command loop ---
+
+    def _write(self, lines):
+        if not self._closed and self.transport is not None:
+            self.transport.write(b"".join(line.encode("utf-8") + b"\r\n" for line in lines))
+
+    def _close(self):
+        self._closed = True
+        self._queue.clear()
+        self.transport.loseConnection()
+
+    def _next(self):
+        if self._looping:
+            return  # an answer that arrived synchronously; the running loop continues
+        self._looping = True
+        try:
+            while not self._busy and self._queue and not self._closed:
+                raw = self._queue.popleft()
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    self._write(["ERROR: command is not UTF-8"])
+                    continue
+                if not text.strip():
+                    continue  # OpenVPN ignores empty lines too
+                self._busy = True
+                d = defer.maybeDeferred(self._dispatch, text.strip())
+                d.addErrback(self._internal_error, text)
+                d.addCallback(self._answered)
+        finally:
+            self._looping = False
+
+    def _answered(self, lines):
+        self._busy = False
+        if lines is None:  # quit/exit
+            self._close()
+            return
+        self._write(lines)
+        self._next()
+
+    def _internal_error(self, failure, text):
+        self._log.failure("admin command {verb!r} failed", failure, verb=text.split()[0][:40])
+        return ["ERROR: internal error: %s" % failure.type.__name__]
+
+    def _dispatch(self, text):
+        words = text.split()
+        verb = words[0]
+        if verb in _SESSION_END:
+            return None
+        if verb == "pp":
+            return self._pp(words[1:])
+        shape_of = PASSTHROUGH.get(verb)
+        if shape_of is not None:
+            shape = shape_of(words[1:])
+            if shape is not None:
+                return self._passthrough(text, shape)
+            return [NOT_ALLOWED]
+        if verb in OPENVPN_VERBS:
+            return [NOT_ALLOWED]
+        return [UNKNOWN]
+
+    # --- passthrough ---
+
+    def _passthrough(self, text, shape):
+        try:
+            d = self.controller.management_command(text, shape)
+        except ManagementDisconnected:
+            return [NOT_CONNECTED]
+        except InvalidArgument as e:
+            return ["ERROR: %s" % e]
+
+        def ok(result):
+            if shape is SINGLE:
+                return ["SUCCESS: %s" % result]
+            return list(result) + ["END"]
+
+        def failed(failure):
+            if failure.check(CommandFailed):
+                return ["ERROR: %s" % failure.value.text]
+            if failure.check(ManagementDisconnected):
+                return [NOT_CONNECTED]
+            failure.trap(ManagementError)
+            return ["ERROR: OpenVPN management: %s" % failure.getErrorMessage()]
+
+        return d.addCallbacks(ok, failed)
+
+    # --- pocketproxy verbs ---
+
+    def _pp(self, args):
+        as_json = "--json" in args
+        args = [a for a in args if a != "--json"]
+        if not args:
+            return [UNKNOWN]
+        verb, rest = args[0], args[1:]
+        if verb == "help" and not rest:
+            return PP_HELP + ["END"]
+        if verb == "clients" and not rest:
+            return self._clients(as_json)
+        if verb == "devices" and not rest:
+            return self._devices(as_json)
+        if verb == "kick" and len(rest) == 1:
+            return self._kick(rest[0], as_json)
+        if verb == "drain" and len(rest) <= 1 and (not rest or rest[0] in ("on", "off")):
+            return self._drain(rest[0] if rest else None, as_json)
+        if verb == "rules" and rest == ["check"]:
+            return self._rules_check(as_json)
+        if verb == "stats" and not rest:
+            return self._stats(as_json)
+        if verb in ("help", "clients", "devices", "kick", "drain", "rules", "stats"):
+            return ["ERROR: usage: see 'pp help'"]
+        return [UNKNOWN]
+
+    def _client_rows(self):
+        mappings = self.controller.mappings
+        rows = []
+        for s in self.controller.client_list():
+            rows.append(
+                {
+                    "user": s.user.name if s.user is not None else s.username,
+                    "cid": s.cid,
+                    "vpn_ip": str(s.address) if s.address is not None else None,
+                    "device": s.user.device.name if s.user is not None else None,
+                    "connected_since": _iso(s.connected_since),
+                    "live_connections": mappings.live_count(s.address) if s.address is not None else 0,
+                    "state": s.state,
+                }
+            )
+        return rows
+
+    def _clients(self, as_json):
+        rows = self._client_rows()
+        if as_json:
+            return [_json({"clients": rows}), "END"]
+        keys = ("user", "cid", "vpn_ip", "device", "connected_since", "live_connections", "state")
+        out = ["HEADER\tCLIENT\t" + "\t".join(keys)]
+        for row in rows:
+            out.append("CLIENT\t" + "\t".join("-" if row[k] is None else str(row[k]) for k in keys))
+        return out + ["END"]
+
+    def _devices(self, as_json):
+        connected = {}
+        for row in self._client_rows():
+            if row["device"] is not None:
+                connected.setdefault(row["device"], []).append(row)
+        devices = []
+        directory = self.controller.directory
+        for name in sorted(directory.devices):
+            device = directory.devices[name]
+            devices.append(
+                {
+                    "device": name,
+                    "upstream": str(device.upstream),  # Upstream.__str__ hides the password
+                    "users": sorted(u.name for u in directory.users.values() if u.device.name == name),
+                    "connected": [
+                        {"user": r["user"], "cid": r["cid"], "vpn_ip": r["vpn_ip"]} for r in connected.get(name, [])
+                    ],
+                }
+            )
+        if as_json:
+            return [_json({"devices": devices}), "END"]
+        out = ["HEADER\tDEVICE\tdevice\tupstream\tusers\tconnected"]
+        for d in devices:
+            users = ",".join(d["users"]) or "-"
+            conn = ",".join("%s@%s" % (c["user"], c["vpn_ip"] or "-") for c in d["connected"]) or "-"
+            out.append("DEVICE\t%s\t%s\t%s\t%s" % (d["device"], d["upstream"], users, conn))
+        return out + ["END"]
+
+    def _kick(self, name, as_json):
+        if not self.controller.sessions_of(name) and name not in self.controller.directory.users:
+            return ["ERROR: unknown user %s" % name]
+        try:
+            d = self.controller.kick(name)
+        except ManagementDisconnected:
+            return [NOT_CONNECTED]
+
+        def done(result):
+            killed, errors = result
+            if as_json:
+                return [_json({"user": name, "kicked": killed, "errors": errors}), "END"]
+            if errors:
+                return ["ERROR: kicked %d of %d session(s) of %s: %s" % (killed, killed + len(errors), name, errors[0])]
+            return ["SUCCESS: kicked %d session(s) of %s" % (killed, name)]
+
+        return d.addCallback(done)
+
+    def _drain(self, value, as_json):
+        if value is not None:
+            self.controller.set_draining(value == "on")
+        state = "on" if self.controller.draining else "off"
+        if as_json:
+            return [_json({"draining": self.controller.draining}), "END"]
+        return ["SUCCESS: drain=%s" % state]
+
+    def _rules_check(self, as_json):
+        def done(drift):
+            if as_json:
+                return [
+                    _json(
+                        {
+                            "ok": drift.ok,
+                            "summary": drift.describe(),
+                            "missing_chain_rules": drift.missing_chain_rules,
+                            "rule_problems": list(drift.rule_problems),
+                            "set_missing": drift.set_missing,
+                            "missing_members": sorted(str(ip) for ip in drift.missing_members),
+                            "extra_members": sorted(str(ip) for ip in drift.extra_members),
+                        }
+                    ),
+                    "END",
+                ]
+            if drift.ok:
+                return ["SUCCESS: %s" % drift.describe()]
+            return ["ERROR: drift: %s" % drift.describe()]
+
+        def failed(failure):
+            failure.trap(FirewallError)
+            return ["ERROR: %s" % failure.value]
+
+        return self.controller.check_rules().addCallbacks(done, failed)
+
+    def _stats(self, as_json):
+        snapshot = {"admission": self.controller.counts()}
+        if self.proxy_stats is not None:
+            snapshot["proxy"] = self.proxy_stats.snapshot()
+        if as_json:
+            return [_json(snapshot), "END"]
+        return _flatten("", snapshot, []) + ["END"]
+
+
+class AdminFactory(Factory):
+    """Builds :class:`AdminProtocol` instances and remembers the live ones."""
+
+    def __init__(self, controller, proxy_stats=None):
+        self.controller = controller
+        self.proxy_stats = proxy_stats
+        self.connections = set()
+
+    def buildProtocol(self, addr):
+        """``IProtocolFactory.buildProtocol``."""
+        protocol = _TrackedAdminProtocol(self.controller, self.proxy_stats)
+        protocol.factory = self
+        return protocol
+
+
+class _TrackedAdminProtocol(AdminProtocol):
+    def connectionMade(self):
+        self.factory.connections.add(self)
+        super().connectionMade()
+
+    def connectionLost(self, reason=None):
+        self.factory.connections.discard(self)
+        super().connectionLost(reason)
+
+
+def remove_stale_socket(path):
+    """Remove a leftover socket file at ``path`` that nobody listens on.
+
+    :raises OSError: if ``path`` exists and is not a socket, or a live process
+        still accepts connections on it (``EADDRINUSE``).
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISSOCK(st.st_mode):
+        raise OSError(errno.EEXIST, "exists and is not a socket", str(path))
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(str(path))
+    except OSError:
+        pass  # refused: stale
+    else:
+        raise OSError(errno.EADDRINUSE, "another process is listening on it", str(path))
+    finally:
+        probe.close()
+    os.unlink(path)
+    return True
+
+
+class AdminService(service.Service):
+    """Listens on the admin unix socket; mode and group from :class:`~ovpnmgr.config.AdminConfig`.
+
+    The socket is bound in ``privilegedStartService`` (a stale file is removed
+    first), and removed again when the service stops.
+    """
+
+    _log = Logger()
+
+    def __init__(self, reactor, config, controller, proxy_stats=None):
+        """
+        :param reactor: an ``IReactorUNIX``.
+        :param config: the :class:`~ovpnmgr.config.AdminConfig` (``socket`` set).
+        :param controller: the :class:`~ovpnmgr.controller.Controller`.
+        :param proxy_stats: the proxy's :class:`~proxy.stats.ProxyStats`, or None.
+        """
+        self.reactor = reactor
+        self.config = config
+        self.factory = AdminFactory(controller, proxy_stats)
+        self.port = None
+
+    def privilegedStartService(self):
+        """``IService.privilegedStartService``: bind the socket."""
+        super().privilegedStartService()
+        self._listen()
+
+    def startService(self):
+        """``IService.startService``."""
+        super().startService()
+        if self.port is None:
+            self._listen()
+
+    def _listen(self):
+        path = str(self.config.socket)
+        try:
+            removed = remove_stale_socket(path)
+        except OSError as e:
+            # Reported by PocketproxyService like any other port that cannot be bound.
+            raise CannotListenError(None, path, e)
+        if removed:
+            self._log.info("removed stale admin socket {path}", path=path)
+        self.port = self.reactor.listenUNIX(path, self.factory, mode=self.config.mode)
+        group = getattr(self.config, "group", None)
+        if group is not None:
+            os.chown(path, -1, group)
+        self._log.info("admin socket listening on {path} (mode {mode:04o})", path=path, mode=self.config.mode)
+
+    def stopService(self):
+        """``IService.stopService``: close admin connections, stop listening (removes the file)."""
+        super().stopService()
+        for protocol in list(self.factory.connections):
+            protocol.transport.loseConnection()
+        port, self.port = self.port, None
+        if port is not None:
+            return port.stopListening()
