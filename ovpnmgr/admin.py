@@ -35,7 +35,9 @@ Commands:
 * **pocketproxy verbs**, prefixed ``pp`` so they never clash with OpenVPN's;
   each takes ``--json`` for one JSON line followed by ``END``:
   ``pp help``, ``pp clients``, ``pp devices``, ``pp kick USER``,
-  ``pp drain [on|off]``, ``pp rules check``, ``pp stats``.
+  ``pp drain [on|off]``, ``pp rules check``, ``pp stats``, ``pp reload``
+  (re-read the users file, as SIGHUP does; a bad file is refused and the
+  previous users stay in force).
 * Anything else: ``ERROR: unknown command, enter 'help' for more options``.
 
 Not (yet) here: the optional ``ENTER PASSWORD:`` prompt; forwarding of
@@ -57,6 +59,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 
+from ovpnmgr.config import ConfigError
 from ovpnmgr.firewall import FirewallError
 from ovpnmgr.protocol import MULTI, SINGLE, CommandFailed, InvalidArgument, ManagementDisconnected, ManagementError
 
@@ -124,6 +127,7 @@ PP_HELP = [
     "pp drain [on|off]     : show, pause or resume new admissions (paused: TEMP deny)",
     "pp rules check        : compare kernel chain and ipset members with admitted clients",
     "pp stats              : admission and proxy counters",
+    "pp reload             : re-read the users file (removed users kicked, changed devices remapped)",
     "quit | exit           : close this admin session",
     "OpenVPN passthrough   : status [n], load-stats, version, pid, state [all|n], client-kill CID [msg], kill, help",
 ]
@@ -304,7 +308,9 @@ class AdminProtocol(LineOnlyReceiver):
             return self._rules_check(as_json)
         if verb == "stats" and not rest:
             return self._stats(as_json)
-        if verb in ("help", "clients", "devices", "kick", "drain", "rules", "stats"):
+        if verb == "reload" and not rest:
+            return self._reload(as_json)
+        if verb in ("help", "clients", "devices", "kick", "drain", "rules", "stats", "reload"):
             return ["ERROR: usage: see 'pp help'"]
         return [UNKNOWN]
 
@@ -415,6 +421,21 @@ class AdminProtocol(LineOnlyReceiver):
             return ["ERROR: %s" % failure.value]
 
         return self.controller.check_rules().addCallbacks(done, failed)
+
+    def _reload(self, as_json):
+        try:
+            summary = self.controller.reload_file()
+        except ConfigError as e:
+            error = " ".join(str(e).split("\n"))  # one reply line whatever the message
+            if as_json:
+                return [_json({"ok": False, "error": error}), "END"]
+            return ["ERROR: reload refused: %s; previous users stay in force" % error]
+        if as_json:
+            return [_json(dict(summary, ok=True)), "END"]
+        return [
+            "SUCCESS: reloaded users file: %(users)d users (added %(added)d, removed %(removed)d, "
+            "changed %(changed)d, kicked %(kicked)d)" % summary
+        ]
 
     def _stats(self, as_json):
         snapshot = {"admission": self.controller.counts()}

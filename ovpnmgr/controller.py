@@ -22,6 +22,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from ovpnmgr import events
+from ovpnmgr.config import ConfigError
 from ovpnmgr.directory import AuthFailed
 from ovpnmgr.firewall import FirewallError
 from ovpnmgr.pool import AddressInUse, PoolExhausted
@@ -604,6 +605,116 @@ class Controller:
             return len(results) - len(errors), errors
 
         return d.addCallback(summarize)
+
+    def reload_file(self, path=None):
+        """Re-read the users file (default: the one in force) and :meth:`reload` it.
+
+        :raises ~ovpnmgr.config.ConfigError: the new file is invalid (``file: key:
+            problem``); nothing changed and the previous directory stays in force.
+        """
+        from ovpnmgr.directory import Directory
+
+        path = self.directory.path if path is None else path
+        try:
+            directory = Directory.load(path, self.config.subnet, self.config.server_address)
+        except ConfigError as e:
+            self._log.error(
+                "reload refused: {error}; previous users stay in force", error=str(e), event="reload-refused"
+            )
+            raise
+        return self.reload(directory)
+
+    def reload(self, directory):
+        """Put a new :class:`~ovpnmgr.directory.Directory` in force, live.
+
+        * a removed user's sessions are torn down (mapping removed, which aborts
+          their proxied connections; ipset member and address released) and
+          ``client-kill``-ed;
+        * a user whose static address changed (added, removed or moved) is
+          kicked the same way, so it reconnects with the new address; a session
+          of another user that holds a newly reserved static address is kicked
+          too, so the owner can have it;
+        * a user whose device (or its upstream URL) changed keeps its session
+          and address; its mapping is transferred to the new upstream, which
+          aborts its live proxied connections;
+        * other changes (password, common name) only update the session's user:
+          the next re-authentication is checked against the new file;
+        * sessions still authenticating against the old file for a user that
+          changed or disappeared get a TEMP deny, so they retry at once against
+          the new one;
+        * unchanged users are not touched: their live connections keep flowing.
+
+        :returns: ``{"users", "added", "removed", "changed", "kicked", "remapped", "path"}``.
+        :raises ~ovpnmgr.config.ConfigError: a static address the pool refuses
+            (then nothing changed).
+        """
+        old = self.directory
+        statics = directory.static_addresses()
+        try:
+            self.pool.set_static(statics)  # validates all before replacing: nothing changed on error
+        except ValueError as e:
+            raise ConfigError(directory.path, "users", str(e))
+        added = sorted(set(directory.users) - set(old.users))
+        removed = sorted(set(old.users) - set(directory.users))
+        changed = sorted(n for n in set(old.users) & set(directory.users) if old.users[n] != directory.users[n])
+        kicked = remapped = 0
+        for session in list(self.sessions.values()):
+            if session.user is None:
+                if old.find(session.username, session.common_name) != directory.find(
+                    session.username, session.common_name
+                ):
+                    self._deny(session, "users file reloaded during authentication", temporary=True)
+                continue
+            new = directory.users.get(session.user.name)
+            if new is None:
+                why = "user removed"
+            elif new.address != session.user.address:
+                why = "static address changed"
+            elif session.address is not None and session.address in statics and session.address != new.address:
+                why = "address %s now reserved for another user" % session.address
+            else:
+                if new.device != session.user.device and session.address is not None:
+                    if self.mappings.owner(session.address) is session:
+                        self.mappings.transfer(session.address, new.device.upstream, session)
+                        remapped += 1
+                        self._log.info(
+                            "remapped user {user} cid {cid} vpn_ip {vpn_ip} to device {device}",
+                            user=new.name,
+                            cid=session.cid,
+                            vpn_ip=str(session.address),
+                            device=new.device.name,
+                            event="remapped",
+                        )
+                session.user = new
+                continue
+            self._log.info(
+                "reload: kicking user {user} cid {cid} vpn_ip {vpn_ip}: {reason}",
+                user=session.user.name,
+                cid=session.cid,
+                vpn_ip=str(session.address),
+                reason=why,
+                event="reload-kick",
+            )
+            self._end(session)
+            self._kill(session.cid, why)
+            kicked += 1
+        self.directory = directory
+        summary = {
+            "path": directory.path,
+            "users": len(directory.users),
+            "added": len(added),
+            "removed": len(removed),
+            "changed": len(changed),
+            "kicked": kicked,
+            "remapped": remapped,
+        }
+        self._log.info(
+            "reloaded users file {path}: {users} users (added {added}, removed {removed}, changed {changed}, "
+            "kicked {kicked}, remapped {remapped})",
+            event="reloaded",
+            **summary,
+        )
+        return summary
 
     def check_rules(self):
         """Compare the kernel (chain, ipset members) with :meth:`expected_members`.

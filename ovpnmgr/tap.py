@@ -6,6 +6,7 @@ reported as one line naming file, key and problem, and twistd exits non-zero
 before anything starts.
 """
 
+import signal
 import sys
 
 from twisted.application import service
@@ -117,6 +118,53 @@ class PocketproxyService(service.MultiService):
                 error=e.socketError,
             )
             raise SystemExit(1)
+
+
+class ReloadOnSignal(service.Service):
+    """SIGHUP re-reads the users file, as ``pp reload`` does.
+
+    The handler only schedules the reload on the reactor thread
+    (``callFromThread`` is safe from a signal handler). twistd itself binds no
+    SIGHUP handler (checked with Twisted 22.4 and 26.x: only SIGUSR1, for log
+    rotation with a log file); if something else installed one before us it
+    is still called after scheduling the reload. The previous handler is
+    restored when the service stops.
+    """
+
+    _log = Logger()
+
+    def __init__(self, reactor, controller, signum=signal.SIGHUP):
+        self.reactor = reactor
+        self.controller = controller
+        self.signum = signum
+        self._previous = None
+
+    def startService(self):
+        super().startService()
+        self._previous = signal.signal(self.signum, self._received)
+
+    def stopService(self):
+        previous, self._previous = self._previous, None
+        if previous is not None:
+            signal.signal(self.signum, previous)
+        return super().stopService()
+
+    def _received(self, signum, frame):
+        self.reactor.callFromThread(self.reload)
+        previous = self._previous
+        if callable(previous):
+            previous(signum, frame)
+
+    def reload(self):
+        """Reload now; a bad file is logged (by the controller) and the old one stays."""
+        self._log.info("SIGHUP: reloading the users file", event="sighup")
+        try:
+            return self.controller.reload_file()
+        except ConfigError:
+            return None
+        except Exception:
+            self._log.failure("reload after SIGHUP failed")
+            return None
 
 
 @implementer(IStreamClientEndpoint)
@@ -236,6 +284,7 @@ def build(reactor, config, directory, password, ipset=None):
 
         AdminService(reactor, config.admin, controller, proxy_stats=proxy_factory.stats).setServiceParent(top)
     AdmissionService(reactor, firewall, management).setServiceParent(top)
+    ReloadOnSignal(reactor, controller).setServiceParent(top)
     return top, controller
 
 
