@@ -1,18 +1,402 @@
 # -*- test-case-name: tests.unit.test_ctl -*-
 """``pocketproxyctl``: the operators' command line.
 
-For now it offers ``hash-password`` (for the users file); the admin-socket
-commands join it with the admin socket.
+It talks to the daemon's admin socket (:mod:`ovpnmgr.admin`) with a plain
+blocking unix-socket client (a CLI, not the reactor): read the banner, send
+one command (``pp <verb> --json``, or an OpenVPN passthrough such as
+``status 3``), read the reply up to ``END`` / ``SUCCESS:`` / ``ERROR:``, send
+``quit``. Output is a human table by default, the daemon's JSON with
+``--json``. ``hash-password`` works without a daemon.
+
+Exit codes (:data:`EXIT_OK` …): 0 ok; 1 the daemon answered ``ERROR`` (this
+includes drift found by ``rules check`` and a kick that failed for some
+session); 2 usage or configuration error; 3 cannot talk to the admin socket
+(missing, permission denied, refused, timeout, closed early).
 """
 
 import argparse
+import errno
 import getpass
+import json
+import os
+import socket
 import sys
+import time
 
-from ovpnmgr.directory import hash_password
+__all__ = ["main", "AdminSession", "CtlError", "DEFAULT_SOCKET", "parse_status"]
+
+PROG = "pocketproxyctl"
+DEFAULT_SOCKET = "/run/pocketproxy/admin.sock"
+DEFAULT_TIMEOUT = 10.0
+PASSWORD_PROMPT = b"ENTER PASSWORD:"
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+
+
+class CtlError(Exception):
+    """A failure with its message (without the ``pocketproxyctl:`` prefix) and exit code."""
+
+    def __init__(self, message, code):
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+class Reply:
+    """One admin reply: ``kind`` is ``"SUCCESS"``, ``"ERROR"`` or ``"MULTI"``."""
+
+    def __init__(self, kind, text=None, lines=()):
+        self.kind = kind
+        self.text = text  # SUCCESS/ERROR message, after "SUCCESS: " / "ERROR: "
+        self.lines = list(lines)  # MULTI body, without END
+
+    @property
+    def ok(self):
+        return self.kind != "ERROR"
+
+
+# --- the admin-socket client ---
+
+
+def _unreachable(path, exc, timeout):
+    if isinstance(exc, socket.timeout):
+        return CtlError("admin socket %s did not answer within %gs (is pocketproxy stuck?)" % (path, timeout), EXIT_UNREACHABLE)
+    if isinstance(exc, FileNotFoundError) or getattr(exc, "errno", None) == errno.ENOENT:
+        return CtlError(
+            "admin socket %s not found (is pocketproxy running? admin.socket set?)" % path, EXIT_UNREACHABLE
+        )
+    if isinstance(exc, PermissionError) or getattr(exc, "errno", None) in (errno.EACCES, errno.EPERM):
+        return CtlError(
+            "permission denied on %s (run as root or a member of the socket's group)" % path, EXIT_UNREACHABLE
+        )
+    if isinstance(exc, ConnectionRefusedError) or getattr(exc, "errno", None) == errno.ECONNREFUSED:
+        return CtlError(
+            "connection refused on %s (stale socket file: pocketproxy is not running)" % path, EXIT_UNREACHABLE
+        )
+    return CtlError("cannot talk to admin socket %s: %s" % (path, exc.strerror or exc), EXIT_UNREACHABLE)
+
+
+class AdminSession:
+    """A blocking admin-socket session; every read is bounded by one overall deadline."""
+
+    def __init__(self, path, timeout=DEFAULT_TIMEOUT):
+        self.path = path
+        self.timeout = timeout
+        self.deadline = time.monotonic() + timeout
+        self.sock = None
+        self.buffer = b""
+        self.banner = None
+
+    def open(self):
+        """Connect and read the banner; :class:`CtlError` (exit 3) when that fails."""
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.sock.settimeout(self._remaining())
+            self.sock.connect(self.path)
+            banner = self._line(prompt=True)
+        except (OSError, EOFError) as e:
+            self.close()
+            if isinstance(e, EOFError):
+                raise CtlError("admin socket %s closed the connection before its banner" % self.path, EXIT_UNREACHABLE)
+            raise _unreachable(self.path, e, self.timeout)
+        if banner.startswith("ENTER PASSWORD:"):
+            self.close()
+            raise CtlError("admin socket %s asks for a password; pocketproxyctl cannot send one yet" % self.path, EXIT_UNREACHABLE)
+        if not banner.startswith(">INFO:"):
+            self.close()
+            raise CtlError("unexpected banner from %s: %r" % (self.path, banner[:200]), EXIT_UNREACHABLE)
+        self.banner = banner
+        return self
+
+    def _remaining(self):
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise socket.timeout("timed out")
+        return left
+
+    def _line(self, prompt=False):
+        while b"\n" not in self.buffer:
+            if prompt and self.buffer.startswith(PASSWORD_PROMPT):
+                return PASSWORD_PROMPT.decode()  # OpenVPN's prompt has no line end
+            self.sock.settimeout(self._remaining())
+            data = self.sock.recv(65536)
+            if not data:
+                raise EOFError()
+            self.buffer += data
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        return line.rstrip(b"\r").decode("utf-8", "replace")
+
+    def command(self, text):
+        """Send one command line; return its :class:`Reply`."""
+        try:
+            self.sock.settimeout(self._remaining())
+            self.sock.sendall(text.encode("utf-8") + b"\n")
+            lines = []
+            while True:
+                line = self._line()
+                if not lines and line.startswith(">"):
+                    continue  # a real-time notification, not part of the reply
+                if not lines and line.startswith("SUCCESS:"):
+                    return Reply("SUCCESS", line[len("SUCCESS:"):].strip())
+                if not lines and line.startswith("ERROR:"):
+                    return Reply("ERROR", line[len("ERROR:"):].strip())
+                if line == "END":
+                    return Reply("MULTI", lines=lines)
+                lines.append(line)
+        except EOFError:
+            raise CtlError("admin socket %s closed the connection before the reply to %r ended" % (self.path, text.split()[0]), EXIT_UNREACHABLE)
+        except OSError as e:
+            if isinstance(e, socket.timeout):
+                raise CtlError("no complete reply from %s within %gs" % (self.path, self.timeout), EXIT_UNREACHABLE)
+            raise _unreachable(self.path, e, self.timeout)
+
+    def close(self):
+        """Say ``quit`` (best effort) and close."""
+        if self.sock is None:
+            return
+        try:
+            if self.banner is not None:
+                self.sock.settimeout(0.5)
+                self.sock.sendall(b"quit\n")
+        except OSError:
+            pass
+        self.sock.close()
+        self.sock = None
+
+    def __enter__(self):
+        return self.open()
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# --- formatting ---
+
+
+def _cell(value):
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (list, tuple)):
+        return ",".join(_cell(v) for v in value) or "-"
+    return str(value)
+
+
+def table(headers, rows):
+    """Aligned columns (two spaces apart, last column not padded)."""
+    cells = [[_cell(v) for v in row] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    out = []
+    for row in [list(headers)] + cells:
+        out.append("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    return "\n".join(out)
+
+
+#: (JSON key, column title) of ``pp clients``; keys the daemon adds later are appended as extra columns.
+CLIENT_COLUMNS = [
+    ("user", "USER"),
+    ("cid", "CID"),
+    ("vpn_ip", "VPN_IP"),
+    ("device", "DEVICE"),
+    ("connected_since", "CONNECTED_SINCE"),
+    ("live_connections", "LIVE"),
+    ("state", "STATE"),
+]
+
+
+def _columns(rows, known):
+    keys = [k for k, _ in known]
+    extra = []
+    for row in rows:
+        extra += [k for k in row if k not in keys and k not in extra]
+    return known + [(k, k.upper()) for k in extra]
+
+
+def _format_clients(data):
+    rows = data.get("clients", [])
+    cols = _columns(rows, CLIENT_COLUMNS)
+    text = table([t for _, t in cols], [[r.get(k) for k, _ in cols] for r in rows])
+    return text + "\n%d client(s)" % len(rows)
+
+
+def _format_devices(data):
+    rows = []
+    for d in data.get("devices", []):
+        connected = ["%s@%s" % (c.get("user"), c.get("vpn_ip") or "-") for c in d.get("connected", [])]
+        rows.append([d.get("device"), d.get("upstream"), d.get("users"), connected])
+    return table(["DEVICE", "UPSTREAM", "USERS", "CONNECTED"], rows)
+
+
+def _flatten(prefix, value, out):
+    if isinstance(value, dict):
+        for key in sorted(value):
+            _flatten("%s.%s" % (prefix, key) if prefix else str(key), value[key], out)
+    else:
+        out.append((prefix, value))
+    return out
+
+
+def _format_stats(data):
+    return table(["COUNTER", "VALUE"], _flatten("", data, []))
+
+
+def _format_drift(data):
+    out = ["rules: %s" % data.get("summary", "ok" if data.get("ok") else "drift")]
+    for key, title in (
+        ("missing_members", "ipset member missing (admitted client not in the set)"),
+        ("extra_members", "ipset member not admitted by pocketproxy"),
+        ("rule_problems", "rule problem"),
+    ):
+        for item in data.get(key) or []:
+            out.append("  %s: %s" % (title, item))
+    if data.get("missing_chain_rules"):
+        out.append("  chain rules missing")
+    if data.get("set_missing"):
+        out.append("  ipset missing")
+    return "\n".join(out)
+
+
+def parse_status(lines):
+    """``status 3`` (tab-separated, ``HEADER`` lines) or ``status 2`` (commas) → JSON-friendly dict.
+
+    ``{"title": …, "time": […], "global": {name: value}, "<TABLE>": [{column: value}]}``
+    with one list per ``HEADER`` (``CLIENT_LIST``, ``ROUTING_TABLE``, …).
+    """
+    out = {}
+    headers = {}
+    for line in lines:
+        sep = "\t" if "\t" in line else ","
+        fields = line.split(sep)
+        kind = fields[0]
+        if kind == "TITLE":
+            out["title"] = sep.join(fields[1:])
+        elif kind == "TIME":
+            out["time"] = fields[1:]
+        elif kind == "HEADER" and len(fields) > 1:
+            headers[fields[1]] = fields[2:]
+            out.setdefault(fields[1], [])
+        elif kind == "GLOBAL_STATS" and len(fields) >= 3:
+            out.setdefault("global", {})[fields[1]] = fields[2]
+        elif kind in headers:
+            out[kind].append(dict(zip(headers[kind], fields[1:])))
+        else:
+            out.setdefault("other", []).append(line)
+    return out
+
+
+# --- commands ---
+
+
+def _emit(text):
+    sys.stdout.write(text + "\n")
+
+
+def _fail(message):
+    sys.stderr.write("%s: %s\n" % (PROG, message))
+
+
+def _json_reply(reply, request):
+    """The JSON object of a ``pp … --json`` reply, or :class:`CtlError` (exit 1) on ERROR."""
+    if reply.kind == "ERROR":
+        raise CtlError(reply.text, EXIT_ERROR)
+    if reply.kind != "MULTI" or len(reply.lines) != 1:
+        raise CtlError("unexpected reply to %r: %r" % (request, (reply.text or reply.lines)), EXIT_ERROR)
+    try:
+        return reply.lines[0], json.loads(reply.lines[0])
+    except ValueError:
+        raise CtlError("reply to %r is not JSON: %r" % (request, reply.lines[0][:200]), EXIT_ERROR)
+
+
+def _pp(session, args, verb, formatter):
+    request = "pp %s --json" % verb
+    raw, data = _json_reply(session.command(request), request)
+    _emit(raw if args.json else formatter(data))
+    return EXIT_OK
+
+
+def _cmd_clients(session, args):
+    return _pp(session, args, "clients", _format_clients)
+
+
+def _cmd_devices(session, args):
+    return _pp(session, args, "devices", _format_devices)
+
+
+def _cmd_stats(session, args):
+    return _pp(session, args, "stats", _format_stats)
+
+
+def _cmd_kick(session, args):
+    request = "pp kick %s --json" % args.user
+    raw, data = _json_reply(session.command(request), request)
+    errors = data.get("errors") or []
+    if args.json:
+        _emit(raw)
+    else:
+        _emit("kicked %d session(s) of %s" % (data.get("kicked", 0), data.get("user", args.user)))
+        for error in errors:
+            _fail("kick %s: %s" % (args.user, error))
+    return EXIT_ERROR if errors else EXIT_OK
+
+
+def _cmd_drain(session, args):
+    request = "pp drain --json" if args.state == "status" else "pp drain %s --json" % args.state
+    raw, data = _json_reply(session.command(request), request)
+    if args.json:
+        _emit(raw)
+    elif data.get("draining"):
+        _emit("drain: on (new admissions are denied with TEMP; connected clients stay)")
+    else:
+        _emit("drain: off (new admissions accepted)")
+    return EXIT_OK
+
+
+def _cmd_rules(session, args):
+    request = "pp rules check --json"
+    raw, data = _json_reply(session.command(request), request)
+    _emit(raw if args.json else _format_drift(data))
+    return EXIT_OK if data.get("ok") else EXIT_ERROR
+
+
+def _cmd_status(session, args):
+    request = "status 3"
+    reply = session.command(request)
+    if reply.kind == "ERROR":
+        raise CtlError(reply.text, EXIT_ERROR)
+    if reply.kind != "MULTI":
+        raise CtlError("unexpected reply to %r: %r" % (request, reply.text), EXIT_ERROR)
+    if args.json:
+        _emit(json.dumps(parse_status(reply.lines), sort_keys=True, separators=(",", ":")))
+    else:
+        for line in reply.lines:
+            _emit(line)
+    return EXIT_OK
+
+
+def _cmd_raw(session, args):
+    request = " ".join(args.words)
+    reply = session.command(request)
+    if args.json:
+        _emit(json.dumps({"ok": reply.ok, "kind": reply.kind, "text": reply.text, "lines": reply.lines}))
+    elif reply.kind == "MULTI":
+        for line in reply.lines:
+            _emit(line)
+    elif reply.kind == "SUCCESS":
+        _emit(reply.text)
+    if reply.kind == "ERROR":
+        if not args.json:
+            _fail(reply.text)
+        return EXIT_ERROR
+    return EXIT_OK
 
 
 def _hash_password(args):
+    from ovpnmgr.directory import hash_password  # Twisted-based module: only loaded for this command
+
     if args.stdin or not sys.stdin.isatty():
         password = sys.stdin.readline().rstrip("\r\n")
     else:
@@ -27,15 +411,120 @@ def _hash_password(args):
     return 0
 
 
-def main(argv=None):
-    """Entry point of the ``pocketproxyctl`` console script; returns the exit code."""
-    parser = argparse.ArgumentParser(prog="pocketproxyctl", description="Operate a pocketproxy daemon.")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _admin_socket_from_yaml(path):
+    """``admin.socket`` read straight from the YAML (when the full config does not validate for
+    this user, e.g. an unreadable users file); None when absent or unreadable."""
+    try:
+        import yaml
+
+        with open(path, encoding="utf-8") as f:
+            doc = yaml.safe_load(f)
+        value = doc["admin"]["socket"]
+    except Exception:
+        return None
+    if not isinstance(value, str) or not value:
+        return None
+    return value if os.path.isabs(value) else os.path.join(os.path.dirname(os.path.abspath(path)), value)
+
+
+def resolve_socket(args):
+    """The admin socket path: ``--socket``, else ``--config``'s ``admin.socket``, else the default."""
+    if args.socket:
+        return args.socket
+    if not args.config:
+        return DEFAULT_SOCKET
+    from ovpnmgr.config import ConfigError, load_config
+
+    try:
+        path = load_config(args.config).admin.socket
+    except ConfigError as e:
+        path = _admin_socket_from_yaml(args.config)
+        if path is None:
+            raise CtlError("configuration error: %s" % e, EXIT_USAGE)
+    if not path:
+        raise CtlError("admin.socket is not set in %s (the admin socket is disabled)" % args.config, EXIT_USAGE)
+    return str(path)
+
+
+def _timeout(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("not a number: %r" % text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return value
+
+
+def _user(text):
+    if not text or any(c.isspace() for c in text):
+        raise argparse.ArgumentTypeError("a user name has no whitespace: %r" % text)
+    return text
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Operate a pocketproxy daemon through its admin socket.",
+        epilog="exit codes: 0 ok, 1 the daemon answered ERROR (incl. rules drift), 2 usage, 3 cannot reach the socket",
+    )
+    parser.add_argument("--socket", metavar="PATH", help="admin socket (default: --config's admin.socket, else %s)" % DEFAULT_SOCKET)
+    parser.add_argument("--config", metavar="FILE", help="pocketproxy.yaml to read admin.socket from")
+    parser.add_argument("--json", action="store_true", help="print the daemon's JSON instead of a table")
+    parser.add_argument("--timeout", type=_timeout, default=DEFAULT_TIMEOUT, metavar="S", help="overall deadline in seconds (default 10)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    # "--json" is accepted after the command too ("pocketproxyctl clients --json").
+    late = argparse.ArgumentParser(add_help=False)
+    late.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    def add(name, func, help):
+        p = sub.add_parser(name, help=help, parents=[late])
+        p.set_defaults(func=func, admin=True)
+        return p
+
+    add("clients", _cmd_clients, "connected clients: user, CID, VPN address, device, since, live connections, state")
+    add("devices", _cmd_devices, "devices, their users and connected clients")
+    add("kick", _cmd_kick, "disconnect every session of USER").add_argument("user", type=_user, metavar="USER")
+    add("drain", _cmd_drain, "pause (on) or resume (off) new admissions, or show the state").add_argument(
+        "state", nargs="?", default="status", choices=["on", "off", "status"]
+    )
+    add("rules", _cmd_rules, "compare kernel chain and ipset with admitted clients (exit 1 on drift)").add_argument(
+        "action", choices=["check"]
+    )
+    add("stats", _cmd_stats, "admission and proxy counters")
+    add("status", _cmd_status, "OpenVPN's 'status 3', relayed raw (--json: parsed)")
+    sub.add_parser("raw", help="send one admin command line as is (e.g. 'load-stats', 'pp help')").add_argument(
+        "words", nargs=argparse.REMAINDER, metavar="WORD"
+    )
+    sub.choices["raw"].set_defaults(func=_cmd_raw, admin=True)
     hp = sub.add_parser("hash-password", help="print a scrypt hash for a users-file 'password:' entry")
     hp.add_argument("--stdin", action="store_true", help="read the password from the first line of stdin")
-    hp.set_defaults(func=_hash_password)
-    args = parser.parse_args(argv)
-    return args.func(args)
+    hp.set_defaults(func=_hash_password, admin=False)
+    return parser
+
+
+def main(argv=None):
+    """Entry point of the ``pocketproxyctl`` console script; returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse: 2 on usage errors, 0 for --help
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
+    if not args.admin:
+        return args.func(args)
+    if args.func is _cmd_raw and (not args.words or args.words[0] in ("quit", "exit")):
+        _fail("raw: give one admin command line (not quit/exit), e.g. 'pocketproxyctl raw load-stats'")
+        return EXIT_USAGE
+    try:
+        path = resolve_socket(args)
+        with AdminSession(path, args.timeout) as session:
+            return args.func(session, args)
+    except CtlError as e:
+        _fail(e.message)
+        return e.code
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":
