@@ -362,6 +362,21 @@ def _cmd_rules(session, args):
     return EXIT_OK if data.get("ok") else EXIT_ERROR
 
 
+def _cmd_reload(session, args):
+    request = "pp reload --json"
+    raw, data = _json_reply(session.command(request), request)
+    if args.json:
+        _emit(raw)
+    elif data.get("ok"):
+        _emit(
+            "reloaded users file: %d users (added %d, removed %d, changed %d, kicked %d)"
+            % tuple(data.get(k, 0) for k in ("users", "added", "removed", "changed", "kicked"))
+        )
+    else:
+        _fail("reload refused: %s; previous users stay in force" % data.get("error", "unknown error"))
+    return EXIT_OK if data.get("ok") else EXIT_ERROR
+
+
 def _cmd_status(session, args):
     request = "status 3"
     reply = session.command(request)
@@ -493,6 +508,7 @@ def build_parser():
         "action", choices=["check"]
     )
     add("stats", _cmd_stats, "admission and proxy counters")
+    add("reload", _cmd_reload, "re-read the users file (removed users kicked, changed devices remapped)")
     add("status", _cmd_status, "OpenVPN's 'status 3', relayed raw (--json: parsed)")
     sub.add_parser("raw", help="send one admin command line as is (e.g. 'load-stats', 'pp help')").add_argument(
         "words", nargs=argparse.REMAINDER, metavar="WORD"

@@ -616,3 +616,25 @@ def test_config_is_validated_when_readable(admin, tmp_path, monkeypatch, capsys)
     )
     monkeypatch.setattr(ctl, "_admin_socket_from_yaml", lambda path: pytest.fail("fallback used"))
     assert run(capsys, "--config", str(config), "drain")[0] == 0
+
+
+def test_reload_success_and_refusal(capsys):
+    """reload sends 'pp reload --json', prints the summary; a refused file exits 1 and says the old users stay."""
+    ok = '{"ok":true,"users":3,"added":1,"removed":1,"changed":0,"kicked":1,"remapped":0}'
+    server = FakeAdmin({b"pp reload --json": [ok, "END"]})
+    try:
+        code, out, err = run(capsys, "--socket", server.path, "reload")
+        assert (code, err) == (0, "")
+        assert out == "reloaded users file: 3 users (added 1, removed 1, changed 0, kicked 1)\n"
+        assert server.requests == [b"pp reload --json", b"quit"]
+    finally:
+        server.close()
+    bad = '{"ok":false,"error":"/etc/pocketproxy/users.yaml: users.bob.device: unknown device"}'
+    server = FakeAdmin({b"pp reload --json": [bad, "END"]})
+    try:
+        code, out, err = run(capsys, "--socket", server.path, "reload")
+        assert code == 1 and out == ""
+        assert "reload refused: /etc/pocketproxy/users.yaml: users.bob.device: unknown device;" in err
+        assert "previous users stay in force" in err
+    finally:
+        server.close()
