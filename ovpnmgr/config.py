@@ -79,6 +79,13 @@ class AdminConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """The Prometheus endpoint: a Twisted server endpoint string, or None when disabled."""
+
+    listen: str | None = "tcp:9105:interface=127.0.0.1"
+
+
+@dataclass(frozen=True)
 class DirectoryConfig:
     """Where users and devices are defined."""
 
@@ -111,6 +118,7 @@ class Config:
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     firewall: FirewallConfig = field(default_factory=FirewallConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
 # --- field validators: each takes (value, ctx) and returns the typed value or raises _Bad ---
@@ -274,6 +282,28 @@ def _bind_addresses(value, ctx):
     return tuple(out)
 
 
+def _server_endpoint(value, ctx):
+    """A Twisted server endpoint string (parsed, not bound); None or "" disables."""
+    if value is None or value == "":
+        return None
+    text = _str(value, ctx)
+    from twisted.internet.endpoints import serverFromString
+
+    try:
+        # Parsing only builds the endpoint object; a placeholder keeps the
+        # real reactor from being imported (twistd installs it later).
+        endpoint = serverFromString(object(), text)
+    except Exception as e:
+        raise _Bad("not a server endpoint such as 'tcp:9105:interface=127.0.0.1' (%s: %s)" % (type(e).__name__, e))
+    port = getattr(endpoint, "_port", None)
+    if isinstance(port, int) and not 0 <= port <= 65535:
+        raise _Bad("port must be between 0 and 65535, got %d" % port)
+    return text
+
+
+# Keys whose validator also receives an explicit null (to mean "disabled") instead of the default.
+_NULLABLE = {("metrics", "listen")}
+
 # section name -> (dataclass, {key: (validator, required)})
 _SCHEMA = {
     "openvpn": (
@@ -310,6 +340,7 @@ _SCHEMA = {
     ),
     "admin": (AdminConfig, {"socket": (_path, False), "mode": (_mode, False), "group": (_group, False)}),
     "directory": (DirectoryConfig, {"file": (_readable_file, True)}),
+    "metrics": (MetricsConfig, {"listen": (_server_endpoint, False)}),
     "firewall": (
         FirewallConfig,
         {
@@ -338,7 +369,7 @@ def _section(path, name, raw, ctx):
             raise ConfigError(path, "%s.%s" % (name, key), "unknown key (known: %s)" % ", ".join(sorted(fields)))
     values = {}
     for key, (check, required) in fields.items():
-        if key not in raw or raw[key] is None:
+        if key not in raw or (raw[key] is None and (name, key) not in _NULLABLE):
             if required:
                 raise ConfigError(path, "%s.%s" % (name, key), "required key is missing")
             continue

@@ -17,6 +17,7 @@ OpenVPN's view (OpenVPN is the source of truth; there is no state file).
 """
 
 import ipaddress
+from collections import Counter
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -25,6 +26,7 @@ from ovpnmgr import events
 from ovpnmgr.config import ConfigError
 from ovpnmgr.directory import AuthFailed
 from ovpnmgr.firewall import FirewallError
+from ovpnmgr.metrics import Histogram
 from ovpnmgr.pool import AddressInUse, PoolExhausted
 from ovpnmgr.protocol import CommandFailed, ManagementDisconnected, ManagementError
 from proxy.mappings import MappingConflict
@@ -55,6 +57,7 @@ class Session:
         self.address = None
         self.connected_since = None
         self.cancelled = False
+        self.admission_counted = False  # metrics: count client-auth SUCCESS once per session
 
     @property
     def key(self):
@@ -97,6 +100,13 @@ class Controller:
         self.protocol = None
         self.draining = False
         self._daemon_start_time = None
+        # Metrics (read by ovpnmgr.metrics at scrape time): answered CONNECTs by
+        # result, CONNECT-to-client-auth latency, management connections after the first.
+        self.admissions = Counter()
+        self.admission_latency = Histogram()
+        self.management_reconnects = 0
+        self._attaches = 0
+        self.last_drift = None
         self._handlers = {
             events.ClientConnect: self._on_connect,
             events.ClientReauth: self._on_reauth,
@@ -117,6 +127,9 @@ class Controller:
         if login or reconciliation fails, which makes the service retry.
         """
         self.epoch += 1
+        if self._attaches:
+            self.management_reconnects += 1
+        self._attaches += 1
         self.protocol = protocol
         protocol.set_notify(self.notify)  # works through ClientService's protocol proxy too
         protocol.when_disconnected().addBoth(self._detached, protocol)
@@ -229,6 +242,10 @@ class Controller:
     def _authorized(self, _, session, latency):
         if session.state == AUTHORIZING:
             session.state = AUTHORIZED
+        if not session.admission_counted:
+            session.admission_counted = True
+            self.admissions["admitted"] += 1
+            self.admission_latency.observe(latency / 1000.0)
         self._log.info(
             "admitted user {user} cid {cid} vpn_ip {vpn_ip} device {device} in {latency_ms:.2f} ms",
             user=session.user.name,
@@ -263,6 +280,7 @@ class Controller:
         """Answer ``client-deny`` and forget the session (its header-only DISCONNECT follows)."""
         self.sessions.pop(session.key, None)
         session.cancelled = True
+        self.admissions["denied_temporary" if temporary else "denied_final"] += 1
         if temporary:
             client_reason = "TEMP[backoff %d,advance no]: temporary failure, retrying" % self.config.temp_backoff
         else:
@@ -719,9 +737,15 @@ class Controller:
     def check_rules(self):
         """Compare the kernel (chain, ipset members) with :meth:`expected_members`.
 
-        :returns: the Deferred of :meth:`~ovpnmgr.firewall.Firewall.check` (a ``Drift``).
+        :returns: the Deferred of :meth:`~ovpnmgr.firewall.Firewall.check` (a ``Drift``);
+            the result is also kept as :attr:`last_drift` for metrics.
         """
-        return self.firewall.check(self.expected_members())
+
+        def remember(drift):
+            self.last_drift = drift
+            return drift
+
+        return self.firewall.check(self.expected_members()).addCallback(remember)
 
     def management_command(self, line, shape):
         """Send one operator command over the management connection.

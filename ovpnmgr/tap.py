@@ -283,6 +283,11 @@ def build(reactor, config, directory, password, ipset=None):
         from ovpnmgr.admin import AdminService
 
         AdminService(reactor, config.admin, controller, proxy_stats=proxy_factory.stats).setServiceParent(top)
+    if config.metrics.listen is not None:
+        from ovpnmgr.metrics import MetricsResource, MetricsService
+
+        resource = MetricsResource(controller, proxy_stats=proxy_factory.stats, splice=proxy_factory.splice)
+        MetricsService(reactor, config.metrics.listen, resource).setServiceParent(top)
     AdmissionService(reactor, firewall, management).setServiceParent(top)
     ReloadOnSignal(reactor, controller).setServiceParent(top)
     return top, controller

@@ -160,3 +160,38 @@ def test_bad_proxy_values(cfgdir, line, key, words):
     err = _error(cfgdir, GOOD.replace("  listen: 12345\n", "  listen: 12345\n  %s\n" % line))
     assert err.key == key
     assert words in err.problem
+
+
+def test_metrics_listen_defaults_to_loopback(cfgdir):
+    """Without a metrics section the endpoint is on, bound to 127.0.0.1:9105 only."""
+    assert _parse(cfgdir, GOOD).metrics.listen == "tcp:9105:interface=127.0.0.1"
+
+
+@pytest.mark.parametrize("value", ["null", '""', "~"])
+def test_metrics_listen_null_or_empty_disables(cfgdir, value):
+    """metrics.listen: null (or "") turns the endpoint off instead of falling back to the default."""
+    assert _parse(cfgdir, GOOD + "metrics:\n  listen: %s\n" % value).metrics.listen is None
+
+
+@pytest.mark.parametrize("value", ["tcp:9200", "tcp:9105:interface=0.0.0.0", "unix:/run/pocketproxy/metrics.sock"])
+def test_metrics_listen_accepts_endpoint_strings(cfgdir, value):
+    """Any Twisted server endpoint string is kept as written."""
+    assert _parse(cfgdir, GOOD + "metrics:\n  listen: %s\n" % value).metrics.listen == value
+
+
+@pytest.mark.parametrize(
+    "value, words",
+    [
+        ("tcp:notaport", "not a server endpoint"),
+        ("carrier-pigeon:9105", "Unknown endpoint type"),
+        ("tcp:70000", "between 0 and 65535"),
+        ("tcp:9105:colour=blue", "not a server endpoint"),
+        ("9105", "expected a non-empty string"),
+    ],
+)
+def test_bad_metrics_listen_names_the_key(cfgdir, value, words):
+    """A bad endpoint is one ConfigError naming metrics.listen; unknown metrics keys are refused."""
+    err = _error(cfgdir, GOOD + "metrics:\n  listen: %s\n" % value)
+    assert err.key == "metrics.listen" and words in err.problem
+    assert str(err).startswith(str(cfgdir / "pocketproxy.yaml") + ": metrics.listen: ")
+    assert _error(cfgdir, GOOD + "metrics:\n  port: 9105\n").key == "metrics.port"

@@ -1,0 +1,332 @@
+# -*- test-case-name: tests.unit.test_metrics -*-
+"""Prometheus metrics: text exposition format 0.0.4 over ``twisted.web``.
+
+Values are read at scrape time from the live objects (the controller, the
+proxy's :class:`~proxy.stats.ProxyStats`, the :class:`~proxy.splice.SplicePolicy`);
+the only bookkeeping that exists for metrics is the controller's admission
+counters, its admission latency :class:`Histogram` and its management
+reconnect counter.
+
+Families (prefix ``pocketproxy_``):
+
+* ``admissions_total{result="admitted|denied_temporary|denied_final"}`` (counter):
+  answered CONNECTs. ``admitted`` counts a confirmed ``client-auth`` once per
+  session; re-authentications (REAUTH) are not admissions.
+* ``admission_latency_seconds`` (histogram): CONNECT received to
+  ``client-auth`` sent, for admitted sessions.
+* ``connected_clients`` / ``pending_clients`` (gauges): sessions established /
+  still being admitted.
+* ``management_connected`` (gauge, 0/1), ``management_reconnects_total`` (counter):
+  management connections taken over after the first one.
+* ``proxy_connections_accepted_total`` (counter): connections accepted by the
+  proxy, whatever happened next.
+* ``proxy_connections_active`` (gauge): proxied connections open now (in setup or relaying).
+* ``proxy_connections_total{result}`` (counter): how accepted connections
+  ended their setup: ``relayed`` (a tunnel was obtained; counted when the relay
+  starts, so it includes active relays), ``refused_<reason>`` (refused before
+  dialling: ``unmapped``, ``loop``, ``origdst``, ``limit``, ``client-limit``) or
+  ``upstream_<kind>`` (the device handshake failed: ``auth``, ``forbidden``,
+  ``unreachable``, ``timeout``, ``malformed``, ``closed``, ``error``, ``internal``).
+  Connections the client closed during setup are in none of these.
+* ``proxy_upstream_errors_total{kind}`` (counter): the ``upstream_<kind>`` results alone.
+* ``proxy_bytes_total{direction="up|down"}`` (counter): bytes relayed by
+  *completed* relays (up = client to device); a live connection's bytes are
+  added when it closes.
+* ``splice_connections_active`` / ``splice_connections_total``: connections
+  relayed with splice(2) now / since start (0 when splice is off or unavailable).
+* ``ipset_drift{kind="missing|extra"}`` (gauge): ipset members missing from /
+  extra in the kernel set at the last rules check (``pp rules check``), and
+  ``firewall_drift`` (gauge, 0/1) whether that check found any difference
+  (rules included). Both are absent until a check has run: pocketproxy does
+  not check the kernel by itself.
+"""
+
+import math
+
+from twisted.application import service
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+PREFIX = "pocketproxy_"
+CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+ADMISSION_RESULTS = ("admitted", "denied_temporary", "denied_final")
+REFUSED_REASONS = ("unmapped", "loop", "origdst", "limit", "client-limit")
+UPSTREAM_KINDS = ("auth", "forbidden", "unreachable", "timeout", "malformed", "closed", "error", "internal")
+
+
+class Histogram:
+    """A cumulative-bucket histogram (upper bounds inclusive, ``+Inf`` implied)."""
+
+    def __init__(self, buckets=LATENCY_BUCKETS):
+        bounds = sorted(float(b) for b in buckets)
+        if not bounds or bounds != sorted(set(bounds)) or any(math.isinf(b) or math.isnan(b) for b in bounds):
+            raise ValueError("buckets must be distinct finite numbers, got %r" % (buckets,))
+        self.buckets = tuple(bounds)
+        self._counts = [0] * (len(bounds) + 1)  # per bucket, not cumulative; last is +Inf
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value):
+        value = float(value)
+        for i, bound in enumerate(self.buckets):
+            if value <= bound:
+                break
+        else:
+            i = len(self.buckets)
+        self._counts[i] += 1
+        self.sum += value
+        self.count += 1
+
+    def cumulative(self):
+        """``[(le, cumulative count)]`` ending with ``(inf, count)``."""
+        out, total = [], 0
+        for bound, n in zip(self.buckets + (math.inf,), self._counts):
+            total += n
+            out.append((bound, total))
+        return out
+
+
+class Family:
+    """One metric family: name (without prefix), type, help and samples."""
+
+    def __init__(self, name, kind, help, samples=()):
+        self.name = PREFIX + name
+        self.kind = kind
+        self.help = help
+        self.samples = list(samples)  # (suffix, {label: value}, number)
+
+    def add(self, value, suffix="", **labels):
+        self.samples.append((suffix, labels, value))
+        return self
+
+
+def gauge(name, help, value=None, **labels):
+    family = Family(name, "gauge", help)
+    if value is not None:
+        family.add(value, **labels)
+    return family
+
+
+def counter(name, help, value=None, **labels):
+    family = Family(name, "counter", help)
+    if value is not None:
+        family.add(value, **labels)
+    return family
+
+
+def histogram(name, help, hist):
+    family = Family(name, "histogram", help)
+    for le, n in hist.cumulative():
+        family.add(n, "_bucket", le=format_value(le))
+    family.add(hist.sum, "_sum")
+    family.add(hist.count, "_count")
+    return family
+
+
+def format_value(value):
+    """A sample value as Prometheus writes it (``+Inf``, ``NaN``, integers without ``.0``)."""
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, int):
+        return str(value)
+    value = float(value)
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    if value.is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return repr(value)
+
+
+def escape_label(value):
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def escape_help(text):
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def render(families):
+    """The exposition text (str) of ``families``."""
+    lines = []
+    for f in families:
+        lines.append("# HELP %s %s" % (f.name, escape_help(f.help)))
+        lines.append("# TYPE %s %s" % (f.name, f.kind))
+        for suffix, labels, value in f.samples:
+            if labels:
+                body = ",".join('%s="%s"' % (k, escape_label(v)) for k, v in labels.items())
+                lines.append("%s%s{%s} %s" % (f.name, suffix, body, format_value(value)))
+            else:
+                lines.append("%s%s %s" % (f.name, suffix, format_value(value)))
+    return "\n".join(lines) + "\n"
+
+
+def _seeded(known, counter_):
+    """``counter_`` (a Counter) with every ``known`` key present, known keys first."""
+    out = {k: counter_.get(k, 0) for k in known}
+    for k in sorted(counter_):
+        if k not in out:
+            out[k] = counter_[k]
+    return out
+
+
+def collect(controller=None, proxy_stats=None, splice=None):
+    """The metric families, read now from the live objects (any may be None)."""
+    families = []
+    if controller is not None:
+        f = counter("admissions_total", "Answered OpenVPN CONNECTs by result.")
+        for result in ADMISSION_RESULTS:
+            f.add(controller.admissions.get(result, 0), result=result)
+        families.append(f)
+        families.append(
+            histogram(
+                "admission_latency_seconds",
+                "Time from CONNECT to client-auth sent, for admitted clients.",
+                controller.admission_latency,
+            )
+        )
+        counts = controller.counts()
+        families.append(gauge("connected_clients", "OpenVPN client sessions established.", counts["established"]))
+        families.append(gauge("pending_clients", "OpenVPN client sessions being admitted.", counts["pending"]))
+        families.append(
+            gauge("management_connected", "1 while the OpenVPN management connection is up.", counts["management_connected"])
+        )
+        families.append(
+            counter(
+                "management_reconnects_total",
+                "OpenVPN management connections taken over after the first one.",
+                controller.management_reconnects,
+            )
+        )
+        drift = getattr(controller, "last_drift", None)
+        if drift is not None:
+            families.append(
+                gauge("ipset_drift", "ipset members differing from the controller's view at the last rules check.")
+                .add(len(drift.missing_members), kind="missing")
+                .add(len(drift.extra_members), kind="extra")
+            )
+            families.append(
+                gauge("firewall_drift", "1 if the last rules check found any drift (chains, set or members).", not drift.ok)
+            )
+    if proxy_stats is not None:
+        s = proxy_stats
+        families.append(counter("proxy_connections_accepted_total", "Connections accepted by the proxy.", s.accepted))
+        families.append(gauge("proxy_connections_active", "Proxied connections open now (setup or relaying).", s.active))
+        f = counter("proxy_connections_total", "Proxied connections by setup result.")
+        f.add(s.relayed, result="relayed")
+        for reason, n in _seeded(REFUSED_REASONS, s.refused).items():
+            f.add(n, result="refused_" + reason)
+        upstream = _seeded(UPSTREAM_KINDS, s.upstream_errors)
+        for kind, n in upstream.items():
+            f.add(n, result="upstream_" + kind)
+        families.append(f)
+        f = counter("proxy_upstream_errors_total", "Failed device proxy handshakes by kind.")
+        for kind, n in upstream.items():
+            f.add(n, kind=kind)
+        families.append(f)
+        families.append(
+            counter("proxy_bytes_total", "Bytes relayed by completed connections (live ones add at close).")
+            .add(s.bytes_up, direction="up")
+            .add(s.bytes_down, direction="down")
+        )
+    if proxy_stats is not None or splice is not None:
+        st = splice.stats() if splice is not None else {"spliced_now": 0, "spliced_total": 0}
+        families.append(gauge("splice_connections_active", "Connections relayed with splice(2) now.", st["spliced_now"]))
+        families.append(
+            counter("splice_connections_total", "Connections switched to splice(2) since start.", st["spliced_total"])
+        )
+    return families
+
+
+class MetricsResource(Resource):
+    """``GET /metrics``: the exposition text."""
+
+    isLeaf = True
+
+    def __init__(self, controller=None, proxy_stats=None, splice=None):
+        super().__init__()
+        self.controller = controller
+        self.proxy_stats = proxy_stats
+        self.splice = splice
+
+    def render_GET(self, request):
+        body = render(collect(self.controller, self.proxy_stats, self.splice)).encode("utf-8")
+        request.setHeader(b"content-type", CONTENT_TYPE)
+        return body
+
+    render_HEAD = render_GET
+
+
+class _QuietSite(Site):
+    """No access-log line per scrape (Prometheus scrapes every few seconds)."""
+
+    def log(self, request):
+        pass
+
+
+def site(resource):
+    """A :class:`Site` serving ``resource`` at ``/metrics`` (everything else 404)."""
+    root = Resource()
+    root.putChild(b"metrics", resource)
+    s = _QuietSite(root)
+    s.displayTracebacks = False
+    s.noisy = False
+    return s
+
+
+class MetricsService(service.Service):
+    """Listens on the endpoint string ``listen`` (e.g. ``tcp:9105:interface=127.0.0.1``).
+
+    A port that cannot be bound is logged and metrics stay off: the admission
+    and proxy paths keep running (Prometheus reports the target down).
+    """
+
+    _log = Logger()
+
+    def __init__(self, reactor, listen, resource):
+        self.reactor = reactor
+        self.listen = listen
+        self.factory = site(resource)
+        self.port = None
+        self._listening = None
+
+    def privilegedStartService(self):
+        super().privilegedStartService()
+        self._start()
+
+    def startService(self):
+        super().startService()
+        self._start()
+
+    def _start(self):
+        if self._listening is not None:
+            return
+        self._listening = serverFromString(self.reactor, self.listen).listen(self.factory)
+        self._listening.addCallbacks(self._listened, self._failed)
+
+    def _listened(self, port):
+        self.port = port
+        self._log.info("metrics at {listen} (GET /metrics)", listen=self.listen, event="metrics-listening")
+        return port
+
+    def _failed(self, failure):
+        self._log.error(
+            "cannot listen for metrics on {listen}: {error}; metrics disabled",
+            listen=self.listen,
+            error=failure.getErrorMessage(),
+            event="metrics-listen-failed",
+        )
+
+    def stopService(self):
+        super().stopService()
+        d, self._listening = self._listening, None
+        port, self.port = self.port, None
+        if port is not None:
+            return port.stopListening()
+        if d is not None:
+            d.cancel()
+        return None
