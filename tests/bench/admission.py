@@ -96,7 +96,7 @@ def summary(values):
 
 
 def outer(args, passthrough):
-    from tests.lab.netns import Namespace, require_root
+    from tests.lab.netns import require_root
 
     try:
         require_root()
@@ -106,34 +106,9 @@ def outer(args, passthrough):
         sys.stderr.write("bench-admission: needs root (network namespaces, ipset, iptables): %s\n" % e)
         return 2
 
-    def on_term(signum, frame):
-        raise KeyboardInterrupt("SIGTERM")
+    from tests.bench.namespace_run import run_inside
 
-    signal.signal(signal.SIGTERM, on_term)
-    ns = None
-    rc = 1
-    try:
-        ns = Namespace("bch")
-        env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONDONTWRITEBYTECODE="1")
-        proc = ns.popen([sys.executable, "-m", "tests.bench.admission", "--inside", *passthrough], cwd=str(ROOT), env=env)
-        try:
-            rc = proc.wait(timeout=OUTER_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            sys.stderr.write("bench-admission: inner run exceeded %ds; stopping it\n" % OUTER_TIMEOUT)
-            rc = 3
-    except KeyboardInterrupt:
-        sys.stderr.write("bench-admission: interrupted; tearing the namespace down\n")
-        rc = 130
-    finally:
-        if ns is not None:
-            ns.destroy()
-            left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-            if any(line.split()[:1] == [ns.name] for line in left.splitlines()):
-                sys.stderr.write("bench-admission: namespace %s still exists after teardown!\n" % ns.name)
-                rc = rc or 4
-    if rc < 0:
-        rc = 128 - rc
-    return rc
+    return run_inside("bench-admission", "bch", "tests.bench.admission", passthrough, OUTER_TIMEOUT)
 
 
 # --------------------------------------------------------------------------- logging
@@ -250,8 +225,10 @@ class DaemonStack(Stack):
     async def start(self):
         from twisted.internet.task import deferLater
 
+        from ovpnmgr.tap import AdmissionService
+
         self.top.startService()
-        admission = list(self.top)[0]
+        admission = next(s for s in self.top if isinstance(s, AdmissionService))
         deadline = time.perf_counter() + 30
         while admission.management.parent is None:
             if time.perf_counter() > deadline:

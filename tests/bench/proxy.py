@@ -83,40 +83,13 @@ class BenchTimeout(BaseException):
 
 
 def outer(args, passthrough):
-    from tests.lab.netns import Namespace
-
     if os.geteuid() != 0:
         sys.stderr.write("bench-proxy: needs root (network namespace, iptables REDIRECT)\n")
         return 2
 
-    def on_term(signum, frame):
-        raise KeyboardInterrupt("SIGTERM")
+    from tests.bench.namespace_run import run_inside
 
-    signal.signal(signal.SIGTERM, on_term)
-    ns = None
-    rc = 1
-    try:
-        ns = Namespace("bpx")
-        env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONDONTWRITEBYTECODE="1")
-        proc = ns.popen([sys.executable, "-m", "tests.bench.proxy", "--inside", *passthrough], cwd=str(ROOT), env=env)
-        try:
-            rc = proc.wait(timeout=OUTER_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            sys.stderr.write("bench-proxy: inner run exceeded %ds; stopping it\n" % OUTER_TIMEOUT)
-            rc = 3
-    except KeyboardInterrupt:
-        sys.stderr.write("bench-proxy: interrupted; tearing the namespace down\n")
-        rc = 130
-    finally:
-        if ns is not None:
-            ns.destroy()
-            left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-            if any(line.split()[:1] == [ns.name] for line in left.splitlines()):
-                sys.stderr.write("bench-proxy: namespace %s still exists after teardown!\n" % ns.name)
-                rc = rc or 4
-    if rc < 0:
-        rc = 128 - rc
-    return rc
+    return run_inside("bench-proxy", "bpx", "tests.bench.proxy", passthrough, OUTER_TIMEOUT)
 
 
 # --------------------------------------------------------------------------- inside: setup
