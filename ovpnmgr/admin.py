@@ -40,12 +40,24 @@ Commands:
   previous users stay in force).
 * Anything else: ``ERROR: unknown command, enter 'help' for more options``.
 
-Not (yet) here: the optional ``ENTER PASSWORD:`` prompt; forwarding of
-real-time ``>`` notifications to admin clients.
+Optional password (``admin.password_file``), as OpenVPN's ``management … pw-file``
+does it (observed with OpenVPN 2.6.14):
+
+* a new connection gets ``ENTER PASSWORD:`` with **no** line end instead of the
+  banner;
+* every line received before the right password is a password attempt, never a
+  command (compared with :func:`hmac.compare_digest`, never logged);
+* right: ``SUCCESS: password is correct`` then the banner;
+* wrong: nothing but another ``ENTER PASSWORD:`` (OpenVPN's ``ERROR: bad
+  password`` never reaches the client); the third wrong attempt closes the
+  connection without a reply.
+
+Not (yet) here: forwarding of real-time ``>`` notifications to admin clients.
 """
 
 import datetime
 import errno
+import hmac
 import json
 import os
 import socket
@@ -63,10 +75,19 @@ from ovpnmgr.config import ConfigError
 from ovpnmgr.firewall import FirewallError
 from ovpnmgr.protocol import MULTI, SINGLE, CommandFailed, InvalidArgument, ManagementDisconnected, ManagementError
 
-__all__ = ["BANNER", "MAX_LINE", "PASSTHROUGH", "OPENVPN_VERBS", "AdminProtocol", "AdminFactory", "AdminService"]
+__all__ = ["BANNER", "PASSWORD_PROMPT", "PASSWORD_OK", "PASSWORD_TRIES", "MAX_LINE", "PASSTHROUGH", "OPENVPN_VERBS", "AdminProtocol", "AdminFactory", "AdminService"]
 
 #: The first line every admin client receives.
 BANNER = ">INFO:pocketproxy admin interface version 1 -- type 'help' for more info"
+
+#: Sent instead of the banner when a password is configured: no CR/LF, as OpenVPN.
+PASSWORD_PROMPT = b"ENTER PASSWORD:"
+
+#: The reply to the right password; the banner follows.
+PASSWORD_OK = "SUCCESS: password is correct"
+
+#: Wrong attempts after which the connection is closed (OpenVPN's MANAGEMENT_N_PASSWORD_RETRIES).
+PASSWORD_TRIES = 3
 
 #: Longest accepted input line in bytes (without the ``\\n``); OpenVPN's own buffer is 1024.
 MAX_LINE = 1000
@@ -162,13 +183,17 @@ class AdminProtocol(LineOnlyReceiver):
 
     _log = Logger()
 
-    def __init__(self, controller, proxy_stats=None):
+    def __init__(self, controller, proxy_stats=None, password=None):
         """
         :param controller: the :class:`~ovpnmgr.controller.Controller`.
         :param proxy_stats: the proxy's :class:`~proxy.stats.ProxyStats`, or None.
+        :param password: bytes every connection must send first, or None (no prompt).
         """
         self.controller = controller
         self.proxy_stats = proxy_stats
+        self._password = password
+        self._authenticated = password is None
+        self._failures = 0
         self._queue = deque()
         self._busy = False
         self._looping = False
@@ -177,8 +202,11 @@ class AdminProtocol(LineOnlyReceiver):
     # --- Twisted protocol ---
 
     def connectionMade(self):
-        """``IProtocol.connectionMade``: send the banner."""
-        self._write([BANNER])
+        """``IProtocol.connectionMade``: send the banner, or the password prompt."""
+        if self._authenticated:
+            self._write([BANNER])
+        else:
+            self.transport.write(PASSWORD_PROMPT)
 
     def connectionLost(self, reason=None):
         """``IProtocol.connectionLost``: drop queued lines (a reply in progress is discarded)."""
@@ -191,6 +219,9 @@ class AdminProtocol(LineOnlyReceiver):
             return
         if line.endswith(b"\r"):
             line = line[:-1]
+        if not self._authenticated:
+            self._check_password(line)
+            return
         self._queue.append(line)
         self._next()
 
@@ -199,6 +230,24 @@ class AdminProtocol(LineOnlyReceiver):
         self._log.warn("admin line of {length}+ bytes exceeds {limit}; closing", length=len(line), limit=MAX_LINE)
         self._write(["ERROR: line too long (limit %d bytes)" % MAX_LINE])
         self._close()
+
+    def _check_password(self, attempt):
+        # The attempt itself is never logged, whatever it is (it may be a mistyped password).
+        if hmac.compare_digest(attempt, self._password):
+            self._authenticated = True
+            self._write([PASSWORD_OK, BANNER])
+            return
+        self._failures += 1
+        if self._failures >= PASSWORD_TRIES:
+            self._log.warn(
+                "admin connection closed after {tries} wrong password attempts", tries=self._failures
+            )
+            self._close()
+            return
+        self._log.info(
+            "wrong admin password (attempt {n} of {tries})", n=self._failures, tries=PASSWORD_TRIES
+        )
+        self.transport.write(PASSWORD_PROMPT)
 
     # --- command loop ---
 
@@ -449,14 +498,15 @@ class AdminProtocol(LineOnlyReceiver):
 class AdminFactory(Factory):
     """Builds :class:`AdminProtocol` instances and remembers the live ones."""
 
-    def __init__(self, controller, proxy_stats=None):
+    def __init__(self, controller, proxy_stats=None, password=None):
         self.controller = controller
         self.proxy_stats = proxy_stats
+        self.password = password
         self.connections = set()
 
     def buildProtocol(self, addr):
         """``IProtocolFactory.buildProtocol``."""
-        protocol = _TrackedAdminProtocol(self.controller, self.proxy_stats)
+        protocol = _TrackedAdminProtocol(self.controller, self.proxy_stats, self.password)
         protocol.factory = self
         return protocol
 
@@ -469,6 +519,22 @@ class _TrackedAdminProtocol(AdminProtocol):
     def connectionLost(self, reason=None):
         self.factory.connections.discard(self)
         super().connectionLost(reason)
+
+
+def read_password(path):
+    """The admin password: the first line of ``path`` (bytes, line end removed).
+
+    :raises ConfigError: naming ``admin.password_file`` if the file cannot be
+        read or its first line is empty.
+    """
+    try:
+        with open(path, "rb") as f:
+            password = f.readline().rstrip(b"\r\n")
+    except OSError as e:
+        raise ConfigError(path, "admin.password_file", "cannot read %s: %s" % (path, e.strerror or e))
+    if not password:
+        raise ConfigError(path, "admin.password_file", "%s: first line is empty" % path)
+    return password
 
 
 def remove_stale_socket(path):
@@ -498,7 +564,7 @@ def remove_stale_socket(path):
 
 
 class AdminService(service.Service):
-    """Listens on the admin unix socket; mode and group from :class:`~ovpnmgr.config.AdminConfig`.
+    """Listens on the admin unix socket; mode, group and password from :class:`~ovpnmgr.config.AdminConfig`.
 
     The socket is bound in ``privilegedStartService`` (a stale file is removed
     first), and removed again when the service stops.
@@ -515,7 +581,10 @@ class AdminService(service.Service):
         """
         self.reactor = reactor
         self.config = config
-        self.factory = AdminFactory(controller, proxy_stats)
+        password_file = getattr(config, "password_file", None)
+        # Read now (at build time, before any privilege drop), like the management password.
+        password = read_password(password_file) if password_file is not None else None
+        self.factory = AdminFactory(controller, proxy_stats, password)
         self.port = None
 
     def privilegedStartService(self):

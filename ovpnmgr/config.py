@@ -76,6 +76,7 @@ class AdminConfig:
     socket: str | None = None
     mode: int = 0o660
     group: int | None = None  # gid the socket file is given (resolved from a name at load)
+    password_file: Path | None = None  # first line: the password every admin connection must give
 
 
 @dataclass(frozen=True)
@@ -170,6 +171,19 @@ def _readable_file(value, ctx):
             pass
     except OSError as e:
         raise _Bad("cannot read %s: %s" % (path, e.strerror or e))
+    return path
+
+
+def _password_file(value, ctx):
+    """A readable file whose first line (without its line end) is a non-empty password."""
+    path = _readable_file(value, ctx)
+    try:
+        with open(path, "rb") as f:
+            first = f.readline().rstrip(b"\r\n")
+    except OSError as e:
+        raise _Bad("cannot read %s: %s" % (path, e.strerror or e))
+    if not first:
+        raise _Bad("%s: first line is empty" % path)
     return path
 
 
@@ -338,7 +352,10 @@ _SCHEMA = {
             "splice": (_bool, False),
         },
     ),
-    "admin": (AdminConfig, {"socket": (_path, False), "mode": (_mode, False), "group": (_group, False)}),
+    "admin": (
+        AdminConfig,
+        {"socket": (_path, False), "mode": (_mode, False), "group": (_group, False), "password_file": (_password_file, False)},
+    ),
     "directory": (DirectoryConfig, {"file": (_readable_file, True)}),
     "metrics": (MetricsConfig, {"listen": (_server_endpoint, False)}),
     "firewall": (

@@ -8,10 +8,16 @@ one command (``pp <verb> --json``, or an OpenVPN passthrough such as
 ``quit``. Output is a human table by default, the daemon's JSON with
 ``--json``. ``hash-password`` works without a daemon.
 
+When the socket asks ``ENTER PASSWORD:`` (``admin.password_file`` set), the
+first line of ``--password-file FILE`` (else of ``--config``'s
+``admin.password_file``) is sent; a second prompt (or a closed connection)
+means the password was rejected (exit 3).
+
 Exit codes (:data:`EXIT_OK` …): 0 ok; 1 the daemon answered ``ERROR`` (this
 includes drift found by ``rules check`` and a kick that failed for some
 session); 2 usage or configuration error; 3 cannot talk to the admin socket
-(missing, permission denied, refused, timeout, closed early).
+(missing, permission denied, refused, timeout, closed early, password
+missing or rejected).
 """
 
 import argparse
@@ -82,9 +88,14 @@ def _unreachable(path, exc, timeout):
 class AdminSession:
     """A blocking admin-socket session; every read is bounded by one overall deadline."""
 
-    def __init__(self, path, timeout=DEFAULT_TIMEOUT):
+    def __init__(self, path, timeout=DEFAULT_TIMEOUT, password=None):
+        """
+        :param password: bytes to answer ``ENTER PASSWORD:`` with, or a callable
+            returning them (read only when asked), or None.
+        """
         self.path = path
         self.timeout = timeout
+        self.password = password
         self.deadline = time.monotonic() + timeout
         self.sock = None
         self.buffer = b""
@@ -97,19 +108,42 @@ class AdminSession:
             self.sock.settimeout(self._remaining())
             self.sock.connect(self.path)
             banner = self._line(prompt=True)
+            if banner == PASSWORD_PROMPT.decode():
+                banner = self._login()
         except (OSError, EOFError) as e:
             self.close()
             if isinstance(e, EOFError):
                 raise CtlError("admin socket %s closed the connection before its banner" % self.path, EXIT_UNREACHABLE)
             raise _unreachable(self.path, e, self.timeout)
-        if banner.startswith("ENTER PASSWORD:"):
+        except CtlError:
             self.close()
-            raise CtlError("admin socket %s asks for a password; pocketproxyctl cannot send one yet" % self.path, EXIT_UNREACHABLE)
+            raise
         if not banner.startswith(">INFO:"):
             self.close()
             raise CtlError("unexpected banner from %s: %r" % (self.path, banner[:200]), EXIT_UNREACHABLE)
         self.banner = banner
         return self
+
+    def _login(self):
+        """Answer the password prompt; return the banner that follows ``SUCCESS``."""
+        password = self.password() if callable(self.password) else self.password
+        if password is None:
+            raise CtlError(
+                "admin socket %s asks for a password; give --password-file FILE "
+                "(or --config with admin.password_file set)" % self.path,
+                EXIT_UNREACHABLE,
+            )
+        self.sock.settimeout(self._remaining())
+        self.sock.sendall(password + b"\n")
+        try:
+            line = self._line(prompt=True)
+        except EOFError:
+            line = None  # closed instead of prompting again
+        if line is None or line == PASSWORD_PROMPT.decode() or line.startswith("ERROR:"):
+            raise CtlError("admin socket rejected the password", EXIT_UNREACHABLE)
+        if not line.startswith("SUCCESS:"):
+            raise CtlError("unexpected answer to the password from %s: %r" % (self.path, line[:200]), EXIT_UNREACHABLE)
+        return self._line()
 
     def _remaining(self):
         left = self.deadline - time.monotonic()
@@ -118,9 +152,12 @@ class AdminSession:
         return left
 
     def _line(self, prompt=False):
-        while b"\n" not in self.buffer:
+        while True:
             if prompt and self.buffer.startswith(PASSWORD_PROMPT):
+                self.buffer = self.buffer[len(PASSWORD_PROMPT):]
                 return PASSWORD_PROMPT.decode()  # OpenVPN's prompt has no line end
+            if b"\n" in self.buffer:
+                break
             self.sock.settimeout(self._remaining())
             data = self.sock.recv(65536)
             if not data:
@@ -426,20 +463,56 @@ def _hash_password(args):
     return 0
 
 
-def _admin_socket_from_yaml(path):
-    """``admin.socket`` read straight from the YAML (when the full config does not validate for
-    this user, e.g. an unreadable users file); None when absent or unreadable."""
+def _admin_socket_from_yaml(path, key="socket"):
+    """``admin.<key>`` (a path) read straight from the YAML (when the full config does not
+    validate for this user, e.g. an unreadable users file); None when absent or unreadable."""
     try:
         import yaml
 
         with open(path, encoding="utf-8") as f:
             doc = yaml.safe_load(f)
-        value = doc["admin"]["socket"]
+        value = doc["admin"][key]
     except Exception:
         return None
     if not isinstance(value, str) or not value:
         return None
     return value if os.path.isabs(value) else os.path.join(os.path.dirname(os.path.abspath(path)), value)
+
+
+def _config_password_file(args):
+    """``admin.password_file`` of ``--config`` (validated config first, raw YAML as fallback), or None."""
+    from ovpnmgr.config import ConfigError, load_config
+
+    try:
+        path = load_config(args.config).admin.password_file
+    except ConfigError:
+        return _admin_socket_from_yaml(args.config, "password_file")
+    return None if path is None else str(path)
+
+
+def read_password_file(path):
+    """The first line of ``path`` as bytes; :class:`CtlError` (exit 2) if unreadable or empty."""
+    try:
+        with open(path, "rb") as f:
+            password = f.readline().rstrip(b"\r\n")
+    except OSError as e:
+        raise CtlError("cannot read password file %s: %s" % (path, e.strerror or e), EXIT_USAGE)
+    if not password:
+        raise CtlError("password file %s: first line is empty" % path, EXIT_USAGE)
+    return password
+
+
+def resolve_password(args):
+    """A callable returning the password to answer the prompt with (None when there is none):
+    ``--password-file``, else ``--config``'s ``admin.password_file``. Read only when asked."""
+
+    def password():
+        path = args.password_file
+        if path is None and args.config:
+            path = _config_password_file(args)
+        return None if path is None else read_password_file(path)
+
+    return password
 
 
 def resolve_socket(args):
@@ -484,7 +557,12 @@ def build_parser():
         epilog="exit codes: 0 ok, 1 the daemon answered ERROR (incl. rules drift), 2 usage, 3 cannot reach the socket",
     )
     parser.add_argument("--socket", metavar="PATH", help="admin socket (default: --config's admin.socket, else %s)" % DEFAULT_SOCKET)
-    parser.add_argument("--config", metavar="FILE", help="pocketproxy.yaml to read admin.socket from")
+    parser.add_argument("--config", metavar="FILE", help="pocketproxy.yaml to read admin.socket (and admin.password_file) from")
+    parser.add_argument(
+        "--password-file",
+        metavar="FILE",
+        help="answer the socket's password prompt with this file's first line (default: --config's admin.password_file)",
+    )
     parser.add_argument("--json", action="store_true", help="print the daemon's JSON instead of a table")
     parser.add_argument("--timeout", type=_timeout, default=DEFAULT_TIMEOUT, metavar="S", help="overall deadline in seconds (default 10)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -534,7 +612,7 @@ def main(argv=None):
         return EXIT_USAGE
     try:
         path = resolve_socket(args)
-        with AdminSession(path, args.timeout) as session:
+        with AdminSession(path, args.timeout, resolve_password(args)) as session:
             return args.func(session, args)
     except CtlError as e:
         _fail(e.message)

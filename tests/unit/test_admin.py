@@ -590,3 +590,175 @@ def test_tap_wires_the_admin_service_only_when_a_socket_is_configured(tmp_path):
     off = dataclasses.replace(config, admin=AdminConfig())
     top, _ = build(MemoryReactorClock(), off, directory, None, ipset=FakeIPSet())
     assert not [s for s in top if isinstance(s, AdminService)]
+
+
+# --- optional password (admin.password_file) ------------------------------------------------
+
+SECRET = "s3cr3t-Pa55"
+PROMPT = b"ENTER PASSWORD:"
+
+
+def pw_world(password=SECRET):
+    w = World()
+    w.factory = AdminFactory(w.controller, None, password.encode())
+    return w
+
+
+@pytest.fixture
+def captured_logs():
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    yield lambda: [formatEvent(e) + " " + repr(e) for e in events]
+    globalLogPublisher.removeObserver(events.append)
+
+
+def test_password_prompt_is_sent_without_line_end_instead_of_the_banner():
+    """With a password configured, the first and only bytes are OpenVPN's bare prompt."""
+    a = Admin(pw_world().factory)
+    assert a.transport.value() == b"ENTER PASSWORD:"
+
+
+def test_right_password_gets_success_then_the_banner_then_commands_work():
+    w = pw_world()
+    a = Admin(w.factory)
+    a.take()
+    assert a.send(SECRET) == crlf("SUCCESS: password is correct", BANNER)
+    assert a.send("pp drain") == b"SUCCESS: drain=off\r\n"
+
+
+def test_crlf_after_the_password_is_accepted():
+    a = Admin(pw_world().factory)
+    a.take()
+    a.protocol.dataReceived(SECRET.encode() + b"\r\n")
+    assert a.take() == crlf("SUCCESS: password is correct", BANNER)
+
+
+def test_password_and_command_in_one_read():
+    """A client that pipelines its first command after the password gets it answered after the banner."""
+    a = Admin(pw_world().factory)
+    a.take()
+    assert a.send(SECRET, "pp drain") == crlf("SUCCESS: password is correct", BANNER, "SUCCESS: drain=off")
+
+
+def test_wrong_password_only_prompts_again():
+    """OpenVPN's 'ERROR: bad password' never reaches the client (observed): just another bare prompt."""
+    a = Admin(pw_world().factory)
+    a.take()
+    assert a.send("wrong") == PROMPT
+    assert a.transport.connected
+    assert a.send(SECRET) == crlf("SUCCESS: password is correct", BANNER)
+
+
+def test_three_wrong_passwords_close_the_connection_without_reply():
+    a = Admin(pw_world().factory)
+    a.take()
+    assert a.send("one") == PROMPT
+    assert a.send("two") == PROMPT
+    assert a.send("three") == b""
+    assert a.transport.disconnecting
+    assert a.send(SECRET) == b""  # too late
+
+
+def test_three_wrong_passwords_in_one_read_close_too():
+    a = Admin(pw_world().factory)
+    a.take()
+    assert a.send("a", "b", "c", SECRET, "pp drain") == PROMPT + PROMPT
+    assert a.transport.disconnecting
+
+
+def test_no_command_is_accepted_before_the_password():
+    """Command lines before authentication are password attempts: never run, never sent to OpenVPN."""
+    w = pw_world()
+    a = Admin(w.factory)
+    a.take()
+    w.script.clear_sent()
+    assert a.send("status 3") == PROMPT
+    assert a.send("pp drain on") == PROMPT
+    assert not w.controller.draining
+    assert a.send("quit") == b""  # third attempt: closed
+    assert a.transport.disconnecting
+    assert w.script.sent_commands() == []
+
+
+def test_empty_line_and_prefix_are_wrong_passwords():
+    a = Admin(pw_world().factory)
+    a.take()
+    assert a.send("") == PROMPT
+    assert a.send(SECRET[:-1]) == PROMPT
+    assert a.send(SECRET + "x") == b""
+    assert a.transport.disconnecting
+
+
+def test_each_connection_authenticates_on_its_own():
+    w = pw_world()
+    first = Admin(w.factory)
+    first.take()
+    assert first.send(SECRET).endswith(crlf(BANNER))
+    second = Admin(w.factory)
+    assert second.take() == PROMPT
+    assert second.send("pp drain") == PROMPT
+
+
+def test_password_compared_with_hmac_compare_digest(monkeypatch):
+    import hmac
+
+    from ovpnmgr import admin as admin_module
+
+    calls = []
+    real = hmac.compare_digest
+
+    def spy(a, b):
+        calls.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(admin_module.hmac, "compare_digest", spy)
+    a = Admin(pw_world().factory)
+    a.send("nope")
+    assert calls == [(b"nope", SECRET.encode())]
+
+
+def test_attempted_and_configured_passwords_never_logged(captured_logs):
+    a = Admin(pw_world().factory)
+    a.take()
+    for attempt in ("hunter2-attempt", "another-try", "third-guess"):
+        a.send(attempt)
+    b = Admin(pw_world().factory)
+    b.send(SECRET)
+    logs = "\n".join(captured_logs())
+    assert "wrong password" in logs or "wrong admin password" in logs
+    for secret in ("hunter2-attempt", "another-try", "third-guess", SECRET):
+        assert secret not in logs
+
+
+def test_no_password_keeps_the_banner_first():
+    a = Admin(world().factory)
+    assert a.transport.value() == crlf(BANNER)
+
+
+def test_service_reads_the_password_file(tmp_path):
+    from ovpnmgr.admin import read_password
+
+    pw = tmp_path / "admin.pw"
+    pw.write_bytes(b"topsecret\r\nsecond line\n")
+    assert read_password(pw) == b"topsecret"
+    svc = AdminService(MemoryReactor(), AdminConfig(socket=str(tmp_path / "a.sock"), password_file=pw), world().controller)
+    assert svc.factory.password == b"topsecret"
+    a = Admin(svc.factory)
+    assert a.take() == PROMPT
+    assert a.send("topsecret") == crlf("SUCCESS: password is correct", BANNER)
+
+
+def test_read_password_errors_name_the_key(tmp_path):
+    from ovpnmgr.admin import read_password
+    from ovpnmgr.config import ConfigError
+
+    empty = tmp_path / "empty.pw"
+    empty.write_bytes(b"\nsecond\n")
+    with pytest.raises(ConfigError) as info:
+        read_password(empty)
+    assert info.value.key == "admin.password_file" and "first line is empty" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        read_password(tmp_path / "missing.pw")
+    assert info.value.key == "admin.password_file" and "cannot read" in str(info.value)

@@ -195,3 +195,27 @@ def test_bad_metrics_listen_names_the_key(cfgdir, value, words):
     assert err.key == "metrics.listen" and words in err.problem
     assert str(err).startswith(str(cfgdir / "pocketproxy.yaml") + ": metrics.listen: ")
     assert _error(cfgdir, GOOD + "metrics:\n  port: 9105\n").key == "metrics.port"
+
+
+# --- admin.password_file ---
+
+
+def test_admin_password_file_is_a_resolved_path(cfgdir):
+    (cfgdir / "admin.pw").write_text("s3cret\n")
+    config = _parse(cfgdir, GOOD.replace('  mode: "0660"\n', '  mode: "0660"\n  password_file: admin.pw\n'))
+    assert config.admin.password_file == cfgdir / "admin.pw"
+
+
+def test_admin_password_file_defaults_to_none(cfgdir):
+    assert _parse(cfgdir, GOOD).admin.password_file is None
+
+
+def test_admin_password_file_empty_first_line_names_the_key(cfgdir):
+    (cfgdir / "admin.pw").write_text("\nsecond line\n")
+    err = _error(cfgdir, GOOD.replace('  mode: "0660"\n', '  mode: "0660"\n  password_file: admin.pw\n'))
+    assert err.key == "admin.password_file" and "first line is empty" in err.problem
+
+
+def test_admin_password_file_unreadable_names_the_key(cfgdir):
+    err = _error(cfgdir, GOOD.replace('  mode: "0660"\n', '  mode: "0660"\n  password_file: missing.pw\n'))
+    assert err.key == "admin.password_file" and "cannot read" in err.problem

@@ -111,11 +111,13 @@ class FakeAdmin:
     """A threaded admin server: ``replies`` maps a request line (bytes, no line end) to reply lines;
     a request mapped to None gets no answer (for timeouts)."""
 
-    def __init__(self, replies=None, banner=BANNER):
+    def __init__(self, replies=None, banner=BANNER, password=None):
         self.dir = tempfile.mkdtemp(prefix="ppctl-")  # unix socket paths must stay short
         self.path = os.path.join(self.dir, "admin.sock")
         self.replies = dict(REPLIES if replies is None else replies)
         self.banner = banner
+        self.password = password  # bytes: prompt first, as the daemon does with admin.password_file
+        self.attempts = []
         self._requests = []
         self._raw = b""
         self.started = 0
@@ -161,9 +163,35 @@ class FakeAdmin:
         self.settle()
         return self._raw
 
-    def _session(self, conn):
-        conn.sendall(self.banner)
+    def _login(self, conn):
+        """OpenVPN's handshake: bare prompt; right → SUCCESS + banner; wrong → prompt again; 3 wrong → close.
+        Returns (authenticated, bytes read past the password line)."""
         buf = b""
+        conn.sendall(b"ENTER PASSWORD:")
+        while len(self.attempts) < 3:
+            while b"\n" not in buf:
+                data = conn.recv(4096)
+                if not data:
+                    return False, b""
+                buf += data
+            line, buf = buf.split(b"\n", 1)
+            line = line.rstrip(b"\r")
+            self.attempts.append(line)
+            if line == self.password:
+                conn.sendall(b"SUCCESS: password is correct\r\n" + self.banner)
+                return True, buf
+            if len(self.attempts) < 3:
+                conn.sendall(b"ENTER PASSWORD:")
+        return False, b""
+
+    def _session(self, conn):
+        buf = b""
+        if self.password is not None:
+            ok, buf = self._login(conn)
+            if not ok:
+                return
+        else:
+            conn.sendall(self.banner)
         while True:
             data = conn.recv(4096)
             if not data:
@@ -638,3 +666,167 @@ def test_reload_success_and_refusal(capsys):
         assert "previous users stay in force" in err
     finally:
         server.close()
+
+
+# --- password prompt (admin.password_file) ---
+
+
+@pytest.fixture
+def pw_admin():
+    server = FakeAdmin(password=b"s3cret")
+    yield server
+    server.close()
+
+
+def test_password_file_answers_the_prompt(pw_admin, tmp_path, capsys):
+    pw = tmp_path / "admin.pw"
+    pw.write_bytes(b"s3cret\nignored second line\n")
+    code, out, err = run(capsys, "--socket", pw_admin.path, "--password-file", str(pw), "--json", "drain")
+    assert (code, out, err) == (0, '{"draining":false}\n', "")
+    assert pw_admin.attempts == [b"s3cret"]
+    assert pw_admin.requests == [b"pp drain --json", b"quit"]
+
+
+def test_wrong_password_exits_3(pw_admin, tmp_path, capsys):
+    pw = tmp_path / "admin.pw"
+    pw.write_text("wrong\n")
+    code, out, err = run(capsys, "--socket", pw_admin.path, "--password-file", str(pw), "clients")
+    assert (code, out, err) == (3, "", "pocketproxyctl: admin socket rejected the password\n")
+    assert pw_admin.attempts == [b"wrong"]  # one try only, no command sent
+    assert pw_admin.requests == []
+
+
+def test_connection_closed_after_the_password_is_a_rejection(tmp_path, capsys):
+    server = FakeAdmin(password=b"s3cret")
+
+    def session(conn):
+        conn.sendall(b"ENTER PASSWORD:")
+        conn.recv(100)  # then close
+
+    server._session = session
+    pw = tmp_path / "admin.pw"
+    pw.write_text("wrong\n")
+    try:
+        code, out, err = run(capsys, "--socket", server.path, "--password-file", str(pw), "clients")
+    finally:
+        server.close()
+    assert (code, err) == (3, "pocketproxyctl: admin socket rejected the password\n")
+
+
+def test_openvpn_style_error_reply_is_a_rejection(tmp_path, capsys):
+    server = FakeAdmin(password=b"s3cret")
+
+    def session(conn):
+        conn.sendall(b"ENTER PASSWORD:")
+        conn.recv(100)
+        conn.sendall(b"ERROR: bad password\r\nENTER PASSWORD:")
+        conn.recv(100)
+
+    server._session = session
+    pw = tmp_path / "admin.pw"
+    pw.write_text("wrong\n")
+    try:
+        code, out, err = run(capsys, "--socket", server.path, "--password-file", str(pw), "clients")
+    finally:
+        server.close()
+    assert (code, err) == (3, "pocketproxyctl: admin socket rejected the password\n")
+
+
+def test_prompt_without_a_password_exits_3_with_a_hint(pw_admin, capsys):
+    code, out, err = run(capsys, "--socket", pw_admin.path, "--timeout", "2", "clients")
+    assert code == 3
+    assert err == (
+        "pocketproxyctl: admin socket %s asks for a password; give --password-file FILE "
+        "(or --config with admin.password_file set)\n" % pw_admin.path
+    )
+    assert pw_admin.attempts == []
+
+
+def test_password_file_unused_without_a_prompt(admin, tmp_path, capsys):
+    """No prompt: the file is not even read (an unreadable one does no harm)."""
+    code, out, err = run(capsys, "--socket", admin.path, "--password-file", str(tmp_path / "missing"), "drain")
+    assert code == 0 and err == ""
+    assert admin.raw == b"pp drain --json\nquit\n"
+
+
+@pytest.mark.parametrize("content, words", [(None, "cannot read password file"), (b"\nx\n", "first line is empty")])
+def test_bad_password_file_exits_2(pw_admin, tmp_path, capsys, content, words):
+    pw = tmp_path / "admin.pw"
+    if content is not None:
+        pw.write_bytes(content)
+    code, out, err = run(capsys, "--socket", pw_admin.path, "--password-file", str(pw), "clients")
+    assert code == 2 and words in err, err
+    assert pw_admin.attempts == []
+
+
+def _config_with_password(tmp_path, socket_path, password_line, valid=True):
+    (tmp_path / "admin.pw").write_text(password_line)
+    head = "openvpn:\n  management: unix:/run/x.sock\n  subnet: 10.9.0.0/24\n  server_address: 10.9.0.1\n"
+    if valid:
+        (tmp_path / "users.yaml").write_text("devices: {}\nusers: {}\n")
+    config = tmp_path / "pocketproxy.yaml"
+    config.write_text(
+        (head if valid else "")
+        + "directory:\n  file: users.yaml\nadmin:\n  socket: %s\n  password_file: admin.pw\n" % socket_path
+    )
+    return config
+
+
+def test_password_from_config(pw_admin, tmp_path, capsys):
+    config = _config_with_password(tmp_path, pw_admin.path, "s3cret\n")
+    code, out, err = run(capsys, "--config", str(config), "--json", "drain")
+    assert (code, out, err) == (0, '{"draining":false}\n', "")
+    assert pw_admin.attempts == [b"s3cret"]
+
+
+def test_password_from_config_when_the_rest_does_not_validate(pw_admin, tmp_path, capsys):
+    config = _config_with_password(tmp_path, pw_admin.path, "s3cret\n", valid=False)
+    assert run(capsys, "--config", str(config), "--json", "drain")[:2] == (0, '{"draining":false}\n')
+
+
+def test_password_file_option_wins_over_config(pw_admin, tmp_path, capsys):
+    config = _config_with_password(tmp_path, pw_admin.path, "stale\n")
+    pw = tmp_path / "other.pw"
+    pw.write_text("s3cret\n")
+    code, out, err = run(capsys, "--config", str(config), "--password-file", str(pw), "drain")
+    assert code == 0, err
+    assert pw_admin.attempts == [b"s3cret"]
+
+
+def test_against_the_real_admin_protocol(tmp_path, capsys):
+    """pocketproxyctl logs in on the exact bytes the real AdminProtocol sends (prompt, SUCCESS, banner)."""
+    from ovpnmgr.admin import AdminProtocol
+    from twisted.internet.testing import StringTransport
+
+    proto = AdminProtocol(controller=None, password=b"s3cret")
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    prompt = transport.value()
+    transport.clear()
+    proto.dataReceived(b"s3cret\n")
+    after = transport.value()
+    server = FakeAdmin(password=b"s3cret")
+
+    def session(conn):
+        conn.sendall(prompt)
+        buf = b""
+        while b"\n" not in buf:
+            buf += conn.recv(100)
+        assert buf == b"s3cret\n"
+        conn.sendall(after)
+        while b"quit\n" not in buf:
+            data = conn.recv(100)
+            if not data:
+                return
+            buf += data
+            if b"load-stats\n" in buf and b"quit" not in buf:
+                conn.sendall(b"SUCCESS: nclients=0,bytesin=0,bytesout=0\r\n")
+
+    server._session = session
+    pw = tmp_path / "admin.pw"
+    pw.write_text("s3cret\n")
+    try:
+        code, out, err = run(capsys, "--socket", server.path, "--password-file", str(pw), "raw", "load-stats")
+    finally:
+        server.close()
+    assert (code, out, err) == (0, "nclients=0,bytesin=0,bytesout=0\n", "")
