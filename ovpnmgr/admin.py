@@ -71,7 +71,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 
-from ovpnmgr.config import ConfigError
+from ovpnmgr.config import ConfigError, read_secret_file
 from ovpnmgr.firewall import FirewallError
 from ovpnmgr.protocol import MULTI, SINGLE, CommandFailed, InvalidArgument, ManagementDisconnected, ManagementError
 
@@ -528,13 +528,9 @@ def read_password(path):
         read or its first line is empty.
     """
     try:
-        with open(path, "rb") as f:
-            password = f.readline().rstrip(b"\r\n")
-    except OSError as e:
-        raise ConfigError(path, "admin.password_file", "cannot read %s: %s" % (path, e.strerror or e))
-    if not password:
-        raise ConfigError(path, "admin.password_file", "%s: first line is empty" % path)
-    return password
+        return read_secret_file(path)
+    except ValueError as e:
+        raise ConfigError(path, "admin.password_file", str(e))
 
 
 def remove_stale_socket(path):

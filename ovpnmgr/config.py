@@ -13,6 +13,8 @@ from pathlib import Path
 
 import yaml
 
+from proxy.settings import ProxySettings
+
 DEFAULT_CONFIG_PATH = "/etc/pocketproxy/pocketproxy.yaml"
 
 
@@ -46,27 +48,18 @@ class OpenVPNConfig:
 
 
 @dataclass(frozen=True)
-class ProxyConfig:
-    """The transparent proxy: where it listens and its data-path policy.
+class ProxyConfig(ProxySettings):
+    """The transparent proxy: where it listens, plus its data-path policy.
 
-    Timeouts default to values that survive a cellular WAN: tens of seconds to
-    reach and handshake with a device, an hour of idleness (TCP keepalive finds
-    dead peers sooner), a minute for a half-closed connection to finish.
+    The policy fields and their WAN-safe defaults (tens of seconds to reach and
+    handshake with a device, an hour of idleness with TCP keepalive finding dead
+    peers sooner, a minute for a half-closed connection) come from
+    :class:`proxy.settings.ProxySettings`.
     """
 
     listen: int = 12345
     bind: tuple = ("0.0.0.0", "::")
     mode: str = "redirect"
-    sniff_ports: frozenset = frozenset({80, 443, 8080, 8443})
-    sniff_budget: float = 0.2
-    connect_timeout: float = 30.0
-    handshake_timeout: float = 30.0
-    idle_timeout: float = 3600.0
-    half_closed_timeout: float = 60.0
-    keepalive: int = 120
-    max_connections: int = 0
-    max_connections_per_client: int = 1024
-    splice: bool = True
 
 
 @dataclass(frozen=True)
@@ -174,16 +167,28 @@ def _readable_file(value, ctx):
     return path
 
 
+def read_secret_file(path):
+    """The first line of ``path`` without its line end, as bytes (management and admin passwords).
+
+    :raises ValueError: worded ``cannot read PATH: why`` or ``PATH: first line is empty``.
+    """
+    try:
+        with open(path, "rb") as f:
+            secret = f.readline().rstrip(b"\r\n")
+    except OSError as e:
+        raise ValueError("cannot read %s: %s" % (path, e.strerror or e))
+    if not secret:
+        raise ValueError("%s: first line is empty" % path)
+    return secret
+
+
 def _password_file(value, ctx):
     """A readable file whose first line (without its line end) is a non-empty password."""
     path = _readable_file(value, ctx)
     try:
-        with open(path, "rb") as f:
-            first = f.readline().rstrip(b"\r\n")
-    except OSError as e:
-        raise _Bad("cannot read %s: %s" % (path, e.strerror or e))
-    if not first:
-        raise _Bad("%s: first line is empty" % path)
+        read_secret_file(path)
+    except ValueError as e:
+        raise _Bad(str(e))
     return path
 
 

@@ -492,14 +492,12 @@ def _config_password_file(args):
 
 def read_password_file(path):
     """The first line of ``path`` as bytes; :class:`CtlError` (exit 2) if unreadable or empty."""
+    from ovpnmgr.config import read_secret_file
+
     try:
-        with open(path, "rb") as f:
-            password = f.readline().rstrip(b"\r\n")
-    except OSError as e:
-        raise CtlError("cannot read password file %s: %s" % (path, e.strerror or e), EXIT_USAGE)
-    if not password:
-        raise CtlError("password file %s: first line is empty" % path, EXIT_USAGE)
-    return password
+        return read_secret_file(path)
+    except ValueError as e:
+        raise CtlError("bad password file: %s" % e, EXIT_USAGE)
 
 
 def resolve_password(args):

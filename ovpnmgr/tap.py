@@ -19,7 +19,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 from zope.interface import implementer
 
-from ovpnmgr.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
+from ovpnmgr.config import DEFAULT_CONFIG_PATH, ConfigError, load_config, read_secret_file
 
 
 class Options(usage.Options):
@@ -46,13 +46,9 @@ def read_password(config):
     if path is None:
         return None
     try:
-        with open(path, "rb") as f:
-            password = f.readline().rstrip(b"\r\n")
-    except OSError as e:
-        raise ConfigError(config.path, "openvpn.password_file", "cannot read %s: %s" % (path, e.strerror or e))
-    if not password:
-        raise ConfigError(config.path, "openvpn.password_file", "%s: first line is empty" % path)
-    return password
+        return read_secret_file(path)
+    except ValueError as e:
+        raise ConfigError(config.path, "openvpn.password_file", str(e))
 
 
 class AdmissionService(service.MultiService):
@@ -193,21 +189,11 @@ class LoggingEndpoint:
 
 def proxy_settings(config):
     """:class:`proxy.server.ProxySettings` from the ``proxy`` config section."""
-    from proxy.server import ProxySettings
+    from dataclasses import fields
 
-    p = config.proxy
-    return ProxySettings(
-        sniff_ports=p.sniff_ports,
-        sniff_budget=p.sniff_budget,
-        connect_timeout=p.connect_timeout,
-        handshake_timeout=p.handshake_timeout,
-        idle_timeout=p.idle_timeout,
-        half_closed_timeout=p.half_closed_timeout,
-        max_connections=p.max_connections,
-        max_connections_per_client=p.max_connections_per_client,
-        keepalive=p.keepalive,
-        splice=p.splice,
-    )
+    from proxy.settings import ProxySettings
+
+    return ProxySettings(**{f.name: getattr(config.proxy, f.name) for f in fields(ProxySettings)})
 
 
 def build_proxy(reactor, config, mappings):

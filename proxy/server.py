@@ -15,7 +15,6 @@ import collections
 import errno
 import resource
 import socket
-from dataclasses import dataclass
 
 from twisted.internet import error as terror
 from twisted.internet import task
@@ -28,34 +27,11 @@ from zope.interface import implementer
 from proxy import origdst, sniff
 from proxy.localaddr import LocalAddresses
 from proxy.relay import Relay
+from proxy.settings import ProxySettings
 from proxy.stats import ProxyStats
 from proxy.upstream import UpstreamError, dial
 
 FDS_RESERVED = 256  # management, admin, netlink, logs, dialling headroom
-
-
-@dataclass(frozen=True)
-class ProxySettings:
-    """Data-path policy; defaults are safe over a slow, lossy cellular WAN.
-
-    :ivar sniff_ports: client-first ports where a name is sniffed; all other
-        ports CONNECT to the original IP at once (server-first banners never wait).
-    :ivar max_connections: global cap; 0 derives it from ``RLIMIT_NOFILE``.
-    :ivar keepalive: TCP keepalive idle seconds on both legs (0 = off); dead
-        peers are found without a short idle timeout killing quiet sessions.
-    """
-
-    sniff_ports: frozenset = frozenset({80, 443, 8080, 8443})
-    sniff_budget: float = 0.2
-    connect_timeout: float = 30.0
-    handshake_timeout: float = 30.0
-    idle_timeout: float = 3600.0
-    half_closed_timeout: float = 60.0
-    max_connections: int = 0
-    max_connections_per_client: int = 1024
-    keepalive: int = 120
-    splice: bool = True
-    sweep_interval: float = 5.0
 
 
 def fd_derived_limit(splice):

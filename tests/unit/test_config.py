@@ -219,3 +219,19 @@ def test_admin_password_file_empty_first_line_names_the_key(cfgdir):
 def test_admin_password_file_unreadable_names_the_key(cfgdir):
     err = _error(cfgdir, GOOD.replace('  mode: "0660"\n', '  mode: "0660"\n  password_file: missing.pw\n'))
     assert err.key == "admin.password_file" and "cannot read" in err.problem
+
+
+def test_proxy_section_reaches_the_data_path_settings(cfgdir):
+    """Every policy key of the proxy section arrives in the ProxySettings the daemon builds."""
+    from ovpnmgr.tap import proxy_settings
+
+    text = GOOD.replace(
+        "  listen: 12345\n",
+        "  listen: 12345\n  sniff_ports: [443]\n  sniff_budget: 0.15\n  connect_timeout: 20\n  handshake_timeout: 25\n"
+        "  idle_timeout: 900\n  half_closed_timeout: 30\n  keepalive: 0\n  max_connections: 5000\n"
+        "  max_connections_per_client: 64\n  splice: false\n",
+    )
+    s = proxy_settings(_parse(cfgdir, text))
+    assert (s.sniff_ports, s.sniff_budget, s.connect_timeout, s.handshake_timeout) == ({443}, 0.15, 20, 25)
+    assert (s.idle_timeout, s.half_closed_timeout, s.keepalive) == (900, 30, 0)
+    assert (s.max_connections, s.max_connections_per_client, s.splice) == (5000, 64, False)

@@ -749,7 +749,7 @@ def test_password_file_unused_without_a_prompt(admin, tmp_path, capsys):
     assert admin.raw == b"pp drain --json\nquit\n"
 
 
-@pytest.mark.parametrize("content, words", [(None, "cannot read password file"), (b"\nx\n", "first line is empty")])
+@pytest.mark.parametrize("content, words", [(None, "bad password file: cannot read"), (b"\nx\n", "first line is empty")])
 def test_bad_password_file_exits_2(pw_admin, tmp_path, capsys, content, words):
     pw = tmp_path / "admin.pw"
     if content is not None:
