@@ -8,14 +8,13 @@ PyPI venv (``sys.executable``).
 
 import os
 import pathlib
-import re
 import signal
 import sys
-import time
 
 import yaml
 
 from ovpnmgr.directory import hash_password
+from tests.lab.netns import read_log, wait_log
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 FAST_HASH = dict(n=1024, r=8, p=1)  # lab users: quick to verify, same code path
@@ -103,27 +102,20 @@ class Daemon:
         return self.ns.stop(self.proc)
 
     def log_text(self):
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+        return read_log(self.log_path)
 
     def log_mark(self):
         return len(self.log_text())
 
     def wait_log(self, regex, timeout=20, since=0):
         """Wait for ``regex`` in the daemon log after offset ``since``; returns the match."""
-        pattern = re.compile(regex)
-        deadline = time.monotonic() + timeout
-        while True:
-            match = pattern.search(self.log_text(), since)
-            if match:
-                return match
+
+        def exited():
             if self.proc is not None and self.proc.poll() is not None:
-                raise AssertionError("daemon exited (%s) before %r:\n%s" % (self.proc.returncode, regex, self.tail()))
-            if time.monotonic() > deadline:
-                raise AssertionError("timed out waiting for %r in daemon log:\n%s" % (regex, self.tail()))
-            time.sleep(0.05)
+                return "daemon exited (%s)" % self.proc.returncode
+            return None
+
+        return wait_log(self.log_path, regex, timeout, since, exited, self.tail)
 
     def tail(self, lines=40):
         text = self.log_text().splitlines()[-lines:]

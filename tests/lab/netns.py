@@ -8,6 +8,7 @@ moved into lab namespaces at once.
 
 import itertools
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -160,3 +161,34 @@ def wait_for(predicate, timeout, interval=0.05, what="condition"):
         if time.monotonic() > deadline:
             raise AssertionError("timed out after %.1fs waiting for %s" % (timeout, what))
         time.sleep(interval)
+
+
+def read_log(path):
+    """A log file's text so far ("" before the process has created it)."""
+    try:
+        with open(path, errors="replace") as f:
+            return f.read()
+    except FileNotFoundError:
+        return ""
+
+
+def wait_log(path, regex, timeout, since=0, exited=None, describe=None):
+    """Wait until ``regex`` matches the log at ``path`` after offset ``since``; return the match.
+
+    :param exited: optional callable returning an error text once the writer has
+        died (waiting on would be pointless), else None.
+    :param describe: callable giving the failure message's context (a log tail).
+    """
+    pattern = re.compile(regex)
+    describe = describe or (lambda: read_log(path)[since:][-3000:])
+    deadline = time.monotonic() + timeout
+    while True:
+        match = pattern.search(read_log(path), since)
+        if match:
+            return match
+        dead = exited() if exited is not None else None
+        if dead:
+            raise AssertionError("%s while waiting for %r; log tail:\n%s" % (dead, regex, describe()))
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out after %.1fs waiting for %r in %s; tail:\n%s" % (timeout, regex, path, describe()))
+        time.sleep(0.05)

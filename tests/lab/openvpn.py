@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 
-from tests.lab.netns import Namespace, unique_name, wait_for
+from tests.lab.netns import Namespace, read_log, unique_name, wait_for, wait_log
 from tests.lab.pki import session_pki
 
 OPENVPN = "/usr/sbin/openvpn"
@@ -120,11 +120,7 @@ class OpenVPNProcess:
     # --- logs ---
 
     def log_text(self):
-        try:
-            with open(self.log_path, errors="replace") as f:
-                return f.read()
-        except FileNotFoundError:
-            return ""
+        return read_log(self.log_path)
 
     def log_mark(self):
         """Current log length; pass as ``since`` to only match lines written after now."""
@@ -146,23 +142,13 @@ class OpenVPNProcess:
         """Wait until ``regex`` matches the log (from offset ``since``); return the match.
 
         Fails at once if the process has exited, with the log tail in the message."""
-        pattern = re.compile(regex)
-        deadline = time.monotonic() + timeout
-        while True:
-            match = pattern.search(self.log_text(), since)
-            if match:
-                return match
+
+        def exited():
             if not self.running:
-                raise AssertionError(
-                    "%s exited (status %s) while waiting for %r; log tail:\n%s"
-                    % (self.role, self.proc and self.proc.returncode, regex, self.log_tail())
-                )
-            if time.monotonic() > deadline:
-                raise AssertionError(
-                    "timed out after %.1fs waiting for %r in %s log; tail:\n%s"
-                    % (timeout, regex, self.role, self.log_tail())
-                )
-            time.sleep(0.05)
+                return "%s exited (status %s)" % (self.role, self.proc and self.proc.returncode)
+            return None
+
+        return wait_log(self.log_path, regex, timeout, since, exited, self.log_tail)
 
 
 class OpenVPNServer(OpenVPNProcess):

@@ -22,12 +22,10 @@ Processes are started with ``Namespace.popen`` and stopped by PID; :meth:`World.
 
 import ipaddress
 import os
-import re
 import subprocess
 import sys
-import time
 
-from tests.lab.netns import Namespace, link, unique_name, wait_for
+from tests.lab.netns import Namespace, link, read_log, unique_name, wait_for, wait_log
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ORIGIN_NET = ipaddress.IPv4Network("203.0.113.0/24")
@@ -137,11 +135,7 @@ class Origin:
         return self
 
     def log_text(self):
-        try:
-            with open(self.log_path, errors="replace") as f:
-                return f.read()
-        except FileNotFoundError:
-            return ""
+        return read_log(self.log_path)
 
 
 class Device:
@@ -243,28 +237,14 @@ class Device:
         return self.ns.stop(self.proc, timeout=5)
 
     def log_text(self):
-        try:
-            with open(self.log_path, errors="replace") as f:
-                return f.read()
-        except FileNotFoundError:
-            return ""
+        return read_log(self.log_path)
 
     def log_mark(self):
         return len(self.log_text())
 
     def wait_log(self, regex, timeout=10, since=0):
         """Wait for ``regex`` in the proxy's log after offset ``since``; returns the match."""
-        pattern = re.compile(regex)
-        deadline = time.monotonic() + timeout
-        while True:
-            match = pattern.search(self.log_text(), since)
-            if match:
-                return match
-            if time.monotonic() > deadline:
-                raise AssertionError(
-                    "timed out waiting for %r in %s log:\n%s" % (regex, self.name, self.log_text()[since:][-3000:])
-                )
-            time.sleep(0.05)
+        return wait_log(self.log_path, regex, timeout, since)
 
 
 class World:
