@@ -13,11 +13,12 @@ Ctrl-C. Every wait is bounded.
 import argparse
 import os
 import signal
+import subprocess
 import sys
 import tempfile
 import time
 
-from tests.lab.daemon import Daemon
+from tests.lab.daemon import ROOT, Daemon
 from tests.lab.openvpn import Lab
 from tests.lab.world import ORIGIN_IP, ORIGIN_NAME, PUSH_ROUTE, World
 
@@ -43,6 +44,14 @@ def section(title):
 def show(lab, *argv):
     out = lab.server_ns.run(*argv, check=False)
     print("$ %s\n%s" % (" ".join(argv), (out.stdout + out.stderr).rstrip()), flush=True)
+
+
+def ctl(admin_socket, *argv):
+    """Run ``pocketproxyctl`` from the checkout against the daemon's admin socket; print it like a shell."""
+    command = [sys.executable, "-m", "ovpnmgr.ctl", "--socket", admin_socket, *argv]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=30, cwd=str(ROOT))
+    print("$ pocketproxyctl %s\n%s" % (" ".join(argv), (out.stdout + out.stderr).rstrip()), flush=True)
+    return out
 
 
 def browse(client, url, *curl_args):
@@ -75,9 +84,10 @@ def run(hold):
             % (world.origin.ns.name, ORIGIN_IP, ORIGIN_NAME)
         )
         print("server -> origin directly: %s" % (world.server_route_error() or "ROUTE EXISTS (unexpected)"))
+        admin_socket = os.path.join(workdir, "admin.sock")
         daemon = Daemon(
             lab.server_ns, os.path.join(workdir, "daemon"), lab.server.mgmt_socket, USERS,
-            devices={"phone": phone.url}, openvpn={"push": [PUSH_ROUTE]},
+            devices={"phone": phone.url}, openvpn={"push": [PUSH_ROUTE]}, admin={"socket": admin_socket},
         ).start()
         daemon.wait_log(r"reconciled with OpenVPN", timeout=30)
         print("pocketproxy under twistd (pid %s), config %s" % (daemon.proc.pid, daemon.config_path))
@@ -100,15 +110,22 @@ def run(hold):
         section("alice browses: VPN -> pocketproxy -> phone (tinyproxy) -> origin")
         mark = phone.log_mark()
         seen = browse(alice, "http://%s/whoami" % ORIGIN_IP)
-        if seen:
-            verdict = "the phone's address" if seen == phone.origin_ip else "NOT the phone (unexpected)"
-            print("the origin saw %s: %s" % (seen, verdict))
+        through_phone = seen == phone.origin_ip
+        print(
+            "the origin saw %s: %s"
+            % (seen or "nothing", "the phone's address" if through_phone else "NOT the phone's address %s" % phone.origin_ip)
+        )
         resolve = "%s:443:%s" % (ORIGIN_NAME, ORIGIN_IP)
         browse(alice, "https://%s/" % ORIGIN_NAME, "--cacert", world.origin.ca_cert, "--resolve", resolve)
         print("the phone's tinyproxy log (what pocketproxy asked it for):")
         for line in phone.log_text()[mark:].splitlines():
             if "Request (" in line:
                 print("  " + line.split(": ", 1)[-1])
+
+        section("what an operator looks at: pocketproxyctl over the admin socket")
+        ctl(admin_socket, "clients")
+        ctl(admin_socket, "devices")
+        ctl(admin_socket, "rules", "check")
 
         section("pocketproxy's log (admissions and denials)")
         for line in daemon.log_text().splitlines():
@@ -140,6 +157,9 @@ def run(hold):
                 pass
         section("tearing down")
     print("done: namespaces, processes and rules removed.")
+    if not through_phone:
+        print("FAILED: the origin did not see the phone's address")
+        return 1
     return 0
 
 
