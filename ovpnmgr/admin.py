@@ -142,7 +142,7 @@ PASSTHROUGH = {
 
 PP_HELP = [
     "pocketproxy admin verbs (add --json for one JSON line before END):",
-    "pp clients            : sessions: user, cid, VPN address, device, since, live connections, state",
+    "pp clients            : sessions: user, cid, VPN address, device, since, live connections, state, bytes",
     "pp devices            : devices, their users and connected addresses",
     "pp kick USER          : client-kill every session of USER",
     "pp drain [on|off]     : show, pause or resume new admissions (paused: TEMP deny)",
@@ -152,6 +152,10 @@ PP_HELP = [
     "quit | exit           : close this admin session",
     "OpenVPN passthrough   : status [n], load-stats, version, pid, state [all|n], client-kill CID [msg], kill, help",
 ]
+
+
+#: Byte columns of ``pp clients`` (after the original seven, so column-positional scripts keep working).
+CLIENT_BYTES = ("tunnel_bytes_in", "tunnel_bytes_out", "proxied_bytes_up", "proxied_bytes_down")
 
 
 def _iso(t):
@@ -367,6 +371,7 @@ class AdminProtocol(LineOnlyReceiver):
         mappings = self.controller.mappings
         rows = []
         for s in self.controller.client_list():
+            up, down = mappings.client_bytes(s.address) if s.address is not None else (None, None)
             rows.append(
                 {
                     "user": s.user.name if s.user is not None else s.username,
@@ -376,6 +381,13 @@ class AdminProtocol(LineOnlyReceiver):
                     "connected_since": _iso(s.connected_since),
                     "live_connections": mappings.live_count(s.address) if s.address is not None else 0,
                     "state": s.state,
+                    # OpenVPN's tunnel counters (>BYTECOUNT_CLI, every openvpn.bytecount_interval s):
+                    # in = from the client, out = to the client; None until the first report.
+                    "tunnel_bytes_in": s.bytes_in,
+                    "tunnel_bytes_out": s.bytes_out,
+                    # Relayed by the proxy for this address since admission (up = client to device).
+                    "proxied_bytes_up": up,
+                    "proxied_bytes_down": down,
                 }
             )
         return rows
@@ -384,7 +396,7 @@ class AdminProtocol(LineOnlyReceiver):
         rows = self._client_rows()
         if as_json:
             return [_json({"clients": rows}), "END"]
-        keys = ("user", "cid", "vpn_ip", "device", "connected_since", "live_connections", "state")
+        keys = ("user", "cid", "vpn_ip", "device", "connected_since", "live_connections", "state") + CLIENT_BYTES
         out = ["HEADER\tCLIENT\t" + "\t".join(keys)]
         for row in rows:
             out.append("CLIENT\t" + "\t".join("-" if row[k] is None else str(row[k]) for k in keys))

@@ -41,6 +41,7 @@ class OpenVPNConfig:
     reconnect_max: float = 30.0
     temp_backoff: int = 10
     push: tuple = ()
+    bytecount_interval: int = 5  # seconds between >BYTECOUNT_CLI notifications; 0 = off
 
     @property
     def netmask(self):
@@ -100,6 +101,16 @@ class FirewallConfig:
     command_timeout: float = 10.0
     tproxy_mark: int = 1
     tproxy_table: int = 100
+    verify_interval: float = 60.0  # seconds between kernel drift checks; 0 = only "pp rules check"
+    repair: bool = True  # periodic checks also fix drift (re-add missing members, remove extras)
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """How log events are written: twistd's text lines, or one JSON object per line."""
+
+    format: str = "text"
+    file: Path | None = None  # JSON only: append here instead of stdout
 
 
 @dataclass(frozen=True)
@@ -113,6 +124,7 @@ class Config:
     admin: AdminConfig = field(default_factory=AdminConfig)
     firewall: FirewallConfig = field(default_factory=FirewallConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
 
 # --- field validators: each takes (value, ctx) and returns the typed value or raises _Bad ---
@@ -280,6 +292,14 @@ def _choice(*options):
     return check
 
 
+def _interval(value, ctx):
+    """Seconds between periodic runs: 0 disables, else at least a tenth of a second."""
+    seconds = _number(0, 86400)(value, ctx)
+    if 0 < seconds < 0.1:
+        raise _Bad("must be 0 (off) or at least 0.1 seconds, got %s" % seconds)
+    return seconds
+
+
 def _ports(value, ctx):
     if not isinstance(value, list):
         raise _Bad("expected a list of TCP ports, got %r" % (value,))
@@ -337,6 +357,7 @@ _SCHEMA = {
             "reconnect_max": (_number(0.1, 3600), False),
             "temp_backoff": (_int(1, 3600), False),
             "push": (_push_lines, False),
+            "bytecount_interval": (_int(0, 3600), False),
         },
     ),
     "proxy": (
@@ -376,8 +397,11 @@ _SCHEMA = {
             "tproxy_mark": (_int(1, 0x7FFFFFFF), False),
             "tproxy_table": (_int(1, 0x7FFFFFFF), False),
             "command_timeout": (_number(0.1, 120), False),
+            "verify_interval": (_interval, False),
+            "repair": (_bool, False),
         },
     ),
+    "log": (LogConfig, {"format": (_choice("text", "json"), False), "file": (_path, False)}),
 }
 _REQUIRED_SECTIONS = ("openvpn", "directory")
 
@@ -402,13 +426,23 @@ def _section(path, name, raw, ctx):
     return cls(**values)
 
 
+def yaml_problem(error):
+    """A YAML error as ``problem (line L, column C)``, without the source excerpt PyYAML adds:
+    that excerpt may hold a secret (a device URL with its password) and the message is logged."""
+    problem = getattr(error, "problem", None) or getattr(error, "context", None) or type(error).__name__
+    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+    if mark is not None:
+        return "%s (line %d, column %d)" % (problem, mark.line + 1, mark.column + 1)
+    return str(problem)
+
+
 def parse_config(text, path):
     """Parse YAML ``text`` (read from ``path``) into a :class:`Config`; raise :class:`ConfigError`."""
     path = Path(path)
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(path, None, "invalid YAML: %s" % str(e).replace("\n", " "))
+        raise ConfigError(path, None, "invalid YAML: %s" % yaml_problem(e))
     if not isinstance(raw, dict):
         raise ConfigError(path, None, "expected a mapping of sections (openvpn, directory, ...)")
     for key in raw:
@@ -426,6 +460,9 @@ def parse_config(text, path):
         raise ConfigError(path, "openvpn.server_address", "must not be the network or broadcast address")
     if ovpn.reconnect_initial > ovpn.reconnect_max:
         raise ConfigError(path, "openvpn.reconnect_initial", "must not exceed openvpn.reconnect_max")
+    log = sections.get("log")
+    if log is not None and log.file is not None and log.format != "json":
+        raise ConfigError(path, "log.file", "only used with log.format json (twistd --logfile places the text log)")
     return Config(path=path, **sections)
 
 

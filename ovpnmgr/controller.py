@@ -29,12 +29,18 @@ from ovpnmgr.firewall import FirewallError
 from ovpnmgr.metrics import Histogram
 from ovpnmgr.pool import AddressInUse, PoolExhausted
 from ovpnmgr.protocol import CommandFailed, ManagementDisconnected, ManagementError
+from ovpnmgr.verify import fresh_members
 from proxy.mappings import MappingConflict
 
 AUTHENTICATING = "authenticating"
 AUTHORIZING = "authorizing"  # client-auth sent, no reply yet
 AUTHORIZED = "authorized"  # client-auth SUCCESS
 ESTABLISHED = "established"
+
+
+def _env_int(env, key, default):
+    value = env.get(key, "")
+    return int(value) if value.isdigit() else default
 
 
 class TemporaryFailure(Exception):
@@ -58,10 +64,22 @@ class Session:
         self.connected_since = None
         self.cancelled = False
         self.admission_counted = False  # metrics: count client-auth SUCCESS once per session
+        self.bytes_in = None  # tunnel bytes from the client (OpenVPN's >BYTECOUNT_CLI), None until reported
+        self.bytes_out = None  # tunnel bytes to the client
 
     @property
     def key(self):
         return (self.epoch, self.cid)
+
+    @property
+    def log_fields(self):
+        """Who this is, as structured log fields (the proxy adds them to its events for this client)."""
+        return {
+            "user": self.user.name if self.user is not None else (self.username or self.common_name),
+            "cid": self.cid,
+            "vpn_ip": str(self.address) if self.address is not None else None,
+            "device": self.user.device.name if self.user is not None else None,
+        }
 
     def __repr__(self):
         return "<Session epoch=%d cid=%d user=%s ip=%s %s>" % (
@@ -107,6 +125,7 @@ class Controller:
         self.management_reconnects = 0
         self._attaches = 0
         self.last_drift = None
+        self.reconciled = False  # True once sessions were rebuilt from a status 3 (kernel checks wait for it)
         self._handlers = {
             events.ClientConnect: self._on_connect,
             events.ClientReauth: self._on_reauth,
@@ -116,6 +135,7 @@ class Controller:
             events.Hold: self._on_hold,
             events.State: self._on_state,
             events.Fatal: self._on_fatal,
+            events.ByteCountClient: self._on_bytecount,
         }
 
     # --- management connection lifecycle ---
@@ -137,9 +157,22 @@ class Controller:
         d.addCallback(lambda _: protocol.state_on())
         d.addCallback(lambda _: protocol.status3())
         d.addCallback(self.reconcile)
+        d.addCallback(lambda _: self._enable_bytecount(protocol))
         d.addCallback(lambda _: protocol)
         d.addErrback(self._attach_failed, protocol)
         return d
+
+    def _enable_bytecount(self, protocol):
+        """Ask for per-client byte counts (``pp clients``); a refusal is logged, not fatal."""
+        interval = self.config.bytecount_interval
+        if not interval:
+            return None
+
+        def refused(failure):
+            failure.trap(CommandFailed)
+            self._log.warn("OpenVPN refused bytecount {interval}: {reason}", interval=interval, reason=failure.value)
+
+        return protocol.bytecount(interval).addErrback(refused)
 
     def _attach_failed(self, failure, protocol):
         self._log.error("management handshake failed: {why}", why=failure.getErrorMessage() or failure.type.__name__)
@@ -289,6 +322,8 @@ class Controller:
             "denied cid {cid} user {user}: {reason} ({kind})",
             cid=session.cid,
             user=session.username or session.common_name,
+            vpn_ip=None,  # a denied client never keeps an address
+            device=session.user.device.name if session.user is not None else None,
             reason=reason,
             kind="temporary" if temporary else "final",
             event="denied",
@@ -378,9 +413,18 @@ class Controller:
             user=session.user.name if session.user else session.username,
             cid=session.cid,
             vpn_ip=str(session.address),
+            device=session.user.device.name if session.user else None,
+            reason="client disconnected",
+            bytes_in=_env_int(ev.env, "bytes_received", session.bytes_in),
+            bytes_out=_env_int(ev.env, "bytes_sent", session.bytes_out),
             event="disconnected",
         )
         self._end(session)
+
+    def _on_bytecount(self, ev):
+        session = self.sessions.get((self.epoch, ev.cid))
+        if session is not None:
+            session.bytes_in, session.bytes_out = ev.bytes_in, ev.bytes_out
 
     # --- server state and epochs ---
 
@@ -466,6 +510,7 @@ class Controller:
             else:
                 self._reconcile_established(row, session, present)
         self._sweep(present)
+        self.reconciled = True
         self._log.info(
             "reconciled with OpenVPN: {n} clients ({pending} pending), {members} ipset members",
             n=len(self.sessions),
@@ -742,6 +787,7 @@ class Controller:
         """
 
         def remember(drift):
+            drift = fresh_members(self, drift)  # members compared at one instant, not across the listing
             self.last_drift = drift
             return drift
 

@@ -35,10 +35,14 @@ Families (prefix ``pocketproxy_``):
 * ``splice_connections_active`` / ``splice_connections_total``: connections
   relayed with splice(2) now / since start (0 when splice is off or unavailable).
 * ``ipset_drift{kind="missing|extra"}`` (gauge): ipset members missing from /
-  extra in the kernel set at the last rules check (``pp rules check``), and
+  extra in the kernel set at the last rules check (the periodic one every
+  ``firewall.verify_interval`` seconds, or ``pp rules check``), and
   ``firewall_drift`` (gauge, 0/1) whether that check found any difference
-  (rules included). Both are absent until a check has run: pocketproxy does
-  not check the kernel by itself.
+  (rules included). Both are absent until a check has run. After a repair they
+  show the state the repair left.
+* ``firewall_checks_total`` (counter) and ``firewall_repairs_total{action}``
+  (counter; ``rules_reinstalled``, ``member_added``, ``member_removed``): the
+  periodic verifier's work (absent when it is off).
 """
 
 import math
@@ -174,9 +178,17 @@ def _seeded(known, counter_):
     return out
 
 
-def collect(controller=None, proxy_stats=None, splice=None):
+def collect(controller=None, proxy_stats=None, splice=None, verifier=None):
     """The metric families, read now from the live objects (any may be None)."""
     families = []
+    if verifier is not None:
+        from ovpnmgr.verify import REPAIR_ACTIONS
+
+        families.append(counter("firewall_checks_total", "Periodic firewall checks completed.", verifier.checks))
+        f = counter("firewall_repairs_total", "Kernel drift fixed by the periodic firewall check, by action.")
+        for action, n in _seeded(REPAIR_ACTIONS, verifier.repairs).items():
+            f.add(n, action=action)
+        families.append(f)
     if controller is not None:
         f = counter("admissions_total", "Answered OpenVPN CONNECTs by result.")
         for result in ADMISSION_RESULTS:
@@ -247,14 +259,15 @@ class MetricsResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, controller=None, proxy_stats=None, splice=None):
+    def __init__(self, controller=None, proxy_stats=None, splice=None, verifier=None):
         super().__init__()
         self.controller = controller
         self.proxy_stats = proxy_stats
         self.splice = splice
+        self.verifier = verifier
 
     def render_GET(self, request):
-        body = render(collect(self.controller, self.proxy_stats, self.splice)).encode("utf-8")
+        body = render(collect(self.controller, self.proxy_stats, self.splice, self.verifier)).encode("utf-8")
         request.setHeader(b"content-type", CONTENT_TYPE)
         return body
 

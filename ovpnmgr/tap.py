@@ -97,9 +97,21 @@ class AdmissionService(service.MultiService):
 
 
 class PocketproxyService(service.MultiService):
-    """The daemon; a proxy port that cannot be bound stops it at startup with one clear line."""
+    """The daemon; a proxy port that cannot be bound stops it at startup with one clear line.
+
+    :ivar log_observer: an ``ILogObserver`` for twistd to log to (``log.format: json``), or None.
+    """
 
     _log = Logger()
+    log_observer = None
+
+    def setServiceParent(self, parent):
+        """``IService.setServiceParent``; twistd's parent is the Application, which takes our
+        log observer as its ``ILogObserver`` component (read by twistd when logging starts)."""
+        from ovpnmgr.logs import install
+
+        install(parent, self.log_observer)
+        super().setServiceParent(parent)
 
     def privilegedStartService(self):
         from twisted.internet.error import CannotListenError
@@ -231,9 +243,11 @@ def build(reactor, config, directory, password, ipset=None):
     from ovpnmgr.controller import Controller
     from ovpnmgr.firewall import Firewall
     from ovpnmgr.ipset import NetlinkIPSet
+    from ovpnmgr.logs import observer_for
     from ovpnmgr.pool import AddressPool
     from ovpnmgr.process import ProcessRunner
     from ovpnmgr.protocol import ManagementProtocol
+    from ovpnmgr.verify import FirewallVerifier
     from proxy.mappings import MappingTable
 
     ovpn = config.openvpn
@@ -263,16 +277,23 @@ def build(reactor, config, directory, password, ipset=None):
         prepareConnection=controller.attach,
     )
     top = PocketproxyService()
+    top.log_observer = observer_for(config.log)
     proxy_service, proxy_factory = build_proxy(reactor, config, mappings)
     proxy_service.setServiceParent(top)  # listening before any client can be admitted
     if config.admin.socket is not None:
         from ovpnmgr.admin import AdminService
 
         AdminService(reactor, config.admin, controller, proxy_stats=proxy_factory.stats).setServiceParent(top)
+    verifier = None
+    if fw.verify_interval:
+        verifier = FirewallVerifier(reactor, controller, fw.verify_interval, repair=fw.repair)
+        verifier.setServiceParent(top)
     if config.metrics.listen is not None:
         from ovpnmgr.metrics import MetricsResource, MetricsService
 
-        resource = MetricsResource(controller, proxy_stats=proxy_factory.stats, splice=proxy_factory.splice)
+        resource = MetricsResource(
+            controller, proxy_stats=proxy_factory.stats, splice=proxy_factory.splice, verifier=verifier
+        )
         MetricsService(reactor, config.metrics.listen, resource).setServiceParent(top)
     AdmissionService(reactor, firewall, management).setServiceParent(top)
     ReloadOnSignal(reactor, controller).setServiceParent(top)

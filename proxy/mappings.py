@@ -4,6 +4,10 @@
 The admission controller adds a mapping before it lets a client in and removes
 it when the client leaves; removing or changing a mapping closes that client's
 live connections so no traffic keeps flowing through the wrong device.
+
+Each mapping also counts the bytes its client's finished connections relayed,
+so operators can see per-client proxied traffic; the count starts at zero for
+every new owner of an address.
 """
 
 import ipaddress
@@ -28,6 +32,7 @@ class MappingTable:
     def __init__(self):
         self._entries = {}
         self._live = {}
+        self._bytes = {}  # ip -> [up, down] of finished connections, for the current owner
 
     @staticmethod
     def _key(ip):
@@ -44,6 +49,8 @@ class MappingTable:
             raise MappingConflict("%s is already mapped for %r" % (key, current[1]))
         if current is not None and current[0] != upstream:
             self._close_live(key, "mapping changed")
+        if current is None:
+            self._bytes[key] = [0, 0]
         self._entries[key] = (upstream, owner)
 
     def transfer(self, ip, upstream, owner):
@@ -52,6 +59,8 @@ class MappingTable:
         current = self._entries.get(key)
         if current is not None and current[0] != upstream:
             self._close_live(key, "mapping changed")
+        if current is None or current[1] != owner:
+            self._bytes[key] = [0, 0]
         self._entries[key] = (upstream, owner)
 
     def remove(self, ip, owner=None):
@@ -64,6 +73,7 @@ class MappingTable:
         if current is None or (owner is not None and current[1] != owner):
             return False
         del self._entries[key]
+        self._bytes.pop(key, None)
         self._close_live(key, "mapping removed")
         return True
 
@@ -76,6 +86,34 @@ class MappingTable:
         """Who installed the mapping of ``ip`` (None when unmapped)."""
         entry = self._entries.get(self._key(ip))
         return entry[1] if entry is not None else None
+
+    def log_fields(self, ip):
+        """Structured log fields its owner gives for ``ip`` (an owner's ``log_fields`` dict), or ``{}``.
+
+        The proxy adds them to its events about this client without knowing what they mean.
+        """
+        fields = getattr(self.owner(ip), "log_fields", None)
+        return dict(fields) if isinstance(fields, dict) else {}
+
+    def add_bytes(self, ip, up, down):
+        """Count a finished connection's relayed bytes for ``ip``'s current mapping (ignored if unmapped)."""
+        counts = self._bytes.get(self._key(ip))
+        if counts is not None:
+            counts[0] += up
+            counts[1] += down
+
+    def client_bytes(self, ip):
+        """``(up, down)`` bytes relayed for ``ip`` under its current mapping: finished connections
+        plus what live relays have moved so far (a live connection exposes ``bytes_relayed()``)."""
+        key = self._key(ip)
+        up, down = self._bytes.get(key, (0, 0))
+        for connection in self._live.get(key, ()):
+            relayed = getattr(connection, "bytes_relayed", None)
+            if relayed is not None:
+                live_up, live_down = relayed()
+                up += live_up
+                down += live_down
+        return up, down
 
     def addresses(self):
         """All mapped addresses."""

@@ -328,14 +328,17 @@ class ProxyConnection(Protocol):
         if not isinstance(err, UpstreamError):
             self._log.failure("unexpected error while connecting through the device", reason)
         self.factory.stats.upstream_errors[kind] += 1
+        fields = {"device": str(self.upstream)}  # Upstream.__str__ never shows credentials
+        fields.update(self.factory.mappings.log_fields(self.client_ip))  # the owner's user, device name, ...
         self._log.warn(
-            "upstream failed for {client} via {device} to {dest}: {kind}: {error}",
+            "upstream failed for {client} via {upstream} to {dest}: {kind}: {reason}",
             client=str(self.client_ip),
-            device=str(self.upstream),
+            upstream=str(self.upstream),
             dest=self._dest() if not self.sniffed_name else "%s (%s)" % (self.sniffed_name, self._dest()),
             kind=kind,
-            error=str(err),
+            reason=str(err),
             event="upstream-failed",
+            **fields,
         )
         self._close_setup()
         self.transport.abortConnection()
@@ -369,11 +372,18 @@ class ProxyConnection(Protocol):
         if self._device is not None:
             self._device.abort()
 
+    def bytes_relayed(self):
+        """``(up, down)`` bytes relayed so far (0 before the relay starts); for per-client totals."""
+        relay = self.relay
+        return (relay.bytes_up, relay.bytes_down) if relay is not None else (0, 0)
+
     def _relay_finished(self, relay):
         stats = self.factory.stats
         stats.bytes_up += relay.bytes_up
         stats.bytes_down += relay.bytes_down
         stats.completed += 1
+        if self._registered:
+            self.factory.mappings.add_bytes(self.client_ip, relay.bytes_up, relay.bytes_down)
         self._forget()
 
     def _forget(self):

@@ -5,10 +5,12 @@ with ``admin.socket`` set. Every wait is bounded.
 """
 
 import ipaddress
+import json
 import os
 import shutil
 import socket
 import stat
+import sys
 import tempfile
 import time
 
@@ -147,3 +149,120 @@ def test_admin_socket_against_real_openvpn(lab, tmp_path, admin_path):
     daemon.stop()
     assert not os.path.exists(admin_path), "admin socket left behind at stop"
     assert "alice-pw" not in daemon.log_text() and "bob-pw" not in daemon.log_text()
+
+
+# --- bytes per client, the metrics endpoint, periodic firewall repair ------------------------
+
+NETCLIENT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lab", "netclient.py")
+METRICS_PORT = 9105
+_SCRAPE = (
+    "import sys, urllib.request\n"
+    "sys.stdout.write(urllib.request.urlopen('http://127.0.0.1:%d/metrics', timeout=10).read().decode())\n"
+    % METRICS_PORT
+)
+
+
+def run_json(ns, *argv, timeout=30):
+    out = ns.run(*argv, check=False, timeout=timeout + 30)
+    try:
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        raise AssertionError("%s failed (%s): %s %s" % (argv, out.returncode, out.stdout, out.stderr))
+
+
+def scrape(lab):
+    """The daemon's /metrics (it listens on the server namespace's loopback), strictly parsed."""
+    from tests.unit.test_metrics import parse
+
+    return parse(lab.server_ns.run(sys.executable, "-c", _SCRAPE, timeout=30).stdout)
+
+
+def sample(families, name, **labels):
+    from tests.unit.test_metrics import value
+
+    return value(families, name, **labels)
+
+
+@pytest.fixture
+def world_lab(tmp_path):
+    from tests.lab.netns import require_tools
+    from tests.lab.openvpn import OPENVPN
+    from tests.lab.world import TINYPROXY, World
+
+    require_root()
+    require_tools(OPENVPN, "ipset", "iptables", "ss", "openssl", TINYPROXY)
+    with Lab(tmp_path / "lab") as lab, World(lab.server_ns, tmp_path / "world") as world:
+        yield lab, world
+
+
+def test_bytes_metrics_and_periodic_repair_on_a_real_daemon(world_lab, tmp_path, admin_path):
+    """A real client fetches through the device: pp clients shows its tunnel and proxied bytes;
+    /metrics parses strictly and counts the admission, the client, the relayed connection, bytes and
+    a consistent latency histogram; an ipset member deleted behind the daemon's back is re-added by
+    the periodic check, logged and counted."""
+    from tests.lab.world import ORIGIN_IP, PUSH_ROUTE
+
+    lab, world = world_lab
+    phone = world.add_device("phone", username="dev", password="devpw")
+    daemon = Daemon(
+        lab.server_ns,
+        tmp_path / "daemon",
+        lab.server.mgmt_socket,
+        {"alice": {"password": "alice-pw"}},
+        devices={"phone": phone.url},
+        admin={"socket": admin_path},
+        openvpn={"push": [PUSH_ROUTE], "bytecount_interval": 1},
+        proxy={"bind": ["0.0.0.0"]},
+        firewall={"verify_interval": 1},
+    ).start()
+    daemon.wait_log(r"reconciled with OpenVPN", timeout=30)
+    alice = lab.add_client("alice", username="alice", password="alice-pw")
+    ip = ipaddress.IPv4Address(alice.wait_connected(timeout=30))
+    daemon.wait_log(r"admitted user alice ", timeout=20)
+
+    fetched = run_json(alice.ns, sys.executable, NETCLIENT, "--timeout", "20", "fetch", "http://%s/blob/100000" % ORIGIN_IP)
+    assert fetched.get("status") == 200 and fetched["length"] == 100000, "%s\n%s" % (fetched, daemon.tail())
+
+    admin = AdminClient(admin_path)
+    try:
+
+        def row():
+            lines = admin.multi("pp clients --json")
+            [client] = json.loads(lines[0])["clients"]
+            return client
+
+        wait_for(lambda: (row()["tunnel_bytes_out"] or 0) > 100000, 10, what="a BYTECOUNT_CLI after the fetch")
+        client = row()
+        assert client["vpn_ip"] == str(ip) and client["tunnel_bytes_in"] > 0
+        # The relay is finished (Connection: close): its bytes stay with the client.
+        assert client["proxied_bytes_down"] > 100000 and client["proxied_bytes_up"] > 0, client
+        table = admin.multi("pp clients")
+        assert table[0].endswith("\ttunnel_bytes_in\ttunnel_bytes_out\tproxied_bytes_up\tproxied_bytes_down")
+    finally:
+        admin.close()
+
+    fams = scrape(lab)
+    assert sample(fams, "pocketproxy_admissions_total", result="admitted") >= 1
+    assert sample(fams, "pocketproxy_connected_clients") == 1
+    assert sample(fams, "pocketproxy_proxy_connections_total", result="relayed") >= 1
+    assert sample(fams, "pocketproxy_proxy_bytes_total", direction="down") > 100000
+    assert sample(fams, "pocketproxy_proxy_bytes_total", direction="up") > 0
+    buckets = [(labels["le"], v) for n, labels, v in fams["pocketproxy_admission_latency_seconds"]["samples"] if n.endswith("_bucket")]
+    count = sample(fams, "pocketproxy_admission_latency_seconds_count")
+    assert buckets[-1] == ("+Inf", count) and count >= 1
+    assert [v for _, v in buckets] == sorted(v for _, v in buckets)  # cumulative
+    assert sample(fams, "pocketproxy_firewall_drift") == 0
+
+    # Periodic verification: a member deleted behind our back comes back within an interval or two.
+    mark = daemon.log_mark()
+    lab.server_ns.run("ipset", "del", IPSET, str(ip))
+    daemon.wait_log(r"firewall drift: 1 missing member\(s\): %s" % ip, timeout=10, since=mark)
+    daemon.wait_log(r"re-added missing ipset member %s of user alice" % ip, timeout=10, since=mark)
+    assert ip in members(lab)
+    fams = scrape(lab)
+    assert sample(fams, "pocketproxy_firewall_repairs_total", action="member_added") >= 1
+    assert sample(fams, "pocketproxy_ipset_drift", kind="missing") == 0
+    # ... and the client's traffic flows again.
+    again = run_json(alice.ns, sys.executable, NETCLIENT, "--timeout", "20", "fetch", "http://%s/whoami" % ORIGIN_IP)
+    assert again.get("status") == 200, again
+    daemon.stop()

@@ -16,7 +16,7 @@ import pytest
 from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactor, StringTransport
 
-from ovpnmgr.admin import BANNER, AdminFactory, AdminService, remove_stale_socket
+from ovpnmgr.admin import BANNER, CLIENT_BYTES, AdminFactory, AdminService, remove_stale_socket
 from ovpnmgr.config import AdminConfig
 from ovpnmgr.process import FakeRunner
 from ovpnmgr.testing import status3_lines
@@ -283,9 +283,10 @@ def test_pp_clients_table_and_json():
     w.mappings.register(address, Fake())
     a = Admin(w.factory)
     assert a.send("pp clients") == crlf(
-        "HEADER\tCLIENT\tuser\tcid\tvpn_ip\tdevice\tconnected_since\tlive_connections\tstate",
-        "CLIENT\talice\t0\t10.9.0.2\tp1\t1970-01-01T00:01:40+00:00\t2\testablished",
-        "CLIENT\tbob\t1\t10.9.0.3\tp2\t-\t0\tauthorized",
+        "HEADER\tCLIENT\tuser\tcid\tvpn_ip\tdevice\tconnected_since\tlive_connections\tstate"
+        "\ttunnel_bytes_in\ttunnel_bytes_out\tproxied_bytes_up\tproxied_bytes_down",
+        "CLIENT\talice\t0\t10.9.0.2\tp1\t1970-01-01T00:01:40+00:00\t2\testablished\t-\t-\t0\t0",
+        "CLIENT\tbob\t1\t10.9.0.3\tp2\t-\t0\tauthorized\t-\t-\t0\t0",
         "END",
     )
     out = a.send("pp clients --json")
@@ -301,6 +302,10 @@ def test_pp_clients_table_and_json():
                 "connected_since": "1970-01-01T00:01:40+00:00",
                 "live_connections": 2,
                 "state": "established",
+                "tunnel_bytes_in": None,
+                "tunnel_bytes_out": None,
+                "proxied_bytes_up": 0,
+                "proxied_bytes_down": 0,
             },
             {
                 "user": "bob",
@@ -310,9 +315,52 @@ def test_pp_clients_table_and_json():
                 "connected_since": None,
                 "live_connections": 0,
                 "state": "authorized",
+                "tunnel_bytes_in": None,
+                "tunnel_bytes_out": None,
+                "proxied_bytes_up": 0,
+                "proxied_bytes_down": 0,
             },
         ]
     }
+
+
+class Relaying(Fake):
+    """A live proxied connection whose relay has moved some bytes."""
+
+    def __init__(self, up, down):
+        self.up, self.down = up, down
+
+    def bytes_relayed(self):
+        return self.up, self.down
+
+
+def test_pp_clients_bytes_from_bytecount_and_the_proxy():
+    """Tunnel bytes come from >BYTECOUNT_CLI keyed by (epoch, CID); proxied bytes are finished
+    relays plus live ones of the client's address, and start again at 0 for a new session."""
+    w = world()
+    assert "bytecount 5" in w.script.sent_commands()  # enabled on attach (openvpn.bytecount_interval)
+    alice = admit(w, 0)
+    bob = admit(w, 1, user="bob")
+    w.script.notify_bytecount(0, 1500, 64000)
+    w.script.notify_bytecount(1, 10, 20)
+    w.script.notify_bytecount(7, 99, 99)  # unknown CID: ignored
+    w.mappings.add_bytes(alice, 300, 5000)  # a finished connection
+    w.mappings.register(alice, Relaying(7, 11))  # a live one
+    a = Admin(w.factory)
+    rows = {r["user"]: r for r in json.loads(a.send("pp clients --json").split(b"\r\n")[0])["clients"]}
+    assert [rows["alice"][k] for k in CLIENT_BYTES] == [1500, 64000, 307, 5011]
+    assert [rows["bob"][k] for k in CLIENT_BYTES] == [10, 20, 0, 0]
+    w.script.notify_bytecount(0, 1600, 65000)  # cumulative counters: the latest report wins
+    table = a.send("pp clients").split(b"\r\n")
+    assert table[1].endswith(b"\testablished\t1600\t65000\t307\t5011")
+
+    # alice leaves: her address's proxied count goes with the mapping; a new session starts from zero.
+    w.script.notify_disconnect(0, {"bytes_received": "1700", "bytes_sent": "66000"})
+    assert w.mappings.client_bytes(alice) == (0, 0)
+    admit(w, 2)
+    rows = {r["cid"]: r for r in json.loads(a.send("pp clients --json").split(b"\r\n")[0])["clients"]}
+    assert [rows[2][k] for k in CLIENT_BYTES] == [None, None, 0, 0]
+    assert rows[1]["tunnel_bytes_in"] == 10 and bob == IP(rows[1]["vpn_ip"])
 
 
 def test_pp_devices_lists_users_and_connected_addresses_without_secrets():

@@ -235,3 +235,60 @@ def test_proxy_section_reaches_the_data_path_settings(cfgdir):
     assert (s.sniff_ports, s.sniff_budget, s.connect_timeout, s.handshake_timeout) == ({443}, 0.15, 20, 25)
     assert (s.idle_timeout, s.half_closed_timeout, s.keepalive) == (900, 30, 0)
     assert (s.max_connections, s.max_connections_per_client, s.splice) == (5000, 64, False)
+
+
+def test_issue4_operating_keys_have_defaults(cfgdir):
+    """bytecount every 5 s, a firewall check (with repair) every 60 s, text logs."""
+    config = _parse(cfgdir, GOOD)
+    assert config.openvpn.bytecount_interval == 5
+    assert config.firewall.verify_interval == 60.0 and config.firewall.repair is True
+    assert config.log.format == "text" and config.log.file is None
+
+
+def test_issue4_operating_keys_typed(cfgdir):
+    """log.file resolves against the config file; 0 disables bytecount and the periodic check."""
+    text = GOOD.replace("  ipset: pocketproxy-clients", "  verify_interval: 0\n  repair: false")
+    text = text.replace("  push:", "  bytecount_interval: 0\n  push:") + "log:\n  format: json\n  file: pp.jsonl\n"
+    config = _parse(cfgdir, text)
+    assert config.openvpn.bytecount_interval == 0
+    assert config.firewall.verify_interval == 0 and config.firewall.repair is False
+    assert config.log.format == "json" and config.log.file == cfgdir / "pp.jsonl"
+
+
+@pytest.mark.parametrize(
+    "extra,key,words",
+    [
+        ("log: {format: xml}\n", "log.format", "expected one of text, json, got 'xml'"),
+        ("log: {file: /var/log/pp.log}\n", "log.file", "only used with log.format json"),
+        ("log: {colour: true}\n", "log.colour", "unknown key"),
+    ],
+)
+def test_bad_log_section_names_the_key(cfgdir, extra, key, words):
+    """A bad log value is refused like every other key: file, dotted key, problem."""
+    err = _error(cfgdir, GOOD + extra)
+    assert err.key == key and words in err.problem
+
+
+@pytest.mark.parametrize(
+    "old,new,key",
+    [
+        ("  ipset: pocketproxy-clients", "  verify_interval: 0.01", "firewall.verify_interval"),
+        ("  ipset: pocketproxy-clients", "  verify_interval: -1", "firewall.verify_interval"),
+        ("  ipset: pocketproxy-clients", "  repair: yes-please", "firewall.repair"),
+        ("  push:", "  bytecount_interval: 1.5\n  push:", "openvpn.bytecount_interval"),
+    ],
+)
+def test_bad_interval_values(cfgdir, old, new, key):
+    """Intervals: 0 or a sane positive number; bytecount in whole seconds (OpenVPN's unit)."""
+    assert _error(cfgdir, GOOD.replace(old, new)).key == key
+
+
+def test_yaml_errors_never_quote_the_source_line(cfgdir):
+    """PyYAML's excerpt of the offending line could hold a device password; errors give line and column."""
+    users = cfgdir / "bad-users.yaml"
+    users.write_text("devices:\n  p:\n    upstream: http://u:S3CRET@192.0.2.1:80: x\n")
+    from ovpnmgr.directory import Directory
+
+    with pytest.raises(ConfigError) as info:
+        Directory.load(users, ipaddress.IPv4Network("10.9.0.0/24"), ipaddress.IPv4Address("10.9.0.1"))
+    assert "S3CRET" not in str(info.value) and "line 3, column" in str(info.value)

@@ -271,6 +271,45 @@ def test_upstream_failure_resets_client_and_logs_once_without_secrets(logs):
     assert w.mappings.live_count(CLIENT) == 0 and w.factory.stats.active == 0
 
 
+def test_upstream_failure_event_carries_structured_fields(logs):
+    """The failure event has dest, reason, kind and the mapping owner's fields (user, cid, vpn_ip, device)
+    as keys of its own; the device's password is in none of them."""
+
+    class Session:
+        log_fields = {"user": "alice", "cid": 4, "vpn_ip": CLIENT, "device": "phone"}
+
+    w = World()
+    w.mappings.transfer(CLIENT, DEVICE, Session())
+    w.accept(port=22)
+    w.connect_device().pending.errback(Forbidden("device proxy 192.0.2.10:8080 answered 403 Forbidden"))
+    [event] = [e for e in logs if e.get("event") == "upstream-failed"]
+    assert {k: event[k] for k in ("user", "cid", "vpn_ip", "device", "dest", "kind")} == {
+        "user": "alice",
+        "cid": 4,
+        "vpn_ip": CLIENT,
+        "device": "phone",
+        "dest": "93.184.216.34:22",
+        "kind": "forbidden",
+    }
+    assert event["reason"] == "device proxy 192.0.2.10:8080 answered 403 Forbidden"
+    assert "s3cret" not in repr(event)
+
+
+def test_relayed_bytes_count_per_client_live_and_finished():
+    """pp clients' proxied bytes: a live relay's bytes are visible at once, then kept when it finishes."""
+    w = World()
+    proto, t = w.accept(port=22)
+    device = w.connect_device()
+    device.pending.callback(b"")
+    proto.dataReceived(b"hello")
+    device.leg.dataReceived(b"world!!")
+    assert w.mappings.client_bytes(CLIENT) == (5, 7)
+    proto.connectionLost(Failure(Exception("aborted")))
+    device.leg.connectionLost(Failure(Exception("aborted")))
+    assert w.factory.stats.completed == 1 and w.mappings.live_count(CLIENT) == 0
+    assert w.mappings.client_bytes(CLIENT) == (5, 7)
+
+
 def test_dial_failure_resets_client():
     """The device unreachable → RST for the client."""
     from proxy.upstream import Unreachable
