@@ -11,7 +11,10 @@ The driver side (:class:`ManagementPeer`) writes ``>CLIENT:CONNECT`` blocks
 and records, per CID, ``time.perf_counter()`` just before the block is handed
 to the transport (``t0``) and when the ``client-auth CID KID`` header line is
 read back (``t1``). Denials and kills are recorded so a benchmark can fail
-loudly instead of reporting fast wrong answers.
+loudly instead of reporting fast wrong answers. ``marks`` records
+``(what, perf_counter())`` for each management connect/loss and each
+``status``/``bytecount`` command, so a benchmark can time a (re)attach: the
+controller asks for ``bytecount`` right after it reconciled ``status 3``.
 """
 
 import time
@@ -72,10 +75,12 @@ class _PeerLine(LineOnlyReceiver):
 
     def connectionMade(self):
         self._block = None
+        self.factory.peer.marks.append(("connect", time.perf_counter()))
         self.factory.peer._connected(self)
         self.send_lines(banner_line(5))
 
     def connectionLost(self, reason=None):
+        self.factory.peer.marks.append(("lost", time.perf_counter()))
         self.factory.peer._lost(self)
 
     def send_lines(self, *lines):
@@ -104,11 +109,13 @@ class _PeerLine(LineOnlyReceiver):
         elif verb == "state" and arg in ("on", "off"):
             self.send_lines("SUCCESS: real-time state notification set to %s" % arg.upper())
         elif verb == "status":
+            peer.marks.append(("status", now))
             peer.status_served += 1
             self.send_lines(*status3_lines(peer.status_clients, include_end=True))
         elif verb == "hold":
             self.send_lines("SUCCESS: hold release succeeded" if arg == "release" else "SUCCESS: hold=0")
         elif verb == "bytecount":
+            peer.marks.append(("bytecount", now))
             self.send_lines("SUCCESS: bytecount interval changed")
         elif verb in ("client-deny", "client-kill"):
             self.send_lines("SUCCESS: %s command succeeded" % verb)
@@ -129,6 +136,7 @@ class ManagementPeer:
         self.conn = None
         self.status_clients = []
         self.status_served = 0
+        self.marks = []  # (what, perf_counter()): connect, lost, status, bytecount
         self.t0 = {}
         self.t1 = {}
         self.pushed = {}  # cid -> pushed IPv4 address (str)

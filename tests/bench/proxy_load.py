@@ -49,6 +49,15 @@ class Target:
         return REPLY_200 if self.client_connect else b""
 
 
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
+
+
+def bind_source(sock, address):
+    """Bind ``sock`` to local ``address``; the port is chosen at ``connect()`` (per destination)."""
+    sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+    sock.bind((address, 0))
+
+
 def _read_exact(sock, n, what):
     out = bytearray()
     while len(out) < n:
@@ -156,9 +165,10 @@ def upload(target, streams, per_stream, timeout):
 # --------------------------------------------------------------------------- connection setup
 
 
-def setup_rate(target, count, concurrency, timeout):
+def setup_rate(target, count, concurrency, timeout, sources=None):
     """``count`` connections, ``concurrency`` at a time: connect, 1-byte echo, close.
 
+    :param sources: optional list of local addresses; connection ``i`` binds ``sources[i % len]``.
     :returns: dict with connections/s, per-connection latency p50/p99 (ms) and errors.
     """
     line = target.connect_line(ECHO_IP)
@@ -173,12 +183,15 @@ def setup_rate(target, count, concurrency, timeout):
             with lock:
                 if state["next"] >= count or len(errors) > 20:
                     return
+                index = state["next"]
                 state["next"] += 1
             t0 = time.perf_counter()
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             try:
                 sock.settimeout(timeout)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if sources:
+                    bind_source(sock, sources[index % len(sources)])
                 sock.connect(target.addr(ECHO_IP))
                 sock.sendall(line + b"x")
                 _expect(sock, expected, "%s echo" % target.name)
@@ -255,9 +268,11 @@ def ttfb(target, samples, warmup, timeout):
 # --------------------------------------------------------------------------- idle connections
 
 
-def hold_idle(target, n, batch, timeout, while_held, progress=None):
+def hold_idle(target, n, batch, timeout, while_held, progress=None, sources=None):
     """Open ``n`` proxied connections in batches, each proven end to end by a 1-byte echo;
     call ``progress(held)`` after each batch, ``while_held()`` while all are open, then close them all.
+
+    :param sources: optional list of local addresses; connection ``i`` binds ``sources[i % len]``.
 
     :returns: (seconds to open all, while_held's result).
     """
@@ -269,9 +284,11 @@ def hold_idle(target, n, batch, timeout, while_held, progress=None):
     try:
         while len(held) < n:
             pending = {}
-            for _ in range(min(batch, n - len(held))):
+            for i in range(min(batch, n - len(held))):
                 sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
                 sock.setblocking(False)
+                if sources:
+                    bind_source(sock, sources[(len(held) + i) % len(sources)])
                 rc = sock.connect_ex(target.addr(ECHO_IP))
                 if rc not in (0, errno.EINPROGRESS):
                     sock.close()
