@@ -10,6 +10,7 @@ do not pay for scrypt again.
 """
 
 import base64
+import binascii
 import hashlib
 import hmac
 import ipaddress
@@ -20,12 +21,15 @@ from dataclasses import dataclass, field
 import yaml
 from twisted.internet import defer
 
-from ovpnmgr.config import ConfigError, read_text
+from ovpnmgr.config import ConfigError, read_text, yaml_problem
 from proxy.upstream import Upstream
 
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 16384, 8, 1
-_HASH = re.compile(r"^scrypt\$(\d+)\$(\d+)\$(\d+)\$([A-Za-z0-9+/=]+)\$([A-Za-z0-9+/=]+)$")
-_USER_NAME = re.compile(r"^[A-Za-z0-9_.@+-]{1,64}$")
+# \Z, not $: "$" also matches before a trailing newline ("alice\n" was a valid user name).
+_HASH = re.compile(r"^scrypt\$([0-9]+)\$([0-9]+)\$([0-9]+)\$([A-Za-z0-9+/=]+)\$([A-Za-z0-9+/=]+)\Z")
+_USER_NAME = re.compile(r"^[A-Za-z0-9_.@+-]{1,64}\Z")
+#: scrypt's memory limit for hashing and verifying; hashes needing more are refused at load.
+SCRYPT_MAXMEM = 64 * 1024 * 1024
 
 
 class AuthFailed(Exception):
@@ -56,7 +60,7 @@ def hash_password(password, salt=None, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P):
     if not isinstance(password, str) or not password:
         raise ValueError("password must be a non-empty string")
     salt = os.urandom(16) if salt is None else salt
-    digest = hashlib.scrypt(password.encode("utf-8"), salt=salt, n=n, r=r, p=p, maxmem=64 * 1024 * 1024, dklen=32)
+    digest = hashlib.scrypt(password.encode("utf-8"), salt=salt, n=n, r=r, p=p, maxmem=SCRYPT_MAXMEM, dklen=32)
     return "scrypt$%d$%d$%d$%s$%s" % (n, r, p, base64.b64encode(salt).decode(), base64.b64encode(digest).decode())
 
 
@@ -69,7 +73,7 @@ def verify_password(password, encoded):
     salt = base64.b64decode(match.group(4))
     expected = base64.b64decode(match.group(5))
     digest = hashlib.scrypt(
-        password.encode("utf-8"), salt=salt, n=n, r=r, p=p, maxmem=64 * 1024 * 1024, dklen=len(expected)
+        password.encode("utf-8"), salt=salt, n=n, r=r, p=p, maxmem=SCRYPT_MAXMEM, dklen=len(expected)
     )
     return hmac.compare_digest(digest, expected)
 
@@ -81,6 +85,17 @@ def _check_hash(value):
     n, r, p = (int(x) for x in match.group(1, 2, 3))
     if n < 2 or n & (n - 1) or n > 1 << 20 or not 1 <= r <= 64 or not 1 <= p <= 16:
         raise ValueError("scrypt parameters out of range (N a power of two up to 2^20, r 1-64, p 1-16)")
+    # OpenSSL's scrypt needs 128*r*(N+2) + 128*r*p bytes; above SCRYPT_MAXMEM every login would
+    # fail with ValueError instead of being checked (e.g. N=2^16 with r=8).
+    if 128 * r * (n + 2 + p) > SCRYPT_MAXMEM:
+        raise ValueError("scrypt parameters need more than %d MiB (lower N or r)" % (SCRYPT_MAXMEM >> 20))
+    try:
+        salt = base64.b64decode(match.group(4), validate=True)
+        digest = base64.b64decode(match.group(5), validate=True)
+    except binascii.Error:
+        raise ValueError("the salt or hash part is not valid base64") from None
+    if not salt or not digest:
+        raise ValueError("the salt or hash part is empty")
     return value
 
 
@@ -108,7 +123,11 @@ class Directory:
         try:
             raw = yaml.safe_load(text)
         except yaml.YAMLError as e:
-            raise ConfigError(path, None, "invalid YAML: %s" % str(e).replace("\n", " "))
+            raise ConfigError(path, None, "invalid YAML: %s" % yaml_problem(e))
+        except (RecursionError, ValueError) as e:
+            # PyYAML lets these through: nesting deeper than the recursion limit, a date such
+            # as 2001-13-45, an integer of more than 4300 digits.
+            raise ConfigError(path, None, "invalid YAML: %s: %s" % (type(e).__name__, str(e)[:100]))
         if raw is None:
             raw = {}
         if not isinstance(raw, dict):
@@ -130,7 +149,12 @@ class Directory:
             if not isinstance(name, str) or not _USER_NAME.match(name):
                 raise ConfigError(path, key, "user names are 1-64 characters of letters, digits and _.@+-")
             spec = _fields(path, key, spec, {"password", "common_name", "device", "address"}, {"device"})
-            if spec.get("device") not in devices:
+            device = spec.get("device")
+            try:
+                known = device in devices
+            except TypeError:  # a list or a mapping is unhashable
+                known = False
+            if not known:
                 raise ConfigError(path, key + ".device", "no such device %r" % (spec.get("device"),))
             password_hash = spec.get("password")
             if password_hash is not None:

@@ -12,16 +12,30 @@ whenever more bytes arrive:
   name, so wait for more (within the peek budget);
 - ``None`` means there is no name to be had: another protocol, no SNI/Host, malformed
   input, or ``SNIFF_CAP`` bytes seen without an answer. The caller falls back to the IP.
+  Absurdly fragmented input counts as malformed: a hello spread over more than
+  ``MAX_RECORDS`` records, with more than ``MAX_EXTENSIONS`` extensions or more than
+  ``MAX_SERVER_NAMES`` server_name entries, or a request head with more than
+  ``MAX_HEADER_LINES`` lines before an answer.
 
 Only ``data[:SNIFF_CAP]`` is ever looked at, and once that many bytes are present the
 answer is final (never ``NEED_MORE``), so the peek buffer is bounded. The sniffers never
-raise on any bytes. Names they return are raw; pass them through ``valid_hostname``
+raise on any bytes. The caller re-sniffs the whole buffer after every read, so the structure
+limits above also bound the work per read: without them a client trickling a hello of
+thousands of one-byte records or empty extensions made every read re-walk all of them
+(seconds of reactor CPU per connection for 16 KiB sent). Names they return are raw; pass them through ``valid_hostname``
 before they go anywhere near a request line.
 """
 
 import re
 
 SNIFF_CAP = 16384
+
+#: Structure limits (far above what real clients send: 1-3 records, ~20 extensions, 1 name,
+#: 10-30 header lines); beyond them the answer is None.
+MAX_RECORDS = 128
+MAX_EXTENSIONS = 128
+MAX_SERVER_NAMES = 8
+MAX_HEADER_LINES = 100
 
 _MAX_RECORD = 16384  # TLS plaintext fragment limit (RFC 8446 §5.1)
 _RECORD_HEADER = 5
@@ -123,7 +137,11 @@ def tls_sni(data):
 def _tls_sni(data):
     handshake = bytearray()
     pos = 0
+    count = 0
     while pos < len(data):
+        count += 1
+        if count > MAX_RECORDS:
+            return None
         header = data[pos : pos + _RECORD_HEADER]
         if header[0] != _HANDSHAKE:
             return None  # alert, application data, SSLv2-style hello, not TLS at all
@@ -174,6 +192,8 @@ def _client_hello(hs):
     seen = set()
     name = None
     while r.pos < end:
+        if len(seen) >= MAX_EXTENSIONS:
+            raise _Malformed()
         ext_type = r.number(2)
         body = r.vector(2)
         if ext_type in seen:
@@ -190,7 +210,11 @@ def _server_name(body):
     if r.number(2) != len(body) - 2 or len(body) == 2:
         raise _Malformed()
     name = None
+    count = 0
     while r.pos < len(body):
+        count += 1
+        if count > MAX_SERVER_NAMES:
+            raise _Malformed()
         name_type = r.take(1)[0]
         value = r.vector(2, low=1)
         if name_type != _HOST_NAME:
@@ -248,7 +272,11 @@ def _http_host(data):
     first = None
     host_end = None
     pos = eol + 1
+    lines = 0
     while True:
+        lines += 1
+        if lines > MAX_HEADER_LINES:
+            return first  # a Host line already seen is the answer the caller had by now
         eol = data.find(b"\n", pos)
         if eol < 0:
             rest = data[pos:]
