@@ -70,6 +70,7 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
+from twisted.protocols.policies import TimeoutMixin
 
 from ovpnmgr.config import ConfigError, read_secret_file
 from ovpnmgr.firewall import FirewallError
@@ -179,22 +180,32 @@ def _flatten(prefix, value, out):
     return out
 
 
-class AdminProtocol(LineOnlyReceiver):
-    """One admin client. Lines are queued and answered one at a time, in order."""
+class AdminProtocol(LineOnlyReceiver, TimeoutMixin):
+    """One admin client. Lines are queued and answered one at a time, in order.
+
+    Two timeouts keep a stuck or hostile client from holding a connection for
+    ever: ``login_timeout`` while the password is pending, then ``idle_timeout``
+    between complete lines (a partial line trickled byte by byte does not count
+    as activity). ``callLater`` (``TimeoutMixin``'s clock hook) is set by the factory.
+    """
 
     delimiter = b"\n"
     MAX_LENGTH = MAX_LINE
 
     _log = Logger()
 
-    def __init__(self, controller, proxy_stats=None, password=None):
+    def __init__(self, controller, proxy_stats=None, password=None, login_timeout=30.0, idle_timeout=900.0):
         """
         :param controller: the :class:`~ovpnmgr.controller.Controller`.
         :param proxy_stats: the proxy's :class:`~proxy.stats.ProxyStats`, or None.
         :param password: bytes every connection must send first, or None (no prompt).
+        :param login_timeout: seconds to give the right password (with ``password``).
+        :param idle_timeout: seconds without a complete line before the connection is closed; 0 = never.
         """
         self.controller = controller
         self.proxy_stats = proxy_stats
+        self._login_timeout = login_timeout
+        self._idle_timeout = idle_timeout or None
         self._password = password
         self._authenticated = password is None
         self._failures = 0
@@ -208,14 +219,25 @@ class AdminProtocol(LineOnlyReceiver):
     def connectionMade(self):
         """``IProtocol.connectionMade``: send the banner, or the password prompt."""
         if self._authenticated:
+            self.setTimeout(self._idle_timeout)
             self._write([BANNER])
         else:
+            self.setTimeout(self._login_timeout)
             self.transport.write(PASSWORD_PROMPT)
 
     def connectionLost(self, reason=None):
         """``IProtocol.connectionLost``: drop queued lines (a reply in progress is discarded)."""
+        self.setTimeout(None)
         self._closed = True
         self._queue.clear()
+
+    def timeoutConnection(self):
+        """``TimeoutMixin.timeoutConnection``: log which timeout it was and close."""
+        if self._authenticated:
+            self._log.info("admin connection idle for {seconds}s; closing", seconds=self._idle_timeout)
+        else:
+            self._log.warn("admin connection gave no password within {seconds}s; closing", seconds=self._login_timeout)
+        self._close()
 
     def lineReceived(self, line):
         """``LineOnlyReceiver.lineReceived``: queue one command line."""
@@ -224,8 +246,9 @@ class AdminProtocol(LineOnlyReceiver):
         if line.endswith(b"\r"):
             line = line[:-1]
         if not self._authenticated:
-            self._check_password(line)
+            self._check_password(line)  # the login timeout keeps running across wrong attempts
             return
+        self.resetTimeout()
         self._queue.append(line)
         self._next()
 
@@ -239,6 +262,7 @@ class AdminProtocol(LineOnlyReceiver):
         # The attempt itself is never logged, whatever it is (it may be a mistyped password).
         if hmac.compare_digest(attempt, self._password):
             self._authenticated = True
+            self.setTimeout(self._idle_timeout)
             self._write([PASSWORD_OK, BANNER])
             return
         self._failures += 1
@@ -260,6 +284,7 @@ class AdminProtocol(LineOnlyReceiver):
             self.transport.write(b"".join(line.encode("utf-8") + b"\r\n" for line in lines))
 
     def _close(self):
+        self.setTimeout(None)
         self._closed = True
         self._queue.clear()
         self.transport.loseConnection()
@@ -510,15 +535,23 @@ class AdminProtocol(LineOnlyReceiver):
 class AdminFactory(Factory):
     """Builds :class:`AdminProtocol` instances and remembers the live ones."""
 
-    def __init__(self, controller, proxy_stats=None, password=None):
+    def __init__(self, controller, proxy_stats=None, password=None, clock=None, login_timeout=30.0, idle_timeout=900.0):
+        """:param clock: the ``IReactorTime`` behind the connections' timeouts (default: the global reactor)."""
         self.controller = controller
         self.proxy_stats = proxy_stats
         self.password = password
+        self.clock = clock
+        self.login_timeout = login_timeout
+        self.idle_timeout = idle_timeout
         self.connections = set()
 
     def buildProtocol(self, addr):
         """``IProtocolFactory.buildProtocol``."""
-        protocol = _TrackedAdminProtocol(self.controller, self.proxy_stats, self.password)
+        protocol = _TrackedAdminProtocol(
+            self.controller, self.proxy_stats, self.password, self.login_timeout, self.idle_timeout
+        )
+        if self.clock is not None:
+            protocol.callLater = self.clock.callLater
         protocol.factory = self
         return protocol
 
@@ -592,7 +625,14 @@ class AdminService(service.Service):
         password_file = getattr(config, "password_file", None)
         # Read now (at build time, before any privilege drop), like the management password.
         password = read_password(password_file) if password_file is not None else None
-        self.factory = AdminFactory(controller, proxy_stats, password)
+        self.factory = AdminFactory(
+            controller,
+            proxy_stats,
+            password,
+            clock=reactor,
+            login_timeout=getattr(config, "login_timeout", 30.0),
+            idle_timeout=getattr(config, "idle_timeout", 900.0),
+        )
         self.port = None
 
     def privilegedStartService(self):

@@ -18,10 +18,9 @@ import os
 import re
 from dataclasses import dataclass, field
 
-import yaml
 from twisted.internet import defer
 
-from ovpnmgr.config import ConfigError, read_text, yaml_problem
+from ovpnmgr.config import ConfigError, load_yaml, read_text
 from proxy.upstream import Upstream
 
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 16384, 8, 1
@@ -120,14 +119,7 @@ class Directory:
     @classmethod
     def parse(cls, text, path="<memory>", subnet=None, server_address=None):
         """Validate users-file YAML ``text``; see :meth:`load`."""
-        try:
-            raw = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise ConfigError(path, None, "invalid YAML: %s" % yaml_problem(e))
-        except (RecursionError, ValueError) as e:
-            # PyYAML lets these through: nesting deeper than the recursion limit, a date such
-            # as 2001-13-45, an integer of more than 4300 digits.
-            raise ConfigError(path, None, "invalid YAML: %s: %s" % (type(e).__name__, str(e)[:100]))
+        raw = load_yaml(text, path)
         if raw is None:
             raw = {}
         if not isinstance(raw, dict):

@@ -14,7 +14,7 @@ import socket
 
 import pytest
 from twisted.internet.error import CannotListenError
-from twisted.internet.testing import MemoryReactor, StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from ovpnmgr.admin import BANNER, CLIENT_BYTES, AdminFactory, AdminService, remove_stale_socket
 from ovpnmgr.config import AdminConfig
@@ -520,7 +520,7 @@ def test_service_removes_stale_socket_listens_with_mode_and_stops(tmp_path):
     stale = socket.socket(socket.AF_UNIX)
     stale.bind(str(path))
     stale.close()  # the file stays, nobody listens
-    reactor = MemoryReactor()
+    reactor = MemoryReactorClock()
     svc = AdminService(reactor, AdminConfig(socket=str(path), mode=0o640), world().controller)
     svc.privilegedStartService()
     svc.startService()
@@ -553,7 +553,7 @@ def test_a_regular_file_in_the_way_is_not_removed(tmp_path):
     path.write_text("precious")
     with pytest.raises(OSError):
         remove_stale_socket(str(path))
-    svc = AdminService(MemoryReactor(), AdminConfig(socket=str(path)), world().controller)
+    svc = AdminService(MemoryReactorClock(), AdminConfig(socket=str(path)), world().controller)
     with pytest.raises(CannotListenError):
         svc.privilegedStartService()
     assert path.read_text() == "precious"
@@ -791,7 +791,7 @@ def test_service_reads_the_password_file(tmp_path):
     pw = tmp_path / "admin.pw"
     pw.write_bytes(b"topsecret\r\nsecond line\n")
     assert read_password(pw) == b"topsecret"
-    svc = AdminService(MemoryReactor(), AdminConfig(socket=str(tmp_path / "a.sock"), password_file=pw), world().controller)
+    svc = AdminService(MemoryReactorClock(), AdminConfig(socket=str(tmp_path / "a.sock"), password_file=pw), world().controller)
     assert svc.factory.password == b"topsecret"
     a = Admin(svc.factory)
     assert a.take() == PROMPT

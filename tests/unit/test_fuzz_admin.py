@@ -1,10 +1,9 @@
 """Hostile admin-socket clients: random bytes before authentication, over-long lines, and
 clients that never finish a line or never authenticate.
 
-The bounded-buffer and three-strikes rules hold (proven here for random input). The admin
-socket has **no** idle or login timeout: a client that connects and stays silent, or
-trickles a partial line, keeps its connection (and a file descriptor) forever. The strict
-xfail tests below pin that gap until ``ovpnmgr/admin.py`` gets a timeout.
+The bounded-buffer and three-strikes rules hold (proven here for random input), and two
+timeouts (``admin.login_timeout``, ``admin.idle_timeout``) cut a client that stays silent,
+never authenticates, or trickles a partial line (only complete lines count as activity).
 """
 
 import pytest
@@ -62,27 +61,17 @@ def test_overlong_line_is_refused_and_closed():
     assert transport.disconnecting
 
 
-_NO_TIMEOUT = (
-    "ovpnmgr/admin.py has no timeout: AdminProtocol never schedules anything, so a client that "
-    "never authenticates or never completes a line holds its connection forever. Fix: mix in "
-    "twisted.protocols.policies.TimeoutMixin; setTimeout(login_timeout, e.g. 30 s) in connectionMade "
-    "while a password is pending, then setTimeout(idle_timeout, e.g. 600 s) once authenticated; "
-    "resetTimeout() in lineReceived only for complete lines (dataReceived without a newline must not "
-    "reset it); timeoutConnection logs 'admin connection idle for Ns; closing' and loseConnection(); "
-    "setTimeout(None) in connectionLost; make both configurable (admin.login_timeout, admin.idle_timeout)."
-)
 
 
-def _with_clock(password):
+def _with_clock(password, **timeouts):
     clock = Clock()
-    proto = AdminProtocol(controller=None, password=password)
+    proto = AdminProtocol(controller=None, password=password, **timeouts)
     proto.callLater = clock.callLater  # TimeoutMixin's hook; ignored while there is no timeout
     transport = StringTransport()
     proto.makeConnection(transport)
     return proto, transport, clock
 
 
-@pytest.mark.xfail(strict=True, reason=_NO_TIMEOUT)
 def test_client_that_never_authenticates_is_cut():
     """A client that opens the socket and never sends the password is closed within an hour."""
     proto, transport, clock = _with_clock(b"s3cret")
@@ -90,7 +79,6 @@ def test_client_that_never_authenticates_is_cut():
     assert transport.disconnecting
 
 
-@pytest.mark.xfail(strict=True, reason=_NO_TIMEOUT)
 def test_client_trickling_a_partial_line_is_cut():
     """A client sending one byte a minute, never a newline, is closed within two hours."""
     proto, transport, clock = _with_clock(None)
@@ -99,4 +87,41 @@ def test_client_trickling_a_partial_line_is_cut():
         clock.advance(60)
         if transport.disconnecting:
             break
+    assert transport.disconnecting
+
+
+def test_login_timeout_closes_exactly_at_its_deadline_despite_wrong_attempts():
+    """Wrong passwords do not extend the login window: closed at login_timeout, not before."""
+    proto, transport, clock = _with_clock(b"s3cret", login_timeout=30)
+    clock.advance(20)
+    proto.dataReceived(b"wrong\n")
+    clock.advance(9.9)
+    assert not transport.disconnecting
+    clock.advance(0.2)
+    assert transport.disconnecting
+    assert clock.getDelayedCalls() == []
+
+
+def test_idle_timeout_counts_from_the_last_complete_line_and_zero_disables_it():
+    """A complete line restarts the idle clock; idle_timeout=0 never schedules anything."""
+    proto, transport, clock = _with_clock(None, idle_timeout=100)
+    clock.advance(90)
+    proto.dataReceived(b"quit-not\n")  # any complete line is activity, even an unknown command
+    clock.advance(90)
+    assert not transport.disconnecting
+    clock.advance(11)
+    assert transport.disconnecting
+    proto, transport, clock = _with_clock(None, idle_timeout=0)
+    assert clock.getDelayedCalls() == []
+    clock.advance(10**6)
+    assert not transport.disconnecting
+
+
+def test_after_the_password_the_idle_timeout_applies():
+    """Once authenticated the (longer) idle timeout replaces the login timeout."""
+    proto, transport, clock = _with_clock(b"s3cret", login_timeout=30, idle_timeout=600)
+    proto.dataReceived(b"s3cret\n")
+    clock.advance(599)
+    assert not transport.disconnecting
+    clock.advance(2)
     assert transport.disconnecting

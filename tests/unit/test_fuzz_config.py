@@ -5,8 +5,8 @@ the dotted key. Proven here for random YAML structures under the known sections 
 random values of every type YAML can produce, and for mutated valid files: the result is a
 ``Config``/``Directory`` or a ``ConfigError`` for *that* file — never another exception type.
 
-Known gaps in ``ovpnmgr/config.py`` (owned elsewhere) are pinned by strict xfail tests at the
-end; their inputs are kept out of the property tests so those stay meaningful.
+Two input classes are kept out of the property tests and pinned by regression tests at the
+end: NUL bytes in file and group names, and YAML that PyYAML parses but cannot construct.
 """
 
 import hashlib
@@ -56,7 +56,7 @@ metrics:
   listen: tcp:9105:interface=127.0.0.1
 """
 
-# Strings never contain NUL here: a NUL in a file path escapes as ValueError (xfail below).
+# Strings never contain NUL here; NUL in names has its own regression test at the end.
 _TEXT = st.text(alphabet=st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)), max_size=30)
 _PLAUSIBLE = st.sampled_from(
     [
@@ -318,23 +318,11 @@ def test_a_wrong_password_on_an_accepted_hash_is_auth_failed():
     assert failures and failures[0].check(AuthFailed)
 
 
-# --- known gaps in ovpnmgr/config.py (owned elsewhere): strict xfail until fixed ---------------------
+# --- regressions: PyYAML's non-YAMLError failures and NUL bytes in names ----------------------------
 
 _BASE = "openvpn: {management: 'unix:/x', subnet: 10.9.0.0/24, server_address: 10.9.0.1}\ndirectory: {file: users.yaml}\n"
-_YAML_LEAK = (
-    "parse_config catches only yaml.YAMLError around yaml.safe_load, but PyYAML also raises "
-    "RecursionError (deep nesting), ValueError (impossible dates, >4300-digit ints). Fix: "
-    "`except (RecursionError, ValueError) as e: raise ConfigError(path, None, 'invalid YAML: ...')` "
-    "next to the YAMLError clause (as ovpnmgr/directory.py now does)."
-)
-_NUL_LEAK = (
-    "open()/grp.getgrnam() raise ValueError('embedded null byte') for a path or group with NUL; "
-    "_readable_file catches only OSError and _group only KeyError. Fix: catch (OSError, ValueError) "
-    "in _readable_file and (KeyError, ValueError) in _group, raising _Bad."
-)
 
 
-@pytest.mark.xfail(strict=True, raises=(RecursionError, ValueError), reason=_YAML_LEAK)
 @pytest.mark.parametrize(
     "text",
     [
@@ -349,7 +337,6 @@ def test_config_yaml_that_pyyaml_cannot_construct_is_a_config_error(cfgdir, text
         parse_config(text, cfgdir / "pp.yaml")
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=_NUL_LEAK)
 @pytest.mark.parametrize(
     "text,key",
     [
