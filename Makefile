@@ -15,7 +15,7 @@ APT_DEPS  = make openvpn ipset iptables iproute2 openssl procps curl \
 
 export POCKETPROXY_REQUIRE_INTEGRATION ?= 1
 
-.PHONY: deps test test-debian test-pypi unit demo bench-admission bench-proxy clean
+.PHONY: deps test test-debian test-pypi unit demo bench-admission bench-proxy clean package package-test
 
 deps:
 	@missing=$$(for p in $(APT_DEPS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
@@ -54,6 +54,22 @@ bench-admission: deps
 
 bench-proxy: deps
 	$(PY) -m tests.bench.proxy
+
+# The Debian package: dist/pocketproxy_<version>_all.deb (unit tests run at build time on
+# Debian's libraries). package-test is the CI leg: build, lintian, install, smoke test of the
+# installed daemon as user pocketproxy with the unit's capabilities, purge (see .ci/package).
+PKG_DEPS = build-essential debhelper dh-python python3-all python3-setuptools lintian systemd
+
+package: deps
+	@missing=$$(for p in $(PKG_DEPS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then echo "installing: $$missing"; apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; fi
+	env -i HOME=$$HOME PATH=/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 dpkg-buildpackage -us -uc -b
+	mkdir -p dist
+	mv ../pocketproxy_*.deb ../pocketproxy_*.buildinfo ../pocketproxy_*.changes dist/
+	@ls -l dist/pocketproxy_*_all.deb
+
+package-test:
+	.ci/package
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

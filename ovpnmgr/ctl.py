@@ -6,7 +6,7 @@ blocking unix-socket client (a CLI, not the reactor): read the banner, send
 one command (``pp <verb> --json``, or an OpenVPN passthrough such as
 ``status 3``), read the reply up to ``END`` / ``SUCCESS:`` / ``ERROR:``, send
 ``quit``. Output is a human table by default, the daemon's JSON with
-``--json``. ``hash-password`` works without a daemon.
+``--json``. ``hash-password`` and ``client-config`` work without a daemon.
 
 When the socket asks ``ENTER PASSWORD:`` (``admin.password_file`` set), the
 first line of ``--password-file FILE`` (else of ``--config``'s
@@ -242,7 +242,25 @@ CLIENT_COLUMNS = [
     ("connected_since", "CONNECTED_SINCE"),
     ("live_connections", "LIVE"),
     ("state", "STATE"),
+    ("tunnel_bytes_in", "TUN_IN"),  # OpenVPN's counters: in = from the client
+    ("tunnel_bytes_out", "TUN_OUT"),
+    ("proxied_bytes_up", "PROXY_UP"),  # relayed by the proxy: up = client to device
+    ("proxied_bytes_down", "PROXY_DOWN"),
 ]
+
+#: Columns holding byte counts: shown in human units (1023B, 1.5K, 20.0M); --json keeps exact integers.
+BYTE_KEYS = frozenset({"tunnel_bytes_in", "tunnel_bytes_out", "proxied_bytes_up", "proxied_bytes_down"})
+
+
+def human_bytes(n):
+    """``n`` bytes as at most six characters: ``512B``, ``1.5K``, ``20.0M``, ``3.2G``, ``1.1T``."""
+    if n is None:
+        return None
+    value = float(n)
+    for unit in ("B", "K", "M", "G", "T"):
+        if value < 1024 or unit == "T":
+            return "%d%s" % (value, unit) if unit == "B" else "%.1f%s" % (value, unit)
+        value /= 1024
 
 
 def _columns(rows, known):
@@ -256,7 +274,8 @@ def _columns(rows, known):
 def _format_clients(data):
     rows = data.get("clients", [])
     cols = _columns(rows, CLIENT_COLUMNS)
-    text = table([t for _, t in cols], [[r.get(k) for k, _ in cols] for r in rows])
+    cell = lambda row, key: human_bytes(row.get(key)) if key in BYTE_KEYS else row.get(key)
+    text = table([t for _, t in cols], [[cell(r, k) for k, _ in cols] for r in rows])
     return text + "\n%d client(s)" % len(rows)
 
 
@@ -463,6 +482,85 @@ def _hash_password(args):
     return 0
 
 
+def _read_input(path, what):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError as e:
+        raise CtlError("%s %s: cannot read: %s" % (what, path, e.strerror or e), EXIT_USAGE)
+    except UnicodeDecodeError:
+        raise CtlError("%s %s: not a text (PEM) file" % (what, path), EXIT_USAGE)
+
+
+def _client_config(args):
+    """``client-config USER``: print (or write) a client ``.ovpn`` for a user of the users file."""
+    from ovpnmgr import profile
+    from ovpnmgr.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
+    from ovpnmgr.directory import Directory
+
+    try:
+        remotes = [profile.parse_remote(r) for r in args.remote]
+        if (args.cert is None) != (args.key is None):
+            raise CtlError("--cert and --key go together", EXIT_USAGE)
+        config_path = args.config or DEFAULT_CONFIG_PATH
+        try:
+            config = load_config(config_path)
+            directory = Directory.load(config.directory.file, config.openvpn.subnet, config.openvpn.server_address)
+        except ConfigError as e:
+            raise CtlError("configuration error: %s" % e, EXIT_USAGE)
+        user = directory.users.get(args.user)
+        if user is None:
+            raise CtlError("no user %r in %s" % (args.user, directory.path), EXIT_ERROR)
+        if user.password_hash is None and args.cert is None:
+            raise CtlError(
+                "user %s is certificate-only (common_name %s, no password): give --cert and --key"
+                % (user.name, user.common_name),
+                EXIT_USAGE,
+            )
+        ca = _read_input(args.ca, "--ca")
+        cert = key = tls_crypt = None
+        if args.cert is not None:
+            cert = _read_input(args.cert, "--cert")
+            key = _read_input(args.key, "--key")
+            try:
+                cn = profile.certificate_cn(cert)
+            except profile.ProfileError as e:
+                raise CtlError("--cert %s: %s" % (args.cert, e), EXIT_USAGE)
+            if user.common_name is not None and cn != user.common_name:
+                raise CtlError(
+                    "--cert %s: its CN %r is not user %s's common_name %r; the server would refuse it"
+                    % (args.cert, cn, user.name, user.common_name),
+                    EXIT_ERROR,
+                )
+        if args.tls_crypt is not None:
+            tls_crypt = _read_input(args.tls_crypt, "--tls-crypt")
+        template = profile.TEMPLATE if args.template is None else _read_input(args.template, "--template")
+        text = profile.render(
+            user.name, remotes, ca, cert, key, tls_crypt, password=user.password_hash is not None, template=template
+        )
+        if args.cert is None:
+            sys.stderr.write(
+                "%s: note: no --cert/--key: the server must accept clients without a certificate "
+                "(verify-client-cert none or optional)\n" % PROG
+            )
+        if args.output in (None, "-"):
+            sys.stdout.write(text)
+        else:
+            try:
+                fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    f.write(text)
+            except OSError as e:
+                raise CtlError("--output %s: %s" % (args.output, e.strerror or e), EXIT_ERROR)
+        return EXIT_OK
+    except profile.ProfileError as e:
+        _fail(str(e))
+        return EXIT_USAGE
+    except CtlError as e:
+        _fail(e.message)
+        return e.code
+
+
 def _admin_socket_from_yaml(path, key="socket"):
     """``admin.<key>`` (a path) read straight from the YAML (when the full config does not
     validate for this user, e.g. an unreadable users file); None when absent or unreadable."""
@@ -593,6 +691,24 @@ def build_parser():
     hp = sub.add_parser("hash-password", help="print a scrypt hash for a users-file 'password:' entry")
     hp.add_argument("--stdin", action="store_true", help="read the password from the first line of stdin")
     hp.set_defaults(func=_hash_password, admin=False)
+    cc = sub.add_parser(
+        "client-config",
+        help="print an OpenVPN client profile (.ovpn) for USER of the users file (no daemon needed)",
+        description="Print a self-contained OpenVPN client profile for USER (checked against the users file "
+        "named by --config's directory.file). The CA (and client certificate, key, tls-crypt key) are inlined.",
+    )
+    cc.add_argument("user", type=_user, metavar="USER")
+    cc.add_argument(
+        "--config", metavar="FILE", default=argparse.SUPPRESS, help="pocketproxy.yaml (default /etc/pocketproxy/pocketproxy.yaml)"
+    )
+    cc.add_argument("--remote", action="append", required=True, metavar="HOST[:PORT]", help="the server's public address (repeatable; port 1194 by default)")
+    cc.add_argument("--ca", required=True, metavar="FILE", help="the CA certificate clients verify the server with (PEM)")
+    cc.add_argument("--cert", metavar="FILE", help="the user's client certificate (PEM); required for certificate-only users")
+    cc.add_argument("--key", metavar="FILE", help="the user's client key (PEM), with --cert")
+    cc.add_argument("--tls-crypt", metavar="FILE", help="the server's tls-crypt key, if it uses one")
+    cc.add_argument("--template", metavar="FILE", help="profile template (default: the built-in one, as conf/openvpn/client.ovpn.in)")
+    cc.add_argument("-o", "--output", metavar="FILE", help="write here (created mode 0600) instead of stdout")
+    cc.set_defaults(func=_client_config, admin=False)
     return parser
 
 

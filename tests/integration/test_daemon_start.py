@@ -4,14 +4,30 @@ Run inside a private namespace (the shipped config installs kernel rules).
 In the PyPI leg the venv's own ``twistd`` (the installed plugin) is used.
 """
 
+import contextlib
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
 
 from tests.lab.daemon import ROOT
 from tests.lab.netns import Namespace, require_root, wait_for
+
+RUN_DIR = pathlib.Path("/run/pocketproxy")  # the shipped config's socket directory (tmpfiles.d in the package)
+
+
+@contextlib.contextmanager
+def shipped_run_dir():
+    """/run/pocketproxy for the shipped config's admin socket; removed again if this test made it."""
+    created = not RUN_DIR.exists()
+    RUN_DIR.mkdir(mode=0o750, exist_ok=True)
+    try:
+        yield RUN_DIR
+    finally:
+        if created:
+            shutil.rmtree(RUN_DIR, ignore_errors=True)
 
 
 def _twistd_argv(tmp_path):
@@ -31,7 +47,9 @@ def test_shipped_config_starts_and_stops_cleanly(tmp_path):
     argv, env = _twistd_argv(tmp_path)
     log = tmp_path / "twistd.log"
     ns = Namespace("run")
-    try:
+    with contextlib.ExitStack() as stack:
+        stack.callback(ns.destroy)
+        stack.enter_context(shipped_run_dir())
         proc = ns.popen(
             argv + ["--nodaemon", "--pidfile=", "--logfile=%s" % log, "pocketproxy", "--config", str(ROOT / "conf" / "pocketproxy.yaml")],
             env=dict(os.environ, **env),
@@ -41,6 +59,7 @@ def test_shipped_config_starts_and_stops_cleanly(tmp_path):
         wait_for(lambda: "cannot reach OpenVPN management at unix:/run/pocketproxy/openvpn-mgmt.sock" in text() or proc.poll() is not None, 30, what="management retry")
         assert proc.poll() is None, text()
         assert "kernel base rules installed" in text()
+        assert "admin socket listening on /run/pocketproxy/admin.sock" in text()
         assert "transparent proxy listening on 0.0.0.0:12345 (redirect" in text()
         assert "transparent proxy listening on :::12345 (redirect" in text()
         listening = ns.run("ss", "-Htln", "sport", "= :12345").stdout
@@ -50,8 +69,7 @@ def test_shipped_config_starts_and_stops_cleanly(tmp_path):
         assert ns.stop(proc, sig=signal.SIGTERM) in (0, -signal.SIGTERM)
         assert "Received SIGTERM, shutting down." in text() and "Server Shut Down." in text()
         assert "Traceback" not in text()
-    finally:
-        ns.destroy()
+        assert not (RUN_DIR / "admin.sock").exists()  # removed at stop
 
 
 def test_busy_proxy_port_stops_startup_with_one_clear_line(tmp_path):
@@ -59,7 +77,9 @@ def test_busy_proxy_port_stops_startup_with_one_clear_line(tmp_path):
     require_root()
     argv, env = _twistd_argv(tmp_path)
     ns = Namespace("run")
-    try:
+    with contextlib.ExitStack() as stack:
+        stack.callback(ns.destroy)
+        stack.enter_context(shipped_run_dir())
         holder = ns.popen(
             [sys.executable, "-c", "import socket,sys; s=socket.socket(); s.bind(('0.0.0.0',12345)); s.listen(); "
              "print('bound', flush=True); sys.stdin.read()"],
@@ -75,8 +95,6 @@ def test_busy_proxy_port_stops_startup_with_one_clear_line(tmp_path):
         assert proc.returncode == 1, log
         assert "pocketproxy: cannot listen on 0.0.0.0 port 12345: [Errno 98] Address already in use; exiting" in log
         assert "-A PREROUTING -i tun+ -j POCKETPROXY" not in ns.run("iptables", "-t", "nat", "-S").stdout
-    finally:
-        ns.destroy()
 
 
 def test_pip_installed_twistd_lists_plugin():

@@ -32,6 +32,10 @@ CLIENTS_JSON = json.dumps(
                 "state": "established",
                 "user": "alice",
                 "vpn_ip": "10.9.0.2",
+                "tunnel_bytes_in": 2175,
+                "tunnel_bytes_out": 1536,
+                "proxied_bytes_up": 0,
+                "proxied_bytes_down": 21495808,
             },
             {
                 "cid": 17,
@@ -241,9 +245,13 @@ def test_clients_table(admin, capsys):
     assert code == 0 and err == ""
     assert admin.raw == b"pp clients --json\nquit\n"
     lines = out.splitlines()
-    assert lines[0].split() == ["USER", "CID", "VPN_IP", "DEVICE", "CONNECTED_SINCE", "LIVE", "STATE"]
-    assert lines[1].split() == ["alice", "4", "10.9.0.2", "phone", "2025-03-01T09:12:44+00:00", "12", "established"]
-    assert lines[2].split() == ["bob", "17", "-", "tablet-long-name", "-", "0", "pending"]
+    assert lines[0].split() == [
+        "USER", "CID", "VPN_IP", "DEVICE", "CONNECTED_SINCE", "LIVE", "STATE", "TUN_IN", "TUN_OUT", "PROXY_UP", "PROXY_DOWN"
+    ]
+    assert lines[1].split() == [
+        "alice", "4", "10.9.0.2", "phone", "2025-03-01T09:12:44+00:00", "12", "established", "2.1K", "1.5K", "0B", "20.5M"
+    ]
+    assert lines[2].split() == ["bob", "17", "-", "tablet-long-name", "-", "0", "pending", "-", "-", "-", "-"]
     # aligned: every column starts at the same offset on every row
     for title in ("CID", "VPN_IP", "DEVICE", "LIVE", "STATE"):
         col = lines[0].index(title)
@@ -257,6 +265,13 @@ def test_clients_json_is_the_daemons_line(admin, capsys):
     assert code == 0 and out == CLIENTS_JSON + "\n"
     code, out2, err = run(capsys, "--socket", admin.path, "clients", "--json")  # after the command too
     assert code == 0 and out2 == out
+
+
+def test_human_bytes():
+    """Byte columns fit six characters; the exact integers stay in --json."""
+    assert [ctl.human_bytes(n) for n in (None, 0, 1023, 1024, 1536, 20 * 2**20, 3 * 2**30, 5 * 2**50)] == [
+        None, "0B", "1023B", "1.0K", "1.5K", "20.0M", "3.0G", "5120.0T"
+    ]
 
 
 def test_clients_extra_keys_become_columns(capsys):

@@ -133,6 +133,7 @@ _APPLOGGER = textwrap.dedent(
         "json": [l["message"] for l in json_lines if l["namespace"] == "t"],
         "other": [e.get("user") for e in captured if e.get("log_namespace") == "t"],
     }) + "\\n")
+    sys.__stdout__.flush()  # twistd's logging may leave stdout redirected; flush explicitly
     """
 )
 
