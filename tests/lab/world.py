@@ -141,7 +141,7 @@ class Origin:
 class Device:
     """One phone: a namespace linked to the server and the origin, running a real proxy."""
 
-    def __init__(self, world, name, index, kind="http", username=None, password=None):
+    def __init__(self, world, name, index, kind="http", username=None, password=None, link_with=None):
         if kind not in PORTS:
             raise ValueError("device kind must be one of %s" % sorted(PORTS))
         if kind == "socks5" and username:
@@ -165,7 +165,8 @@ class Device:
         self.ns = Namespace("dev", hosts={ORIGIN_NAME: ORIGIN_IP})
         try:
             self.ns.run("sysctl", "-qw", "net.ipv4.ip_forward=0")
-            link(world.server_ns, self.server_ip, self.ns, self.ip)
+            # ``link_with``: same signature as netns.link, e.g. tests.lab.wan.WanLink.link (emulated WAN)
+            (link_with or link)(world.server_ns, self.server_ip, self.ns, self.ip)
             world.origin.attach(self.ns, self.origin_ip)
             with open(self.config_path, "w") as f:
                 f.write(self.config_text())
@@ -263,11 +264,13 @@ class World:
             self.close()
             raise
 
-    def add_device(self, name, kind="http", username=None, password=None, start=True):
-        """A new device namespace (next free subnet) running its proxy unless ``start=False``."""
+    def add_device(self, name, kind="http", username=None, password=None, start=True, link_with=None):
+        """A new device namespace (next free subnet) running its proxy unless ``start=False``.
+
+        ``link_with``: how the server reaches the device, ``netns.link`` (a veth) by default."""
         if len(self.devices) >= 8:
             raise ValueError("too many lab devices")
-        device = Device(self, name, len(self.devices), kind, username, password)
+        device = Device(self, name, len(self.devices), kind, username, password, link_with)
         self.devices[name] = device
         if start:
             device.start()
