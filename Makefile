@@ -15,7 +15,7 @@ APT_DEPS  = make openvpn ipset iptables iproute2 openssl procps curl \
 
 export POCKETPROXY_REQUIRE_INTEGRATION ?= 1
 
-.PHONY: deps test test-debian test-pypi unit demo bench-admission bench-proxy clean package package-test
+.PHONY: deps test test-debian test-pypi unit demo bench-admission bench-proxy bench-scale clean package package-test
 
 deps:
 	@missing=$$(for p in $(APT_DEPS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
@@ -47,13 +47,16 @@ unit: deps
 	$(PY) -m pytest $(PYTEST) tests/unit
 
 demo: deps
-	$(PY) -m tests.lab.demo
+	$(PY) -m tests.lab.demo $(ARGS)
 
 bench-admission: deps
 	$(PY) -m tests.bench.admission
 
 bench-proxy: deps
 	$(PY) -m tests.bench.proxy
+
+bench-scale: deps
+	$(PY) -m tests.bench.scale
 
 # The Debian package: dist/pocketproxy_<version>_all.deb (unit tests run at build time on
 # Debian's libraries). package-test is the CI leg: build, lintian, install, smoke test of the
