@@ -64,6 +64,8 @@ class Session:
         self.connected_since = None
         self.cancelled = False
         self.admission_counted = False  # metrics: count client-auth SUCCESS once per session
+        self.took_from = None  # the live session of the same user whose static address this one took
+        self.pending_reauth = None  # a REAUTH event not yet answered (re-run after a management reconnect)
         self.bytes_in = None  # tunnel bytes from the client (OpenVPN's >BYTECOUNT_CLI), None until reported
         self.bytes_out = None  # tunnel bytes to the client
 
@@ -248,10 +250,13 @@ class Controller:
                 # instance itself; the address moves now, the old DISCONNECT comes later.
                 self.pool.transfer(user.address, session)
                 holder.address = None
+                session.took_from = holder  # a failed admission gives it back (see _rollback)
                 return user.address
             raise TemporaryFailure("static address %s is held by %r" % (user.address, holder))
 
     def _authorize(self, session):
+        if session.address is None:  # a caller's bug; refusing keeps it from admitting a client without a tunnel address
+            raise ValueError("cid %d has no address to push" % session.cid)
         lines = ["ifconfig-push %s %s" % (session.address, self.config.netmask)]
         lines += ['push "%s"' % option for option in self.config.push]
         session.state = AUTHORIZING
@@ -374,6 +379,7 @@ class Controller:
         if session is None or session.user is None:
             self._reauth_deny(ev, "unknown session")
             return
+        session.pending_reauth = ev
         d = self.directory.authenticate(
             ev.env.get("username", session.username),
             ev.env.get("password", ""),
@@ -382,27 +388,54 @@ class Controller:
         )
 
         def ok(user):
-            if user.name != session.user.name or user.device != session.user.device:
-                self._reauth_deny(ev, "user changed")
-                return
             if self.protocol is None:
-                return  # detached: the key stays pending; reconciliation kills unknown pending clients
-            return self.protocol.client_auth_nt(ev.cid, ev.kid).addErrback(
-                self._log_command_error, "client-auth-nt", session
-            )
+                return  # detached: answered when reconciliation re-runs session.pending_reauth
+            if user.name != session.user.name or user.device != session.user.device:
+                self._reauth_deny(ev, "user changed", session=session)
+                return
+            self._reauth_answer(self.protocol.client_auth_nt(ev.cid, ev.kid), "client-auth-nt", session, ev)
 
         def bad(failure):
-            failure.trap(AuthFailed)
-            self._reauth_deny(ev, str(failure.value))
+            if self.protocol is None:
+                return  # detached: answered when reconciliation re-runs session.pending_reauth
+            if failure.check(AuthFailed):
+                self._reauth_deny(ev, str(failure.value), session=session)
+                return
+            # The user could not be re-checked (a directory error): answer anyway, fail-closed
+            # but temporary. An unanswered REAUTH would only end the same way at hand-window,
+            # with nothing logged and no retry hint for the client.
+            self._log.failure("re-authentication of cid {cid} failed", failure, **session.log_fields)
+            reason = "temporary failure: %s" % (failure.getErrorMessage() or failure.type.__name__)
+            self._reauth_deny(ev, reason, temporary=True, session=session)
 
         d.addCallbacks(ok, bad).addErrback(self._log_unexpected, "reauth", session)
 
-    def _reauth_deny(self, ev, reason):
+    def _reauth_answer(self, d, what, session, ev):
+        """Track the answer to a REAUTH: once OpenVPN took it (or refused it: the key is gone) it is
+        done; if the management connection went first, ``pending_reauth`` stays for reconciliation."""
+
+        def done(result):
+            if session is not None and session.pending_reauth is ev:
+                session.pending_reauth = None
+            return result
+
+        def failed(failure):
+            if failure.check(CommandFailed):
+                done(None)
+            return failure
+
+        d.addCallbacks(done, failed).addErrback(self._log_command_error, what, session)
+
+    def _reauth_deny(self, ev, reason, temporary=False, session=None):
         self._log.info("re-authentication of cid {cid} refused: {reason}", cid=ev.cid, reason=reason, event="reauth-denied")
         if self.protocol is not None:
-            self.protocol.client_deny(ev.cid, ev.kid, reason[:200], "authentication failed").addErrback(
-                self._log_command_error, "client-deny", None
+            client_reason = (
+                "TEMP[backoff %d,advance no]: temporary failure, retrying" % self.config.temp_backoff
+                if temporary
+                else "authentication failed"
             )
+            d = self.protocol.client_deny(ev.cid, ev.kid, reason[:200], client_reason)
+            self._reauth_answer(d, "client-deny", session, ev)
 
     def _on_disconnect(self, ev):
         session = self.sessions.get((self.epoch, ev.cid))
@@ -470,6 +503,17 @@ class Controller:
         session.address = None
         if self.pool.owner(ip) is not session:
             return
+        holder, session.took_from = session.took_from, None
+        if holder is not None and self.sessions.get(holder.key) is holder and holder.address is None:
+            # A second instance of a static-address user failed: the first is still connected
+            # and keeps its address, ipset member and mapping, as if nothing had been taken.
+            self.pool.transfer(ip, holder)
+            holder.address = ip
+            self.mappings.transfer(ip, holder.user.device.upstream, holder)
+            self._log.info(
+                "address {vpn_ip} returned to cid {cid} after a failed second admission", vpn_ip=str(ip), cid=holder.cid
+            )
+            return
         self.mappings.remove(ip, owner=session)
         try:
             self.firewall.remove_member(ip)
@@ -530,6 +574,13 @@ class Controller:
             return
         self._adopt(session)
         if session.state in (AUTHORIZING, AUTHORIZED):
+            if session.address is None:
+                # Its address moved to a newer instance of the user while the answer was lost.
+                # Never push "ifconfig-push None": OpenVPN ignores a bad line and admits anyway.
+                self._log.info("pending cid {cid} lost its address to a newer session; killing it", cid=row.cid)
+                self._end(session)
+                self._kill(row.cid, "address taken by a newer session")
+                return
             self._authorize(session)
 
     def _reconcile_established(self, row, session, present):
@@ -541,6 +592,10 @@ class Controller:
             session.state = ESTABLISHED
             self._adopt(session)
             self._ensure_rules(session, present)
+            if session.pending_reauth is not None:
+                # Its answer never went out (or was lost with the connection): OpenVPN still
+                # waits for it and would drop the client at hand-window.
+                self._on_reauth(session.pending_reauth)
             return
         if session is not None:
             session.cancelled = True

@@ -127,7 +127,8 @@ class FirewallVerifier(service.Service):
         if drift.missing_chain_rules or drift.set_missing:
             yield c.firewall.install()  # FirewallError → logged by _failed
             self._repaired("rules_reinstalled", "reinstalled chains and ipset: {summary}", summary=drift.describe())
-            # A recreated set is empty: the member pass below re-adds everyone.
+            # The rule problems are fixed now; a recreated set is empty: the member pass below re-adds everyone.
+            drift = replace(drift, missing_chain_rules=False, rule_problems=(), set_missing=False)
         drift = fresh_members(c, drift)
         for ip in sorted(drift.missing_members):
             fields = self._owner_fields(ip)

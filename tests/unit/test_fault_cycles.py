@@ -763,7 +763,6 @@ def test_same_seed_same_run():
 # --- pinned findings ------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="REAUTH with a directory error is never answered (OpenVPN kills the client)")
 def test_reauth_directory_error_is_answered():
     """A REAUTH whose credential check errors (not AuthFailed) must still be answered within hand-window.
 
@@ -785,7 +784,6 @@ def test_reauth_directory_error_is_answered():
         w.close()
 
 
-@pytest.mark.xfail(strict=True, reason="a failed admission of a second instance strips the live holder of a static address")
 def test_failed_duplicate_admission_keeps_the_live_holder():
     """User ``st`` (static 10.9.0.77) is connected; a second instance CONNECTs and its admission fails
     (mapping conflict; an ipset error or a client-auth ERROR do the same). The TEMP deny must leave the
@@ -816,7 +814,6 @@ def test_failed_duplicate_admission_keeps_the_live_holder():
         w.close()
 
 
-@pytest.mark.xfail(strict=True, reason="reconcile re-sends client-auth with 'ifconfig-push None' for a session whose address moved")
 def test_reconcile_never_pushes_a_lost_address():
     """Two instances of static-address user ``st`` wait for their client-auth replies when the management
     connection drops (command timeout). On reattach both are pending in ``status 3``; the older one lost
@@ -840,7 +837,6 @@ def test_reconcile_never_pushes_a_lost_address():
         w.close()
 
 
-@pytest.mark.xfail(strict=True, reason="a REAUTH whose answer was lost with the management connection is never answered")
 def test_reauth_pending_across_reconnect_is_answered():
     """An established client's REAUTH arrives while the command queue is blocked; the connection then
     drops (command timeout). After reattach nothing answers the pending REAUTH key, so OpenVPN 2.6 kills
@@ -871,7 +867,6 @@ def test_reauth_pending_across_reconnect_is_answered():
         w.close()
 
 
-@pytest.mark.xfail(strict=True, reason="after re-installing the chains, last_drift still reports the repaired rule problems")
 def test_last_drift_after_rules_reinstall_is_clean():
     """The periodic verifier finds a deleted jump and re-installs the chains; the drift gauge
     (``controller.last_drift``) must then say ok, not keep the fixed problem for a whole interval.
