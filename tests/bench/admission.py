@@ -49,6 +49,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tests.bench.namespace_run import percentile
+
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "tests" / "bench" / "results"
 OUTER_TIMEOUT = 290  # seconds for the whole inner run (the brief: < 5 minutes)
@@ -68,15 +70,6 @@ class BenchError(Exception):
 
 
 # --------------------------------------------------------------------------- statistics
-
-
-def percentile(values, p):
-    """Nearest-rank percentile of ``values`` (p in 0..100)."""
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    k = max(0, min(len(ordered) - 1, -(-len(ordered) * p // 100) - 1))
-    return ordered[int(k)]
 
 
 def summary(values):

@@ -7,6 +7,7 @@ success, failure, Ctrl-C or SIGTERM.
 """
 
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -47,3 +48,50 @@ def run_inside(label, role, module, passthrough, timeout):
     if rc < 0:
         rc = 128 - rc
     return rc
+
+
+# --- shared by the inner runs ---------------------------------------------------------------
+
+
+class BenchTimeout(BaseException):
+    """The inner deadline passed (BaseException so no measurement swallows it)."""
+
+
+def arm_inner_deadline(seconds):
+    """SIGALRM after ``seconds`` raises :class:`BenchTimeout`; SIGTERM raises KeyboardInterrupt,
+    so the inner run unwinds through its ``finally`` blocks either way."""
+
+    def on_alarm(signum, frame):
+        raise BenchTimeout("inner deadline of %ds exceeded" % seconds)
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt("SIGTERM")
+
+    signal.signal(signal.SIGALRM, on_alarm)
+    signal.signal(signal.SIGTERM, on_term)
+    signal.alarm(seconds)
+
+
+def raise_nofile(want=None):
+    """RLIMIT_NOFILE soft = hard = ``want`` if allowed, else the hard limit (raising the hard limit
+    needs CAP_SYS_RESOURCE); returns the limit in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if want is not None:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, want))
+            return want
+        except (ValueError, OSError):
+            pass
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+def percentile(values, p):
+    """Nearest-rank percentile of ``values`` (p in 0..100); NaN when empty."""
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    k = max(0, min(len(ordered) - 1, -(-len(ordered) * p // 100) - 1))
+    return ordered[int(k)]

@@ -40,6 +40,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tests.bench.namespace_run import BenchTimeout, arm_inner_deadline, raise_nofile
+
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "tests" / "bench" / "results"
 OUTER_TIMEOUT = 900  # hard limit for the whole inner run (default mode takes about 1 minute)
@@ -73,10 +75,6 @@ BASELINE = "redsocks"
 
 class BenchError(Exception):
     """The run was incorrect."""
-
-
-class BenchTimeout(BaseException):
-    """The inner deadline passed (BaseException so no measurement swallows it)."""
 
 
 # --------------------------------------------------------------------------- outer part
@@ -981,32 +979,12 @@ def idle_notes(result, names, get):
     return notes
 
 
-def raise_nofile():
-    """RLIMIT_NOFILE as high as allowed (raising the hard limit needs CAP_SYS_RESOURCE); soft = hard."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (NOFILE, NOFILE))
-        return NOFILE
-    except (ValueError, OSError):
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        return hard
-
-
 def inside(args):
     if in_root_namespace():
         sys.stderr.write("bench-proxy: --inside refuses to run in the root network namespace\n")
         return 2
-    nofile = raise_nofile()
-
-    def on_alarm(signum, frame):
-        raise BenchTimeout("inner deadline of %ds exceeded" % INNER_DEADLINE)
-
-    def on_term(signum, frame):
-        raise KeyboardInterrupt("SIGTERM")
-
-    signal.signal(signal.SIGALRM, on_alarm)
-    signal.signal(signal.SIGTERM, on_term)
-    signal.alarm(INNER_DEADLINE)
+    nofile = raise_nofile(NOFILE)
+    arm_inner_deadline(INNER_DEADLINE)
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     json_path = Path(args.json) if args.json else RESULTS / ("proxy-%s.json" % stamp)

@@ -15,6 +15,7 @@ import socket
 import threading
 import time
 
+from tests.bench.namespace_run import percentile  # also pl.percentile for bench-proxy
 from tests.bench.sink import BANNER, REPLY_200
 
 COUNT_IP = "198.51.100.1"
@@ -336,12 +337,3 @@ def hold_idle(target, n, batch, timeout, while_held, progress=None, sources=None
         sel.close()
         for sock in held:
             sock.close()
-
-
-def percentile(values, p):
-    """Nearest-rank percentile of ``values`` (p in 0..100); NaN when empty."""
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    k = max(0, min(len(ordered) - 1, -(-len(ordered) * p // 100) - 1))
-    return ordered[int(k)]

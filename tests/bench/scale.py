@@ -51,6 +51,9 @@ import threading
 import time
 from pathlib import Path
 
+from tests.bench.namespace_run import BenchTimeout, arm_inner_deadline, percentile, raise_nofile
+from tests.lab.netns import stop_process
+
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "tests" / "bench" / "results"
 OUTER_TIMEOUT = 600  # hard limit for the inner run, seconds
@@ -80,18 +83,6 @@ TARGET_RSS_BYTES = 300 * 10**6  # MB = 10^6 B
 
 class BenchError(Exception):
     """The run was incorrect: exit non-zero."""
-
-
-class BenchTimeout(BaseException):
-    """The inner deadline passed."""
-
-
-def percentile(values, p):
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    k = max(0, min(len(ordered) - 1, -(-len(ordered) * p // 100) - 1))
-    return ordered[int(k)]
 
 
 def summary_ms(values):
@@ -281,18 +272,7 @@ class LocalSpace:
     def popen(self, argv, **kwargs):
         return subprocess.Popen(argv, start_new_session=True, **kwargs)
 
-    def stop(self, proc, sig=signal.SIGTERM, timeout=10):
-        if proc.poll() is None:
-            try:
-                os.kill(proc.pid, sig)
-            except ProcessLookupError:
-                pass
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=timeout)
-        return proc.returncode
+    stop = staticmethod(stop_process)
 
 
 def admin_stats(path, timeout=10):
@@ -1009,19 +989,8 @@ def inside(args):
     if in_root_namespace():
         sys.stderr.write("bench-scale: --inside refuses to run in the root network namespace\n")
         return 2
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 1 << 20, hard))
-
-    def on_alarm(signum, frame):
-        raise BenchTimeout("inner deadline of %ds exceeded" % INNER_DEADLINE)
-
-    def on_term(signum, frame):
-        raise KeyboardInterrupt("SIGTERM")
-
-    signal.signal(signal.SIGALRM, on_alarm)
-    signal.signal(signal.SIGTERM, on_term)
-    signal.alarm(INNER_DEADLINE)
+    raise_nofile()
+    arm_inner_deadline(INNER_DEADLINE)
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     json_path = Path(args.json) if args.json else RESULTS / ("scale-%s.json" % stamp)

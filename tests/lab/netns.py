@@ -46,6 +46,24 @@ def require_tools(*paths):
     pytest.skip("missing: %s" % ", ".join(missing))
 
 
+def stop_process(proc, sig=signal.SIGTERM, timeout=10):
+    """Stop one process we started (a ``Popen``), by PID; SIGKILL if it does not go in time.
+
+    :returns: its return code.
+    """
+    if proc.poll() is None:
+        try:
+            os.kill(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=timeout)
+    return proc.returncode
+
+
 class Namespace:
     """One network namespace with lo up, and the processes started inside it.
 
@@ -91,17 +109,7 @@ class Namespace:
 
     def stop(self, proc, sig=signal.SIGTERM, timeout=10):
         """Stop one process we started, by PID; SIGKILL if it does not go in time."""
-        if proc.poll() is None:
-            try:
-                os.kill(proc.pid, sig)
-            except ProcessLookupError:
-                pass
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=timeout)
-        return proc.returncode
+        return stop_process(proc, sig, timeout)
 
     def destroy(self):
         """Stop our processes (by PID), kill anything left in the namespace, delete it."""
