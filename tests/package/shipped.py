@@ -109,7 +109,10 @@ class ProfileClient(OpenVPNClient):
                 os.chmod(auth_path, 0o600)
                 line = "auth-user-pass %s" % auth_path
             lines.append(line)
-        return lines + ["log-append %s" % self.log_path, "writepid %s" % self.pid_path]
+        # A lost control packet stalls a client for its whole hand-window (60 s by default) before
+        # it restarts the handshake; CI once saw a client get the server's reset and then nothing
+        # for 40 s. 15 s lets a test's 40 s wait cover a second attempt.
+        return lines + ["hand-window 15", "log-append %s" % self.log_path, "writepid %s" % self.pid_path]
 
 
 def add_profile_client(lab, name, profile, username=None, password=None):
