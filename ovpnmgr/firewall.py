@@ -1,14 +1,24 @@
 # -*- test-case-name: tests.unit.test_firewall -*-
-"""pocketproxy's kernel state: one chain per table, one ipset, nothing else.
+"""pocketproxy's kernel state: its own chains, one ipset, nothing else.
 
 Shape (names from :class:`~ovpnmgr.config.FirewallConfig`; defaults shown)::
 
-    *filter                                   # fail closed: VPN traffic that was
-    :POCKETPROXY - [0:0]                      # not redirected dies fast
+    *filter
+    :POCKETPROXY - [0:0]                      # fail closed: VPN traffic that was
+    :POCKETPROXY-IN - [0:0]                   # not redirected dies fast
     -A POCKETPROXY -p tcp -j REJECT --reject-with tcp-reset
     -A POCKETPROXY -p udp -j REJECT --reject-with icmp-port-unreachable
     -A POCKETPROXY -j REJECT --reject-with icmp-admin-prohibited
+    -A POCKETPROXY-IN -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+    -A POCKETPROXY-IN -p tcp -m tcp --dport 12345 -m conntrack --ctstate DNAT -j ACCEPT
+    -A POCKETPROXY-IN -d 10.9.0.1/32 -p udp -m set --match-set pocketproxy-clients src -m udp --dport 53 -j ACCEPT
+    -A POCKETPROXY-IN -d 10.9.0.1/32 -p tcp -m set --match-set pocketproxy-clients src -m tcp --dport 53 -j ACCEPT
+    -A POCKETPROXY-IN -p icmp -m icmp --icmp-type 8 -j ACCEPT
+    -A POCKETPROXY-IN -p tcp -j REJECT --reject-with tcp-reset
+    -A POCKETPROXY-IN -p udp -j REJECT --reject-with icmp-port-unreachable
+    -A POCKETPROXY-IN -j REJECT --reject-with icmp-admin-prohibited
     -I FORWARD 1 -i tun+ -j POCKETPROXY
+    -I INPUT 1 -i tun+ -j POCKETPROXY-IN
     COMMIT
     *nat
     :POCKETPROXY - [0:0]
@@ -17,11 +27,16 @@ Shape (names from :class:`~ovpnmgr.config.FirewallConfig`; defaults shown)::
     -I PREROUTING 1 -i tun+ -j POCKETPROXY
     COMMIT
 
+- The INPUT chain is the server's own fail-closed policy: a VPN client
+  reaches the proxy port only through the REDIRECT (conntrack state DNAT),
+  the DNS service (only when it is enabled, only from members), and ping;
+  every other local port is rejected, so the server's own services (sshd,
+  metrics, anything on 0.0.0.0) are not exposed to customers.
 - :meth:`Firewall.install` ensures the ipset (netlink), reads ``iptables -S``
-  of both tables, and feeds the text above to one ``iptables-restore
+  of each table, and feeds the text above to one ``iptables-restore
   --noflush``. Declaring ``:POCKETPROXY - [0:0]`` under ``--noflush`` creates
   or flushes just that chain; every existing jump to our chain from
-  FORWARD/PREROUTING is ``-D``-eleted before the jump is inserted at position 1,
+  its built-in chain is ``-D``-eleted before the jump is inserted at position 1,
   so re-installing never duplicates it. No other rule is touched.
 - Each ``COMMIT`` is its own kernel transaction (observed with iptables-nft
   1.8.9: a failing ``*filter`` section after a committed ``*nat`` leaves the
@@ -44,15 +59,30 @@ from twisted.logger import Logger
 from ovpnmgr.ipset import IPSetError
 from ovpnmgr.process import CommandError
 
-# (table, built-in chain our jump lives in). filter first: see module docstring.
-TABLES = (("filter", "FORWARD"), ("nat", "PREROUTING"))
+# (table, built-in chain) pairs our chains hang off. filter first: see module docstring.
+TABLES = (("filter", "FORWARD"), ("filter", "INPUT"), ("nat", "PREROUTING"))
 # TPROXY mode intercepts in mangle PREROUTING instead of nat (plus policy routing).
-TPROXY_TABLES = (("filter", "FORWARD"), ("mangle", "PREROUTING"))
+TPROXY_TABLES = (("filter", "FORWARD"), ("filter", "INPUT"), ("mangle", "PREROUTING"))
+
+
+def hooks(config, mode):
+    """``(table, built-in chain, our chain)`` for every jump pocketproxy owns, in install order."""
+    pairs = TPROXY_TABLES if mode == "tproxy" else TABLES
+    return tuple((table, builtin, input_chain(config) if builtin == "INPUT" else config.chain) for table, builtin in pairs)
 
 
 def tables(mode):
-    """The (table, built-in chain) pairs pocketproxy owns a chain in, for ``mode``."""
-    return TPROXY_TABLES if mode == "tproxy" else TABLES
+    """The tables pocketproxy owns chains in, for ``mode``, in install order."""
+    seen = []
+    for table, _ in TPROXY_TABLES if mode == "tproxy" else TABLES:
+        if table not in seen:
+            seen.append(table)
+    return tuple(seen)
+
+
+def input_chain(config):
+    """The filter INPUT chain's name: the configured chain plus ``-IN``."""
+    return config.chain + "-IN"
 
 
 class FirewallError(Exception):
@@ -126,35 +156,61 @@ class Drift:
 # --- the rules as text (pure functions; unit-tested byte for byte) ---
 
 
-def chain_rules(config, proxy_port, mode="redirect"):
-    """``{table: [rule lines of our chain]}`` in ``iptables -S`` form."""
-    chain = config.chain
+def _reject(chain):
+    return [
+        "-A %s -p tcp -j REJECT --reject-with tcp-reset" % chain,
+        "-A %s -p udp -j REJECT --reject-with icmp-port-unreachable" % chain,
+        "-A %s -j REJECT --reject-with icmp-admin-prohibited" % chain,
+    ]
+
+
+def _input_rules(config, proxy_port, mode, dns):
+    chain = input_chain(config)
+    lines = ["-A %s -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT" % chain]
     if mode == "tproxy":
         mark = "0x%x/0x%x" % (config.tproxy_mark, config.tproxy_mark)
-        return {
-            "filter": chain_rules(config, proxy_port)["filter"],
-            "mangle": [
-                "-A %s -m addrtype --dst-type LOCAL -j RETURN" % chain,
-                "-A %s -p tcp -m set --match-set %s src -j TPROXY --on-port %d --on-ip 0.0.0.0 --tproxy-mark %s"
-                % (chain, config.ipset, proxy_port, mark),
-            ],
-        }
-    return {
-        "filter": [
-            "-A %s -p tcp -j REJECT --reject-with tcp-reset" % chain,
-            "-A %s -p udp -j REJECT --reject-with icmp-port-unreachable" % chain,
-            "-A %s -j REJECT --reject-with icmp-admin-prohibited" % chain,
-        ],
-        "nat": [
+        lines.append("-A %s -p tcp -m mark --mark %s -j ACCEPT" % (chain, mark))
+    else:
+        lines.append("-A %s -p tcp -m tcp --dport %d -m conntrack --ctstate DNAT -j ACCEPT" % (chain, proxy_port))
+    if dns is not None:
+        address, port = dns
+        for proto in ("udp", "tcp"):
+            lines.append(
+                "-A %s -d %s/32 -p %s -m set --match-set %s src -m %s --dport %d -j ACCEPT"
+                % (chain, address, proto, config.ipset, proto, port)
+            )
+    lines.append("-A %s -p icmp -m icmp --icmp-type 8 -j ACCEPT" % chain)
+    return lines + _reject(chain)
+
+
+def chain_rules(config, proxy_port, mode="redirect", dns=None):
+    """``{(table, chain): [rule lines of our chain]}`` in ``iptables -S`` form.
+
+    :param dns: ``(IPv4 address, port)`` of the DNS service VPN clients may reach, or None.
+    """
+    chain = config.chain
+    rules = {
+        ("filter", chain): _reject(chain),
+        ("filter", input_chain(config)): _input_rules(config, proxy_port, mode, dns),
+    }
+    if mode == "tproxy":
+        mark = "0x%x/0x%x" % (config.tproxy_mark, config.tproxy_mark)
+        rules["mangle", chain] = [
+            "-A %s -m addrtype --dst-type LOCAL -j RETURN" % chain,
+            "-A %s -p tcp -m set --match-set %s src -j TPROXY --on-port %d --on-ip 0.0.0.0 --tproxy-mark %s"
+            % (chain, config.ipset, proxy_port, mark),
+        ]
+    else:
+        rules["nat", chain] = [
             "-A %s -m addrtype --dst-type LOCAL -j RETURN" % chain,
             "-A %s -p tcp -m set --match-set %s src -j REDIRECT --to-ports %d" % (chain, config.ipset, proxy_port),
-        ],
-    }
+        ]
+    return rules
 
 
-def jump_spec(config):
-    """The jump's rule spec without the ``-A CHAIN`` part."""
-    return "-i %s -j %s" % (config.interface, config.chain)
+def jump_spec(config, chain=None):
+    """A jump's rule spec without the ``-A BUILTIN`` part."""
+    return "-i %s -j %s" % (config.interface, chain or config.chain)
 
 
 def _tokens(line):
@@ -182,45 +238,48 @@ def jumps_to(lines, builtin, chain):
     return found
 
 
-def restore_input(config, proxy_port, listings, mode="redirect"):
+def restore_input(config, proxy_port, listings, mode="redirect", dns=None):
     """The ``iptables-restore --noflush`` input.
 
     :param listings: ``{table: [lines of iptables -t table -S]}``; every
-        existing jump to our chain found there is deleted before the jump
-        is inserted at position 1.
+        existing jump to one of our chains found there is deleted before the
+        jump is inserted at position 1.
     """
-    rules = chain_rules(config, proxy_port, mode)
+    rules = chain_rules(config, proxy_port, mode, dns)
     out = []
-    for table, builtin in tables(mode):
+    for table in tables(mode):
+        ours = [(builtin, chain) for t, builtin, chain in hooks(config, mode) if t == table]
         out.append("*%s" % table)
-        out.append(":%s - [0:0]" % config.chain)
-        out.extend(rules[table])
-        for line in jumps_to(listings.get(table, ()), builtin, config.chain):
-            out.append("-D" + line[2:])
-        out.append("-I %s 1 %s" % (builtin, jump_spec(config)))
+        out.extend(":%s - [0:0]" % chain for _, chain in ours)
+        for _, chain in ours:
+            out.extend(rules[table, chain])
+        for builtin, chain in ours:
+            for line in jumps_to(listings.get(table, ()), builtin, chain):
+                out.append("-D" + line[2:])
+            out.append("-I %s 1 %s" % (builtin, jump_spec(config, chain)))
         out.append("COMMIT")
     return ("\n".join(out) + "\n").encode("utf-8", "surrogateescape")
 
 
-def rule_problems(config, proxy_port, listings, mode="redirect"):
+def rule_problems(config, proxy_port, listings, mode="redirect", dns=None):
     """What is wrong with our chains/jumps in ``listings`` (empty if nothing)."""
-    rules = chain_rules(config, proxy_port, mode)
+    rules = chain_rules(config, proxy_port, mode, dns)
     problems = []
-    for table, builtin in tables(mode):
+    for table, builtin, chain in hooks(config, mode):
         lines = listings.get(table, [])
-        expected_jump = "-A %s %s" % (builtin, jump_spec(config))
-        jumps = jumps_to(lines, builtin, config.chain)
+        expected_jump = "-A %s %s" % (builtin, jump_spec(config, chain))
+        jumps = jumps_to(lines, builtin, chain)
         first = rules_of(lines, builtin)[:1]
         if not jumps:
-            problems.append("%s %s: jump to %s missing" % (table, builtin, config.chain))
+            problems.append("%s %s: jump to %s missing" % (table, builtin, chain))
         elif first != [expected_jump]:
-            problems.append("%s %s: jump to %s is not at position 1" % (table, builtin, config.chain))
+            problems.append("%s %s: jump to %s is not at position 1" % (table, builtin, chain))
         if len(jumps) > 1:
-            problems.append("%s %s: %d jumps to %s" % (table, builtin, len(jumps), config.chain))
-        if "-N %s" % config.chain not in lines:
-            problems.append("%s %s: chain missing" % (table, config.chain))
-        elif rules_of(lines, config.chain) != rules[table]:
-            problems.append("%s %s: rules differ" % (table, config.chain))
+            problems.append("%s %s: %d jumps to %s" % (table, builtin, len(jumps), chain))
+        if "-N %s" % chain not in lines:
+            problems.append("%s %s: chain missing" % (table, chain))
+        elif rules_of(lines, chain) != rules[table, chain]:
+            problems.append("%s %s: rules differ" % (table, chain))
     return problems
 
 
@@ -234,13 +293,15 @@ class Firewall:
         :class:`~ovpnmgr.ipset.FakeIPSet`), already bound to ``config.ipset``.
     :param runner: runs commands: ``run(argv, stdin=b"") -> Deferred[(code, out, err)]``
         (:class:`~ovpnmgr.process.ProcessRunner` or ``FakeRunner``).
+    :param dns: ``(IPv4 address, port)`` of the DNS service VPN clients may reach, or None.
     """
 
     _log = Logger()
 
-    def __init__(self, config, proxy_port, subnet, ipset, runner, mode="redirect"):
+    def __init__(self, config, proxy_port, subnet, ipset, runner, mode="redirect", dns=None):
         self.config = config
         self.mode = mode
+        self.dns = None if dns is None else (str(ipaddress.IPv4Address(dns[0])), int(dns[1]))
         self.proxy_port = int(proxy_port)
         self.subnet = ipaddress.IPv4Network(subnet)
         self._ipset = ipset
@@ -275,7 +336,7 @@ class Firewall:
     @defer.inlineCallbacks
     def _listings(self, operation):
         listings = {}
-        for table, _ in tables(self.mode):
+        for table in tables(self.mode):
             out = yield self._command(operation, self._listing_argv(table))
             listings[table] = out.decode("utf-8", "surrogateescape").splitlines()
         return listings
@@ -296,13 +357,15 @@ class Firewall:
         except IPSetError as e:
             raise FirewallError("cannot install firewall: %s" % e, operation="install")
         listings = yield self._listings("install firewall")
-        text = restore_input(self.config, self.proxy_port, listings, self.mode)
+        text = restore_input(self.config, self.proxy_port, listings, self.mode, self.dns)
         yield self._command("install firewall", self._restore_argv(), text)
         if self.mode == "tproxy":
             yield self._install_policy_routing()
         self._log.info(
-            "firewall installed: chain {chain} ({table} PREROUTING, filter FORWARD, -i {iface}), ipset {ipset}"
-            " -> {target} :{port}",
+            "firewall installed: chain {chain} ({table} PREROUTING, filter FORWARD, -i {iface}), {input_chain}"
+            " (filter INPUT: proxy{dns} only), ipset {ipset} -> {target} :{port}",
+            input_chain=input_chain(self.config),
+            dns="" if self.dns is None else ", DNS %s:%d" % self.dns,
             table="mangle" if self.mode == "tproxy" else "nat",
             target="TPROXY" if self.mode == "tproxy" else "REDIRECT",
             chain=self.config.chain,
@@ -404,7 +467,7 @@ class Firewall:
     def _check(self, expected):
         expected = frozenset(ipaddress.IPv4Address(ip) for ip in expected)
         listings = yield self._listings("check firewall")
-        problems = rule_problems(self.config, self.proxy_port, listings, self.mode)
+        problems = rule_problems(self.config, self.proxy_port, listings, self.mode, self.dns)
         if self.mode == "tproxy":
             problems += yield self._policy_routing_problems()
         set_missing = False

@@ -103,6 +103,7 @@ def main(reactor, spec_json):
         ipset,
         runner,
         mode=spec.get("mode", "redirect"),
+        dns=spec.get("dns"),
     )
     results = []
     try:

@@ -26,6 +26,7 @@ PYTHON = os.environ.get("POCKETPROXY_TEST_PYTHON") or sys.executable or "/usr/bi
 
 SET = "pocketproxy-clients"
 CHAIN = "POCKETPROXY"
+INPUT_CHAIN = "POCKETPROXY-IN"
 DNAT = "-A PREROUTING -p tcp -m tcp --dport 8080 -j DNAT --to-destination 192.168.255.2:8080"
 OTHER_FILTER = "-A FORWARD -o eth9 -p tcp -m tcp --dport 25 -j DROP"
 
@@ -37,6 +38,14 @@ FILTER_RULES = [
     "-A POCKETPROXY -p tcp -j REJECT --reject-with tcp-reset",
     "-A POCKETPROXY -p udp -j REJECT --reject-with icmp-port-unreachable",
     "-A POCKETPROXY -j REJECT --reject-with icmp-admin-prohibited",
+]
+INPUT_RULES = [
+    "-A POCKETPROXY-IN -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+    "-A POCKETPROXY-IN -p tcp -m tcp --dport 12345 -m conntrack --ctstate DNAT -j ACCEPT",
+    "-A POCKETPROXY-IN -p icmp -m icmp --icmp-type 8 -j ACCEPT",
+    "-A POCKETPROXY-IN -p tcp -j REJECT --reject-with tcp-reset",
+    "-A POCKETPROXY-IN -p udp -j REJECT --reject-with icmp-port-unreachable",
+    "-A POCKETPROXY-IN -j REJECT --reject-with icmp-admin-prohibited",
 ]
 
 
@@ -67,9 +76,16 @@ def ns(namespaces):
     return namespaces("fw")
 
 
-def drive(ns, ops, config=None, port=12345, subnet="10.9.0.0/24", mode="redirect"):
+def drive(ns, ops, config=None, port=12345, subnet="10.9.0.0/24", mode="redirect", dns=None):
     """Run firewall ops inside ``ns`` via fw_driver.py; return one result per op."""
-    spec = {"config": {"interface": "tun+", **(config or {})}, "port": port, "subnet": subnet, "ops": ops, "mode": mode}
+    spec = {
+        "config": {"interface": "tun+", **(config or {})},
+        "port": port,
+        "subnet": subnet,
+        "ops": ops,
+        "mode": mode,
+        "dns": dns,
+    }
     r = ns.run(PYTHON, str(DRIVER), json.dumps(spec), check=False, env=_env(), timeout=300)
     assert r.returncode == 0, "driver failed (rc %d): %s" % (r.returncode, r.stderr)
     results = json.loads(r.stdout.splitlines()[-1])
@@ -90,7 +106,10 @@ def save(ns):
 
 
 def ours(line):
-    return line == ":%s - [0:0]" % CHAIN or line.startswith("-A %s " % CHAIN) or line.endswith("-j %s" % CHAIN)
+    return any(
+        line == ":%s - [0:0]" % chain or line.startswith("-A %s " % chain) or line.endswith("-j %s" % chain)
+        for chain in (CHAIN, INPUT_CHAIN)
+    )
 
 
 def listing(ns, table):
@@ -103,14 +122,18 @@ def ipset_members(ns, name=SET):
 
 
 def assert_installed_once(ns):
-    """Exactly one jump per table, at position 1, and chain contents as specified."""
-    for table, builtin, rules in (("nat", "PREROUTING", NAT_RULES), ("filter", "FORWARD", FILTER_RULES)):
+    """Exactly one jump per built-in chain, at position 1, and chain contents as specified."""
+    for table, builtin, chain, rules in (
+        ("nat", "PREROUTING", CHAIN, NAT_RULES),
+        ("filter", "FORWARD", CHAIN, FILTER_RULES),
+        ("filter", "INPUT", INPUT_CHAIN, INPUT_RULES),
+    ):
         lines = listing(ns, table)
         builtin_rules = [l for l in lines if l.startswith("-A %s " % builtin)]
-        jumps = [l for l in builtin_rules if l.endswith("-j %s" % CHAIN)]
-        assert jumps == ["-A %s -i tun+ -j %s" % (builtin, CHAIN)], lines
+        jumps = [l for l in builtin_rules if l.endswith("-j %s" % chain)]
+        assert jumps == ["-A %s -i tun+ -j %s" % (builtin, chain)], lines
         assert builtin_rules[0] == jumps[0], lines
-        assert [l for l in lines if l.startswith("-A %s " % CHAIN)] == rules
+        assert [l for l in lines if l.startswith("-A %s " % chain)] == rules
 
 
 def preexisting_rules(ns):
@@ -386,8 +409,19 @@ def test_redirect_and_fail_closed_with_real_traffic(namespaces):
     ok(drive(server, [{"op": "install"}, {"op": "add", "ip": "10.9.0.2"}], config=config))
     redirected = connect(client, "198.51.100.1", 80)
     assert redirected.get("data") == "port=12345 orig=198.51.100.1:80", redirected
+    # Local destinations are not hijacked, and the server's own services are closed to clients
+    # (filter INPUT): an RST at once, both for a service and for the proxy port itself.
+    for port in (8081, 12345):
+        local = connect(client, "10.9.0.1", port)
+        assert local.get("error") == "ConnectionRefusedError" and local["elapsed"] < 0.5, (port, local)
+    assert connect(client, "10.9.0.1", 53, proto="udp").get("error") == "ConnectionRefusedError"
+    # With the DNS service on, exactly its address and port open, to members only.
+    ok(drive(server, [{"op": "install"}], config=config, dns=["10.9.0.1", 8081]))
     local = connect(client, "10.9.0.1", 8081)
-    assert local.get("data") == "port=8081 orig=10.9.0.1:8081", local  # local destinations are not hijacked
+    assert local.get("data") == "port=8081 orig=10.9.0.1:8081", local
+    assert connect(client, "10.9.0.1", 12345).get("error") == "ConnectionRefusedError"
+    redirected = connect(client, "198.51.100.1", 80)
+    assert redirected.get("data") == "port=12345 orig=198.51.100.1:80", redirected
 
     ok(drive(server, [{"op": "remove", "ip": "10.9.0.2"}], config=config))
     refused = connect(client, "198.51.100.1", 80)

@@ -342,8 +342,10 @@ def test_admin_slowloris_does_not_block_other_operators(healthy):
 # --- isolation ----------------------------------------------------------------------------------------
 
 
-def test_proxy_port_straight_from_a_client_is_a_loop(healthy):
-    """alice connecting to the proxy port on the server's tunnel or device-side address: RST, logged as a loop."""
+def test_proxy_port_straight_from_a_client_is_reset_by_the_input_policy(healthy):
+    """alice connecting to the proxy port on the server's tunnel or device-side address: an RST from
+    filter INPUT (only REDIRECTed connections may reach the port), so the proxy never sees it. Its
+    loop guard stays the second line of defence (tests/integration/test_proxy_kernel.py)."""
     env = healthy
     alice = env.clients["alice"].ns
     phone = env.world.devices["phone"]
@@ -351,26 +353,18 @@ def test_proxy_port_straight_from_a_client_is_a_loop(healthy):
     route = ["%s/32" % phone.server_ip, "dev", env.clients["alice"].dev]
     alice.run("ip", "route", "replace", *route)
     try:
-        _loop_probes(env, alice, (env.lab.server.vpn_ip, phone.server_ip))
+        before = proxy_stats(env)
+        for address in (env.lab.server.vpn_ip, phone.server_ip):
+            result = probe(alice, address, PROXY_PORT, "GET / HTTP/1.0\r\n\r\n")
+            # The RST can beat connect()'s return (then Python reports it as a failed connect).
+            assert result["outcome"] == "reset" or (
+                result["outcome"] == "connect-failed" and re.search(r"Connection(Refused|Reset)", result["error"])
+            ), "%s: %s\n%s" % (address, result, env.logs())
+            assert result["seconds"] < 1.0, result
+        after = proxy_stats(env)
+        assert after["accepted"] == before["accepted"] and after["refused"] == before["refused"], (before, after)
     finally:
         alice.run("ip", "route", "del", *route, check=False)
-
-
-def _loop_probes(env, alice, addresses):
-    for address in addresses:
-        before = proxy_stats(env)["refused"].get("loop", 0)
-        result = probe(alice, address, PROXY_PORT, "GET / HTTP/1.0\r\n\r\n")
-        # The RST can beat connect()'s return (then Python reports it as a failed connect).
-        assert result["outcome"] == "reset" or (
-            result["outcome"] == "connect-failed" and re.search(r"Connection(Refused|Reset)", result["error"])
-        ), "%s: %s\n%s" % (address, result, env.logs())
-        assert result["seconds"] < 1.0, result
-        # Refusal log lines are throttled per (reason, source); the counter is exact.
-        assert proxy_stats(env)["refused"].get("loop", 0) == before + 1, address
-    env.daemon.wait_log(
-        r"refused connection from %s to .*:%d: destination .* is this host" % (re.escape(env.ips["alice"]), PROXY_PORT),
-        timeout=5,
-    )
 
 
 def proxy_stats(env):
@@ -436,25 +430,17 @@ def test_only_the_proxy_listens_beyond_loopback(healthy):
         assert os.path.exists(path) and not os.path.isfile(path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "Policy gap, not a proxy bug: nat POCKETPROXY RETURNs --dst-type LOCAL and filter POCKETPROXY "
-        "hooks FORWARD only, so a VPN client reaches any TCP service listening on the server's tunnel "
-        "address (or 0.0.0.0) directly through INPUT; the proxy is never involved. Fix if clients must "
-        "not reach server services: a filter INPUT jump for -i tun+ to a chain that accepts "
-        "--dport <proxy port> (the loop guard then answers) and the services meant for clients (DNS), "
-        "and rejects the rest with tcp-reset (ovpnmgr/firewall.py chain_rules + TABLES)."
-    ),
-)
 def test_server_service_on_the_tunnel_address_is_unreachable(healthy):
-    """A TCP listener on the server's tunnel address never sees a VPN client's connection."""
+    """A TCP listener on the server's tunnel address never sees a VPN client's connection: filter
+    INPUT resets it at once (nat POCKETPROXY leaves local destinations alone, so without that
+    policy any service on the tunnel address or 0.0.0.0 would be open to customers)."""
     env = healthy
     listener = Listener(env.lab.server_ns, env.lab.server.vpn_ip, 7001, env.tmp)
     try:
         assert probe(env.lab.server_ns, env.lab.server.vpn_ip, 7001)["outcome"] in ("eof", "reset")
         seen = len(listener.accepted())
         result = probe(env.clients["alice"].ns, env.lab.server.vpn_ip, 7001, "hello")
+        assert result["outcome"] in ("reset", "connect-failed") and result["seconds"] < 1.0, result
         time.sleep(0.5)
         assert len(listener.accepted()) == seen, (result, listener.accepted())
     finally:

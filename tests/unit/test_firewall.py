@@ -32,10 +32,18 @@ RESTORE = ["iptables-restore", "-w", "--noflush"]
 GOLDEN = b"""\
 *filter
 :POCKETPROXY - [0:0]
+:POCKETPROXY-IN - [0:0]
 -A POCKETPROXY -p tcp -j REJECT --reject-with tcp-reset
 -A POCKETPROXY -p udp -j REJECT --reject-with icmp-port-unreachable
 -A POCKETPROXY -j REJECT --reject-with icmp-admin-prohibited
+-A POCKETPROXY-IN -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+-A POCKETPROXY-IN -p tcp -m tcp --dport 12345 -m conntrack --ctstate DNAT -j ACCEPT
+-A POCKETPROXY-IN -p icmp -m icmp --icmp-type 8 -j ACCEPT
+-A POCKETPROXY-IN -p tcp -j REJECT --reject-with tcp-reset
+-A POCKETPROXY-IN -p udp -j REJECT --reject-with icmp-port-unreachable
+-A POCKETPROXY-IN -j REJECT --reject-with icmp-admin-prohibited
 -I FORWARD 1 -i tun+ -j POCKETPROXY
+-I INPUT 1 -i tun+ -j POCKETPROXY-IN
 COMMIT
 *nat
 :POCKETPROXY - [0:0]
@@ -50,13 +58,23 @@ EMPTY_NAT = "-P PREROUTING ACCEPT\n-P INPUT ACCEPT\n-P OUTPUT ACCEPT\n-P POSTROU
 DNAT = "-A PREROUTING -p tcp -m tcp --dport 8080 -j DNAT --to-destination 192.168.255.2:8080"
 
 # What `iptables -S` prints after a correct install (as observed on iptables 1.8.9).
+INPUT_RULES = """\
+-A POCKETPROXY-IN -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+-A POCKETPROXY-IN -p tcp -m tcp --dport 12345 -m conntrack --ctstate DNAT -j ACCEPT
+-A POCKETPROXY-IN -p icmp -m icmp --icmp-type 8 -j ACCEPT
+-A POCKETPROXY-IN -p tcp -j REJECT --reject-with tcp-reset
+-A POCKETPROXY-IN -p udp -j REJECT --reject-with icmp-port-unreachable
+-A POCKETPROXY-IN -j REJECT --reject-with icmp-admin-prohibited
+"""
 HEALTHY_FILTER = EMPTY_FILTER + (
     "-N POCKETPROXY\n"
+    "-N POCKETPROXY-IN\n"
+    "-A INPUT -i tun+ -j POCKETPROXY-IN\n"
     "-A FORWARD -i tun+ -j POCKETPROXY\n"
     "-A POCKETPROXY -p tcp -j REJECT --reject-with tcp-reset\n"
     "-A POCKETPROXY -p udp -j REJECT --reject-with icmp-port-unreachable\n"
     "-A POCKETPROXY -j REJECT --reject-with icmp-admin-prohibited\n"
-)
+) + INPUT_RULES
 HEALTHY_NAT = EMPTY_NAT + (
     "-N POCKETPROXY\n"
     "-A PREROUTING -i tun+ -j POCKETPROXY\n" + DNAT + "\n"
@@ -87,7 +105,8 @@ def test_golden_restore_text_uses_every_config_name():
     text = restore_input(config, 8000, {}).decode()
     assert "-A PP2 -p tcp -m set --match-set s1 src -j REDIRECT --to-ports 8000\n" in text
     assert "-I PREROUTING 1 -i ppvb12 -j PP2\n" in text and "-I FORWARD 1 -i ppvb12 -j PP2\n" in text
-    assert text.count(":PP2 - [0:0]\n") == 2 and "POCKETPROXY" not in text
+    assert "-I INPUT 1 -i ppvb12 -j PP2-IN\n" in text and "--dport 8000 -m conntrack --ctstate DNAT" in text
+    assert text.count(":PP2 - [0:0]\n") == 2 and text.count(":PP2-IN - [0:0]\n") == 1 and "POCKETPROXY" not in text
 
 
 def test_existing_jumps_are_deleted_then_inserted_once():
@@ -113,7 +132,7 @@ def test_existing_jumps_are_deleted_then_inserted_once():
         "COMMIT\n"
     )
     assert "-D FORWARD -i tun+ -j POCKETPROXY\n-I FORWARD 1 -i tun+ -j POCKETPROXY\n" in text
-    assert "DNAT" not in text and "ACCEPT" not in text
+    assert "-A PREROUTING -p tcp -m tcp --dport 8080 -j DNAT" not in text and "ACCEPT" not in nat_part
 
 
 def test_jumps_to_matches_only_real_targets():
@@ -151,7 +170,8 @@ class InstallTests(SynchronousTestCase):
         text = runner.calls[-1][1].decode()
         self.assertIn("-D PREROUTING -i tun+ -j POCKETPROXY\n-I PREROUTING 1 -i tun+ -j POCKETPROXY\n", text)
         self.assertIn("-D FORWARD -i tun+ -j POCKETPROXY\n-I FORWARD 1 -i tun+ -j POCKETPROXY\n", text)
-        self.assertEqual(text.count("-D "), 2)
+        self.assertIn("-D INPUT -i tun+ -j POCKETPROXY-IN\n-I INPUT 1 -i tun+ -j POCKETPROXY-IN\n", text)
+        self.assertEqual(text.count("-D "), 3)
 
     def test_foreign_bytes_in_a_jump_round_trip_exactly(self):
         """A jump with a non-ASCII (even non-UTF-8) comment is -D'd with exactly the bytes iptables printed."""
@@ -308,6 +328,8 @@ class CheckRepairTests(SynchronousTestCase):
             (
                 "filter FORWARD: jump to POCKETPROXY missing",
                 "filter POCKETPROXY: chain missing",
+                "filter INPUT: jump to POCKETPROXY-IN missing",
+                "filter POCKETPROXY-IN: chain missing",
                 "nat PREROUTING: jump to POCKETPROXY missing",
                 "nat POCKETPROXY: chain missing",
             ),
@@ -385,7 +407,24 @@ def test_rule_problems_empty_for_healthy_listing():
     """The healthy listing (as iptables 1.8.9 prints it) matches the rules we generate."""
     listings = {"filter": HEALTHY_FILTER.splitlines(), "nat": HEALTHY_NAT.splitlines()}
     assert rule_problems(CONFIG, PORT, listings) == []
-    assert rule_problems(CONFIG, PORT + 1, listings) == ["nat POCKETPROXY: rules differ"]
+    assert rule_problems(CONFIG, PORT + 1, listings) == [
+        "filter POCKETPROXY-IN: rules differ",  # accepts the proxy port only when redirected there
+        "nat POCKETPROXY: rules differ",
+    ]
+    assert rule_problems(CONFIG, PORT, listings, dns=("10.9.0.1", 53)) == ["filter POCKETPROXY-IN: rules differ"]
+
+
+def test_input_chain_admits_dns_only_when_enabled_and_only_from_members():
+    """With the DNS service on, members may reach exactly its address and port over UDP and TCP."""
+    text = restore_input(CONFIG, PORT, {}, dns=("10.9.0.1", 5353)).decode()
+    dns = [line for line in text.splitlines() if "5353" in line]
+    assert dns == [
+        "-A POCKETPROXY-IN -d 10.9.0.1/32 -p udp -m set --match-set pocketproxy-clients src -m udp --dport 5353 -j ACCEPT",
+        "-A POCKETPROXY-IN -d 10.9.0.1/32 -p tcp -m set --match-set pocketproxy-clients src -m tcp --dport 5353 -j ACCEPT",
+    ]
+    lines = text.splitlines()
+    assert lines.index(dns[-1]) < lines.index("-A POCKETPROXY-IN -p udp -j REJECT --reject-with icmp-port-unreachable")
+    assert "--dport 53 " not in restore_input(CONFIG, PORT, {}).decode()
 
 
 # --- ProcessRunner with a fake process reactor ----------------------------------
@@ -528,7 +567,12 @@ def test_golden_restore_text_in_tproxy_mode():
     config = FirewallConfig(tproxy_mark=0x20)
     text = restore_input(config, PORT, {}, mode="tproxy").decode()
     assert text == (
-        GOLDEN.decode().split("*nat")[0]
+        GOLDEN.decode()
+        .split("*nat")[0]
+        .replace(
+            "-p tcp -m tcp --dport 12345 -m conntrack --ctstate DNAT -j ACCEPT",  # no DNAT with TPROXY
+            "-p tcp -m mark --mark 0x20/0x20 -j ACCEPT",
+        )
         + "*mangle\n"
         ":POCKETPROXY - [0:0]\n"
         "-A POCKETPROXY -m addrtype --dst-type LOCAL -j RETURN\n"
@@ -540,6 +584,8 @@ def test_golden_restore_text_in_tproxy_mode():
     assert rule_problems(config, PORT, {}, mode="tproxy") == [
         "filter FORWARD: jump to POCKETPROXY missing",
         "filter POCKETPROXY: chain missing",
+        "filter INPUT: jump to POCKETPROXY-IN missing",
+        "filter POCKETPROXY-IN: chain missing",
         "mangle PREROUTING: jump to POCKETPROXY missing",
         "mangle POCKETPROXY: chain missing",
     ]
