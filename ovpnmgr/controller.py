@@ -26,7 +26,7 @@ from ovpnmgr import events
 from ovpnmgr.config import ConfigError
 from ovpnmgr.directory import AuthFailed
 from ovpnmgr.firewall import FirewallError
-from ovpnmgr.metrics import Histogram
+from ovpnmgr.metrics import LATENCY_BUCKETS, Histogram
 from ovpnmgr.pool import AddressInUse, PoolExhausted
 from ovpnmgr.protocol import CommandFailed, ManagementDisconnected, ManagementError
 from ovpnmgr.verify import fresh_members
@@ -123,7 +123,7 @@ class Controller:
         # Metrics (read by ovpnmgr.metrics at scrape time): answered CONNECTs by
         # result, CONNECT-to-client-auth latency, management connections after the first.
         self.admissions = Counter()
-        self.admission_latency = Histogram()
+        self.admission_latency = Histogram(LATENCY_BUCKETS)
         self.management_reconnects = 0
         self._attaches = 0
         self.last_drift = None

@@ -5,6 +5,7 @@ Plain integers and Counters: cheap to bump on every connection, and a
 snapshot is a dict an exporter can render however it likes.
 """
 
+import math
 from collections import Counter
 
 
@@ -44,3 +45,35 @@ class ProxyStats:
             "sniffed": dict(self.sniffed),
             "closed": dict(self.closed),
         }
+
+
+class Histogram:
+    """A cumulative-bucket histogram (upper bounds inclusive, ``+Inf`` implied)."""
+
+    def __init__(self, buckets):
+        bounds = sorted(float(b) for b in buckets)
+        if not bounds or bounds != sorted(set(bounds)) or any(math.isinf(b) or math.isnan(b) for b in bounds):
+            raise ValueError("buckets must be distinct finite numbers, got %r" % (buckets,))
+        self.buckets = tuple(bounds)
+        self._counts = [0] * (len(bounds) + 1)  # per bucket, not cumulative; last is +Inf
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value):
+        value = float(value)
+        for i, bound in enumerate(self.buckets):
+            if value <= bound:
+                break
+        else:
+            i = len(self.buckets)
+        self._counts[i] += 1
+        self.sum += value
+        self.count += 1
+
+    def cumulative(self):
+        """``[(le, cumulative count)]`` ending with ``(inf, count)``."""
+        out, total = [], 0
+        for bound, n in zip(self.buckets + (math.inf,), self._counts):
+            total += n
+            out.append((bound, total))
+        return out

@@ -1,0 +1,464 @@
+# -*- test-case-name: tests.unit.test_dns_server -*-
+"""Customer DNS: UDP and TCP listeners that answer each client through its own device.
+
+Every query is identified by its source address; ``route_for`` says which device (and policy)
+serves it. Unmapped sources get REFUSED, never an answer from this host; malformed packets are
+dropped. Answers come from the device's cache or its DNS tunnel (:mod:`proxy.dnsupstream`); a
+failure is a SERVFAIL and never falls back to the host's resolver, so names do not leak. UDP
+answers above the client's limit are truncated so the client retries over TCP.
+
+The sockets are bound with ``IP_FREEBIND`` so the daemon can start before OpenVPN has created
+tun0 and its address. Query names are logged only with ``log_names`` (privacy).
+"""
+
+import math
+import socket
+from collections import Counter
+from dataclasses import dataclass, field
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.internet import error as terror
+from twisted.internet.protocol import DatagramProtocol, Factory
+from twisted.logger import Logger
+from twisted.names import dns
+from twisted.protocols.basic import Int16StringReceiver
+from twisted.protocols.policies import TimeoutMixin
+
+from proxy import dnsmessage
+from proxy.dnscache import MAX_NEGATIVE_TTL, MAX_TTL, DNSCache
+from proxy.dnsmessage import Malformed
+from proxy.dnsupstream import DeviceResolver, DNSUnavailable, HostResolver
+from proxy.origdst import unmap
+from proxy.stats import Histogram
+from proxy.upstream import Upstream, dial
+
+__all__ = ["DNSRoute", "DNSSettings", "DNSStats", "DNSServer", "DNSService", "LATENCY_BUCKETS"]
+
+IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+POLICIES = ("via_device", "host")
+_RESULTS = {dns.OK: "ok", dns.ENAME: "nxdomain", dns.ESERVER: "servfail"}
+
+
+@dataclass(frozen=True)
+class DNSRoute:
+    """How one client's queries are resolved.
+
+    :ivar key: identity of the cache and of the device connection (e.g. the device name).
+    :ivar upstream: the device proxy; may be None only with policy ``host``.
+    :ivar log_fields: added to log events (user, device...).
+    """
+
+    key: object
+    upstream: Upstream | None
+    policy: str = "via_device"
+    log_fields: dict = field(default_factory=dict, compare=False)
+
+
+@dataclass(frozen=True)
+class DNSSettings:
+    """DNS service settings; the WAN-facing timeouts are generous (cellular devices)."""
+
+    listen_host: str
+    listen_port: int = 53
+    resolver: tuple = ("1.1.1.1", 53)  # reached THROUGH the device
+    host_servers: tuple = ()  # policy "host"; () = /etc/resolv.conf
+    query_timeout: float = 5.0
+    connect_timeout: float = 10.0
+    handshake_timeout: float = 10.0
+    idle_timeout: float = 60.0  # device tunnel
+    cache_entries: int = 1000  # per device
+    max_tcp_clients: int = 256
+    log_names: bool = False
+    tcp_idle_timeout: float = 30.0  # a client's TCP connection (RFC 7766 §6.2.3)
+    max_tcp_pipeline: int = 32  # queries in flight per client TCP connection before we stop reading
+    max_in_flight: int = 64  # per device tunnel
+    max_queued: int = 256  # per device, beyond max_in_flight; more is SERVFAIL
+    max_udp_payload: int = dnsmessage.MAX_UDP_PAYLOAD
+    max_ttl: int = MAX_TTL
+    max_negative_ttl: int = MAX_NEGATIVE_TTL
+
+
+class DNSStats:
+    """Counters of the DNS service, cheap to bump; :meth:`snapshot` is JSON-friendly.
+
+    :ivar queries: answered or dropped queries by result (``ok``, ``nxdomain``, ``servfail``,
+        ``refused``, ``malformed``, ``timeout``, ``truncated``, ``overloaded``, ``error``).
+    :ivar resolved: cache misses by where they went (``device``, ``host``).
+    :ivar upstream_failed: device tunnels that could not be opened, by ``UpstreamError.kind``.
+    :ivar upstream_closed: device tunnels closed, by why (``idle``, ``dropped``, ``stale``...).
+    """
+
+    def __init__(self):
+        self.queries = Counter()
+        self.resolved = Counter()
+        self.cache_hits = 0
+        self.cache_misses = 0
+        self.upstream_opened = 0
+        self.upstream_failed = Counter()
+        self.upstream_closed = Counter()
+        self.tcp_clients = 0
+        self.tcp_refused = 0
+        self.latency_histogram = Histogram(LATENCY_BUCKETS)
+
+    def observe(self, seconds):
+        """Record one answered query's latency."""
+        self.latency_histogram.observe(seconds)
+
+    def latency(self):
+        """Prometheus-style histogram: cumulative counts per upper bound (``+Inf`` last), sum, count."""
+        h = self.latency_histogram
+        buckets = {("+Inf" if math.isinf(bound) else "%g" % bound): n for bound, n in h.cumulative()}
+        return {"buckets": buckets, "sum": h.sum, "count": h.count}
+
+    def snapshot(self):
+        """A JSON-friendly copy of every counter."""
+        return {
+            "queries": dict(self.queries),
+            "resolved": dict(self.resolved),
+            "cache": {"hits": self.cache_hits, "misses": self.cache_misses},
+            "upstream": {
+                "opened": self.upstream_opened,
+                "failed": dict(self.upstream_failed),
+                "closed": dict(self.upstream_closed),
+            },
+            "tcp": {"clients": self.tcp_clients, "refused": self.tcp_refused},
+            "latency": self.latency(),
+        }
+
+
+class DNSServer:
+    """The DNS service of one daemon: listeners, per-device resolvers and caches.
+
+    :param route_for: ``ipaddress`` of the client → :class:`DNSRoute`, or None (REFUSED).
+    :param dial: :func:`proxy.upstream.dial` (tests pass a scripted one).
+    :param host_resolver: the ``host`` policy's resolver (an object with ``query(Query)``);
+        a :class:`HostResolver` on ``settings.host_servers`` by default.
+    """
+
+    _log = Logger()
+
+    def __init__(self, reactor, settings, route_for, stats=None, dial=dial, host_resolver=None):
+        self.reactor = reactor
+        self.settings = settings
+        self.route_for = route_for
+        self.stats = stats if stats is not None else DNSStats()
+        self.cache = DNSCache(reactor, settings.cache_entries, settings.max_ttl, settings.max_negative_ttl)
+        self.host = host_resolver or HostResolver(reactor, settings.host_servers, settings.query_timeout)
+        self.udp_port = None
+        self.tcp_port = None
+        self._dial = dial
+        self._devices = {}
+        self._tcp = set()
+        self._log_times = {}
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    def listen(self):
+        """Bind UDP and TCP on ``listen_host:listen_port`` (freebind).
+
+        :raises twisted.internet.error.CannotListenError: naming the address and port.
+        """
+        s = self.settings
+        udp = _bound_socket(s.listen_host, s.listen_port, socket.SOCK_DGRAM)
+        try:
+            self.udp_port = self.reactor.adoptDatagramPort(udp.fileno(), udp.family, _UDPProtocol(self), 65535)
+        finally:
+            udp.close()
+        try:
+            tcp = _bound_socket(s.listen_host, s.listen_port, socket.SOCK_STREAM)
+            try:
+                self.tcp_port = self.reactor.adoptStreamPort(tcp.fileno(), tcp.family, _TCPFactory(self))
+            finally:
+                tcp.close()
+        except BaseException:
+            port, self.udp_port = self.udp_port, None
+            port.stopListening()
+            raise
+        return self.udp_port, self.tcp_port
+
+    def stop(self):
+        """Close the listeners, client TCP connections and device tunnels; a Deferred."""
+        ports = [p for p in (self.udp_port, self.tcp_port) if p is not None]
+        self.udp_port = self.tcp_port = None
+        for proto in list(self._tcp):
+            proto.transport.loseConnection()
+        for key in list(self._devices):
+            self.forget(key)
+        return defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports])
+
+    def forget(self, key):
+        """Drop the cache and close the tunnel of a route key (device removed or changed)."""
+        self.cache.forget(key)
+        resolver = self._devices.pop(key, None)
+        if resolver is not None:
+            resolver.close("forgotten")
+
+    # --- answering ------------------------------------------------------------------------------
+
+    def answer(self, data, source, udp):
+        """Answer one query from ``source`` (an ``ipaddress`` object).
+
+        :returns: Deferred firing with the reply bytes (never failing).
+        :raises Malformed: drop it (UDP) or close the connection (TCP); already counted.
+        """
+        started = self.reactor.seconds()
+        try:
+            query = dnsmessage.parse_query(data)
+        except Malformed as e:
+            self.stats.queries["malformed"] += 1
+            self._warn("malformed", source, None, None, "dropped a malformed DNS packet from {client}: {why}", why=e)
+            raise
+        route = self.route_for(source)
+        if route is None:
+            self._warn("refused", source, None, query, "refused DNS query from {client}: source has no device mapping")
+            refused = dnsmessage.error_reply(query, dns.EREFUSED)
+            return defer.succeed(self._finish(query, refused, "refused", started, udp))
+        current = self._devices.get(route.key)
+        if current is not None and current.upstream != route.upstream:
+            self.forget(route.key)  # the device's proxy changed: neither its tunnel nor its cache is reused
+        hit = self.cache.get(route.key, query.key)
+        if hit is not None:
+            self.stats.cache_hits += 1
+            reply = dnsmessage.cached_reply(query, *hit)
+            return defer.succeed(self._finish(query, reply, _result(reply), started, udp))
+        self.stats.cache_misses += 1
+        d = self._resolve(route, query)
+        d.addCallback(self._resolved, route, query)
+        d.addErrback(self._failed, route, query, source)
+        d.addCallback(lambda pair: self._finish(query, pair[0], pair[1], started, udp))
+        return d
+
+    def _resolve(self, route, query):
+        if route.policy == "host":
+            self.stats.resolved["host"] += 1
+            return self.host.query(query)
+        if route.policy != "via_device" or route.upstream is None:
+            return defer.fail(DNSUnavailable("no device to resolve through (policy %r)" % (route.policy,)))
+        self.stats.resolved["device"] += 1
+        return self._device_for(route).query(query.wire)
+
+    def _device_for(self, route):
+        resolver = self._devices.get(route.key)
+        if resolver is None:
+            s = self.settings
+            resolver = DeviceResolver(
+                self.reactor,
+                route.upstream,
+                s.resolver,
+                connect_timeout=s.connect_timeout,
+                handshake_timeout=s.handshake_timeout,
+                query_timeout=s.query_timeout,
+                idle_timeout=s.idle_timeout,
+                max_in_flight=s.max_in_flight,
+                max_queued=s.max_queued,
+                stats=self.stats,
+                log_fields=route.log_fields,
+                dial=self._dial,
+            )
+            self._devices[route.key] = resolver
+        return resolver
+
+    def _resolved(self, reply, route, query):
+        reply = dnsmessage.with_id(reply, query.id)
+        message = dnsmessage.parse_reply(reply)
+        if message is not None:
+            if not dnsmessage.same_question(query, message):
+                raise DNSUnavailable("the resolver answered another question")
+            self.cache.put(route.key, query.key, message)
+        # An undecodable but well-framed reply is relayed as it came, just not cached.
+        return reply, _result(reply)
+
+    def _failed(self, reason, route, query, source):
+        if reason.check(DNSUnavailable):
+            kind = reason.value.kind
+            self._warn(kind, source, route, query, "DNS query from {client} failed: {why}", why=reason.value)
+        else:
+            kind = "servfail"
+            self._log.failure("DNS query from {client} failed internally", reason, client=str(source))
+        return dnsmessage.error_reply(query, dns.ESERVER), kind
+
+    def _finish(self, query, reply, result, started, udp):
+        if udp and len(reply) > query.udp_limit(self.settings.max_udp_payload):
+            reply, result = dnsmessage.truncated_reply(query, reply), "truncated"
+        self.stats.queries[result] += 1
+        self.stats.observe(self.reactor.seconds() - started)
+        return reply
+
+    def _warn(self, kind, client, route, query, text, **fields):
+        """One line per failure, at most one per (kind, client) every 10 s; names only on request."""
+        now = self.reactor.seconds()
+        key = (kind, client)
+        if now - self._log_times.get(key, -1e9) < 10.0:
+            return
+        if len(self._log_times) > 10000:
+            self._log_times.clear()
+        self._log_times[key] = now
+        if route is not None:
+            fields.update(route.log_fields)
+            fields["device"] = str(route.upstream) if route.policy == "via_device" else "host"
+        if query is not None and self.settings.log_names:
+            fields["qname"] = query.name.decode("ascii", "replace")
+            text += " (name {qname})"
+        fields["why"] = str(fields.get("why", ""))
+        self._log.warn(text, client=str(client), kind=kind, event="dns-" + kind, **fields)
+
+
+def _result(reply):
+    return _RESULTS.get(dnsmessage.reply_rcode(reply), "error")
+
+
+def _bound_socket(host, port, kind):
+    """A non-blocking socket bound with IP_FREEBIND (and SO_REUSEADDR, listening, for TCP)."""
+    ip = unmap(host)
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    try:
+        sock = socket.socket(family, kind)
+    except OSError as e:
+        raise terror.CannotListenError(str(ip), port, e)
+    try:
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)  # Linux honours it on IPv6 sockets too
+        if kind == socket.SOCK_STREAM:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((str(ip), port))
+        if kind == socket.SOCK_STREAM:
+            sock.listen(128)
+        sock.setblocking(False)
+    except OSError as e:
+        sock.close()
+        raise terror.CannotListenError(str(ip), port, e)
+    return sock
+
+
+class _UDPProtocol(DatagramProtocol):
+    """Datagrams in, answers out; malformed ones are dropped silently (beyond the count)."""
+
+    noisy = False
+
+    def __init__(self, server):
+        self.server = server
+
+    def datagramReceived(self, data, addr):
+        """IProtocol.datagramReceived"""
+        try:
+            d = self.server.answer(data, unmap(addr[0]), udp=True)
+        except Malformed:
+            return
+        d.addCallback(self._send, addr)
+
+    def _send(self, reply, addr):
+        if self.transport is not None:
+            try:
+                self.transport.write(reply, addr)
+            except OSError:
+                pass  # e.g. ENETUNREACH while tun0 is down: the client retries
+
+
+class _TCPProtocol(Int16StringReceiver, TimeoutMixin):
+    """RFC 7766 client connection: pipelined queries, answers in completion order, idle timeout."""
+
+    def __init__(self, server):
+        self.server = server
+        self.callLater = server.reactor.callLater  # TimeoutMixin's clock
+        self.source = None
+        self.pending = 0
+        self.accepted = False
+
+    def connectionMade(self):
+        """IProtocol.connectionMade"""
+        s = self.server
+        if len(s._tcp) >= s.settings.max_tcp_clients:
+            s.stats.tcp_refused += 1
+            self.transport.abortConnection()
+            return
+        self.accepted = True
+        s._tcp.add(self)
+        s.stats.tcp_clients = len(s._tcp)
+        self.source = unmap(self.transport.getPeer().host)
+        self.setTimeout(s.settings.tcp_idle_timeout)
+
+    def stringReceived(self, data):
+        """Int16StringReceiver.stringReceived"""
+        if not self.accepted:
+            return
+        self.resetTimeout()
+        try:
+            d = self.server.answer(data, self.source, udp=False)
+        except Malformed:
+            self.transport.loseConnection()
+            return
+        self.pending += 1
+        if self.pending >= self.server.settings.max_tcp_pipeline:
+            self.transport.pauseProducing()
+        d.addCallback(self._reply)
+
+    def _reply(self, reply):
+        self.pending -= 1
+        if not self.accepted:
+            return
+        self.resetTimeout()
+        self.sendString(reply)
+        if self.pending == self.server.settings.max_tcp_pipeline - 1:
+            self.transport.resumeProducing()
+
+    def timeoutConnection(self):
+        """TimeoutMixin.timeoutConnection: idle clients are closed, busy ones kept."""
+        if self.pending:
+            self.setTimeout(self.server.settings.tcp_idle_timeout)
+        else:
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason):
+        """IProtocol.connectionLost"""
+        self.setTimeout(None)
+        if self.accepted:
+            self.accepted = False
+            self.server._tcp.discard(self)
+            self.server.stats.tcp_clients = len(self.server._tcp)
+
+
+class _TCPFactory(Factory):
+    """Builds :class:`_TCPProtocol` for the server."""
+
+    noisy = False
+
+    def __init__(self, server):
+        self.server = server
+
+    def buildProtocol(self, addr):
+        """IProtocolFactory.buildProtocol"""
+        p = _TCPProtocol(self.server)
+        p.factory = self
+        return p
+
+
+class DNSService(service.Service):
+    """The DNS server as a Twisted service: binds at privileged start (port 53), stops cleanly.
+
+    A bind failure stops the daemon at startup with a message naming address and port.
+    """
+
+    _log = Logger()
+
+    def __init__(self, server):
+        self.server = server
+
+    def privilegedStartService(self):
+        """IService.privilegedStartService"""
+        udp, tcp = self.server.listen()
+        s = self.server.settings
+        self._log.info(
+            "DNS listening on {host} port {port} (UDP+TCP, resolver {resolver} via devices)",
+            host=s.listen_host,
+            port=udp.getHost().port,
+            resolver="%s:%d" % tuple(s.resolver),
+        )
+        service.Service.privilegedStartService(self)
+
+    def stopService(self):
+        """IService.stopService"""
+        service.Service.stopService(self)
+        return self.server.stop()

@@ -1,0 +1,338 @@
+"""proxy.dnsupstream: DNS over TCP through a scripted device proxy, and the host policy's resolver.
+
+The device side is a real HTTPConnectClient/Socks5Client on a StringTransport, so the CONNECT
+and SOCKS5 bytes, the 2-byte framing and the ID rewriting are all checked on the wire. Time is
+a MemoryReactorClock.
+"""
+
+import struct
+
+import pytest
+from twisted.internet import defer
+from twisted.internet.error import ConnectionLost
+from twisted.internet.testing import MemoryReactorClock
+from twisted.names import dns
+from twisted.python.failure import Failure
+
+from proxy.dnsserver import DNSStats
+from proxy.dnsupstream import DeviceResolver, DNSTimeout, DNSUnavailable, HostResolver, Overloaded, read_resolv_conf
+from proxy.upstream import HTTPConnectClient, Socks5Client, Unreachable, Upstream
+from tests.unit.deferreds import failure_of, result_of
+from tests.unit.test_dns_message import decode, make_query, make_reply
+from tests.unit.test_server import Transport  # records aborts (RST)
+
+HTTP_DEVICE = Upstream.parse("http://dev:s3cret@192.0.2.10:8080")
+SOCKS_DEVICE = Upstream.parse("socks5://192.0.2.11:1080")
+
+
+class Link:
+    """One dial to the scripted device proxy, driven by the test."""
+
+    def __init__(self, reactor, upstream, handshake_timeout):
+        self.reactor = reactor
+        self.upstream = upstream
+        self.handshake_timeout = handshake_timeout
+        self.d = defer.Deferred()
+        self.client = None
+        self.transport = Transport()
+
+    def connect(self):
+        """The TCP connection to the device proxy is up."""
+        cls = HTTPConnectClient if self.upstream.scheme == "http" else Socks5Client
+        self.client = cls(self.reactor, self.upstream, self.handshake_timeout)
+        self.client.makeConnection(self.transport)
+        self.d.callback(self.client)
+        return self
+
+    def accept(self):
+        """The proxy grants the tunnel to 1.1.1.1:53 (checking the exact request bytes)."""
+        if self.upstream.scheme == "http":
+            assert self.transport.value().startswith(b"CONNECT 1.1.1.1:53 HTTP/1.1\r\nHost: 1.1.1.1:53\r\n")
+            self.transport.clear()
+            self.client.dataReceived(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        else:
+            assert self.transport.value() == b"\x05\x01\x00"
+            self.transport.clear()
+            self.client.dataReceived(b"\x05\x00")
+            assert self.transport.value() == b"\x05\x01\x00\x01\x01\x01\x01\x01\x00\x35"
+            self.transport.clear()
+            self.client.dataReceived(b"\x05\x00\x00\x01\x00\x00\x00\x00\x00\x00")
+        return self
+
+    def up(self):
+        return self.connect().accept()
+
+    def queries(self):
+        """Frames written since the last call, as (our ID, bytes)."""
+        data, out = self.transport.value(), []
+        self.transport.clear()
+        while data:
+            (size,) = struct.unpack_from("!H", data)
+            frame, data = data[2 : 2 + size], data[2 + size :]
+            assert len(frame) == size, "partial frame"
+            out.append((struct.unpack_from("!H", frame)[0], frame))
+        return out
+
+    def answer(self, frame, **kw):
+        """The resolver replies to ``frame`` (same ID and question)."""
+        reply = make_reply(frame, **kw)
+        self.client.dataReceived(struct.pack("!H", len(reply)) + reply)
+
+    def drop(self):
+        self.client.connectionLost(Failure(ConnectionLost("cellular went away")))
+
+
+class Device:
+    """A scripted ``proxy.upstream.dial``: each call makes a :class:`Link` the test drives."""
+
+    def __init__(self):
+        self.links = []
+
+    def dial(self, reactor, upstream, connect_timeout, handshake_timeout):
+        link = Link(reactor, upstream, handshake_timeout)
+        self.links.append(link)
+        return link.d
+
+
+def resolver(upstream=HTTP_DEVICE, **kw):
+    reactor, device, stats = MemoryReactorClock(), Device(), DNSStats()
+    r = DeviceResolver(reactor, upstream, ("1.1.1.1", 53), stats=stats, dial=device.dial, **kw)
+    return reactor, device, stats, r
+
+
+def question(frame):
+    return decode(frame).queries[0].name.name
+
+
+@pytest.mark.parametrize("upstream", [HTTP_DEVICE, SOCKS_DEVICE])
+def test_pipelined_queries_share_one_tunnel_and_answers_may_come_out_of_order(upstream):
+    """Three queries queue during the dial, go out together with distinct IDs, and each gets its own answer."""
+    reactor, device, stats, r = resolver(upstream)
+    names = [b"a.example", b"b.example", b"c.example"]
+    ds = [r.query(make_query(name=n, qid=0x1111)) for n in names]  # colliding client IDs
+    assert len(device.links) == 1, "one dial for all three"
+    link = device.links[0].up()
+    sent = link.queries()
+    assert [question(f) for _, f in sent] == names
+    assert len({i for i, _ in sent}) == 3, "IDs are unique on the connection"
+    for d in ds:
+        assert not d.called
+    for _, frame in reversed(sent):
+        link.answer(frame)
+    for (our_id, frame), d, name in zip(sent, ds, names):
+        reply = result_of(d)
+        assert reply[:2] == struct.pack("!H", our_id)
+        assert question(reply) == name
+    assert stats.upstream_opened == 1
+    another = r.query(make_query(name=b"d.example"))
+    assert len(device.links) == 1, "the open tunnel is reused"
+    (_, frame), = link.queries()
+    link.answer(frame)
+    assert question(result_of(another)) == b"d.example"
+
+
+def test_handshake_leftover_and_split_frames_are_reassembled():
+    """A reply arriving byte by byte is reassembled by the 2-byte framing."""
+    reactor, device, stats, r = resolver()
+    d = r.query(make_query())
+    link = device.links[0].up()
+    (_, frame), = link.queries()
+    reply = make_reply(frame)
+    data = struct.pack("!H", len(reply)) + reply
+    for i in range(len(data)):
+        link.client.dataReceived(data[i : i + 1])
+    assert result_of(d) == reply
+
+
+def test_drop_retries_in_flight_once_then_servfail_and_next_query_reconnects():
+    """A lost tunnel re-sends in-flight queries on a new one; lost again, they fail; later queries redial."""
+    reactor, device, stats, r = resolver()
+    d1, d2 = r.query(make_query(name=b"a.example")), r.query(make_query(name=b"b.example"))
+    first = device.links[0].up()
+    assert len(first.queries()) == 2
+    first.drop()
+    assert not d1.called and not d2.called
+    assert len(device.links) == 2, "a fresh tunnel is dialled at once for the retries"
+    second = device.links[1].up()
+    resent = second.queries()
+    assert [question(f) for _, f in resent] == [b"a.example", b"b.example"]
+    second.answer(resent[0][1])
+    assert question(result_of(d1)) == b"a.example"
+    second.drop()
+    failure_of(d2, DNSUnavailable)
+    assert len(device.links) == 2, "no redial without pending queries"
+    assert stats.upstream_closed["dropped"] == 2
+    d3 = r.query(make_query(name=b"c.example"))
+    assert len(device.links) == 3
+    third = device.links[2].up()
+    (_, frame), = third.queries()
+    third.answer(frame)
+    assert question(result_of(d3)) == b"c.example"
+
+
+def test_dial_failure_fails_queued_queries_and_is_counted():
+    """An unreachable device fails what waits, once; the next query dials again."""
+    reactor, device, stats, r = resolver()
+    ds = [r.query(make_query()) for _ in range(3)]
+    device.links[0].d.errback(Unreachable("device proxy http://192.0.2.10:8080 is unreachable"))
+    for d in ds:
+        failure_of(d, DNSUnavailable)
+    assert stats.upstream_failed == {"unreachable": 1}
+    r.query(make_query())
+    assert len(device.links) == 2
+
+
+def test_query_timeout_then_a_silent_tunnel_is_dropped():
+    """No reply within the timeout: DNSTimeout at exactly 5 s; a tunnel that heard nothing is abandoned."""
+    reactor, device, stats, r = resolver(query_timeout=5.0)
+    d = r.query(make_query())
+    link = device.links[0].up()
+    (_, frame), = link.queries()
+    reactor.advance(4.99)
+    assert not d.called
+    reactor.advance(0.01)
+    failure_of(d, DNSTimeout)
+    assert link.transport.aborted, "a tunnel silent for a whole query timeout is reset"
+    assert not r.connected
+    link.drop()
+    assert stats.upstream_closed == {"stale": 1}
+    assert len(device.links) == 1, "nothing pending, nothing redialled"
+    assert reactor.getDelayedCalls() == []
+
+
+def test_timeout_of_one_query_keeps_a_tunnel_that_answers_others_and_late_replies_are_ignored():
+    """A slow name does not kill a live tunnel; its late reply reaches nobody and its ID is not reused early."""
+    reactor, device, stats, r = resolver(query_timeout=5.0)
+    slow = r.query(make_query(name=b"slow.example"))
+    link = device.links[0].up()
+    (slow_id, slow_frame), = link.queries()
+    reactor.advance(1)
+    fast = r.query(make_query(name=b"fast.example"))
+    (_, fast_frame), = link.queries()
+    link.answer(fast_frame)
+    result_of(fast)
+    reactor.advance(4)
+    failure_of(slow, DNSTimeout)
+    assert not link.transport.aborted and r.connected
+    later = r.query(make_query(name=b"later.example"))
+    (later_id, later_frame), = link.queries()
+    assert later_id != slow_id
+    link.answer(slow_frame)  # late: ignored
+    assert not later.called
+    link.answer(later_frame)
+    assert question(result_of(later)) == b"later.example"
+
+
+def test_idle_tunnel_is_closed_and_counted():
+    """With nothing pending for idle_timeout the tunnel is closed cleanly; a new query redials."""
+    reactor, device, stats, r = resolver(idle_timeout=60.0)
+    d = r.query(make_query())
+    link = device.links[0].up()
+    (_, frame), = link.queries()
+    link.answer(frame)
+    result_of(d)
+    reactor.advance(59)
+    assert not link.transport.disconnecting
+    reactor.advance(1)
+    assert link.transport.disconnecting and not link.transport.aborted
+    link.drop()
+    assert stats.upstream_closed == {"idle": 1}
+    r.query(make_query())
+    assert len(device.links) == 2
+
+
+def test_in_flight_bound_queues_the_rest_and_overflow_is_refused():
+    """At most max_in_flight on the wire; max_queued wait; beyond that Overloaded at once."""
+    reactor, device, stats, r = resolver(max_in_flight=2, max_queued=1)
+    ds = [r.query(make_query(name=b"n%d.example" % i)) for i in range(3)]
+    failure_of(r.query(make_query()), Overloaded)
+    link = device.links[0].up()
+    sent = link.queries()
+    assert len(sent) == 2
+    link.answer(sent[0][1])
+    result_of(ds[0])
+    (_, third), = link.queries()
+    assert question(third) == b"n2.example"
+
+
+def test_close_fails_everything_and_resets_the_tunnel():
+    """close() (device removed) answers pending queries with a failure and resets the connection."""
+    reactor, device, stats, r = resolver()
+    d = r.query(make_query())
+    link = device.links[0].up()
+    link.queries()
+    r.close("forgotten")
+    failure_of(d, DNSUnavailable)
+    assert link.transport.aborted
+    failure_of(r.query(make_query()), DNSUnavailable)
+    assert reactor.getDelayedCalls() == []
+
+
+def test_close_while_dialling_cancels_the_dial():
+    """A dial in progress is cancelled, and the queued query fails."""
+    reactor, device, stats, r = resolver()
+    d = r.query(make_query())
+    r.close()
+    failure_of(d, DNSUnavailable)
+    assert device.links[0].d.called, "the dial Deferred was cancelled"
+    assert stats.upstream_failed == {}
+
+
+# --- host policy ------------------------------------------------------------------------------------
+
+
+class FakeHost:
+    """Stands in for twisted.names.client.Resolver."""
+
+    def __init__(self, udp, tcp=None):
+        self.calls = []
+        self._udp, self._tcp = udp, tcp
+
+    def queryUDP(self, queries, timeout=None):
+        self.calls.append(("udp", queries))
+        return self._udp
+
+    def queryTCP(self, queries, timeout=10):
+        self.calls.append(("tcp", queries))
+        return self._tcp
+
+
+def _message(wire, trunc=0):
+    m = decode(wire)
+    m.trunc = trunc
+    return m
+
+
+def test_host_resolver_retries_truncated_udp_over_tcp():
+    """UDP first; a TC reply is asked again over TCP, whose answer is returned encoded."""
+    from proxy import dnsmessage
+
+    q = dnsmessage.parse_query(make_query(name=b"Host.Example"))
+    full = make_reply(make_query(name=b"Host.Example", qid=77), count=40)
+    fake = FakeHost(defer.succeed(_message(make_reply(make_query(qid=77)), trunc=1)), defer.succeed(_message(full)))
+    reply = result_of(HostResolver(MemoryReactorClock(), resolver=fake).query(q))
+    assert [kind for kind, _ in fake.calls] == ["udp", "tcp"]
+    assert fake.calls[0][1] == [dns.Query(b"Host.Example", dns.A, dns.IN)]
+    assert len(decode(reply).answers) == 40
+
+
+def test_host_resolver_timeout():
+    """No answer within query_timeout: DNSTimeout, like the device path."""
+    reactor = MemoryReactorClock()
+    from proxy import dnsmessage
+
+    d = HostResolver(reactor, query_timeout=5.0, resolver=FakeHost(defer.Deferred())).query(
+        dnsmessage.parse_query(make_query())
+    )
+    reactor.advance(5)
+    failure_of(d, DNSTimeout)
+
+
+def test_read_resolv_conf(tmp_path):
+    """nameserver lines only (scope IDs stripped); 127.0.0.1 when there are none."""
+    path = tmp_path / "resolv.conf"
+    path.write_text("# comment\nsearch lan\nnameserver 192.0.2.53\nnameserver fe80::1%eth0\noptions ndots:1\n")
+    assert read_resolv_conf(str(path)) == [("192.0.2.53", 53), ("fe80::1", 53)]
+    path.write_text("search lan\n")
+    assert read_resolv_conf(str(path)) == [("127.0.0.1", 53)]
+    assert read_resolv_conf(str(tmp_path / "missing")) == [("127.0.0.1", 53)]
