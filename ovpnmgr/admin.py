@@ -191,6 +191,7 @@ class AdminProtocol(LineOnlyReceiver, TimeoutMixin):
 
     delimiter = b"\n"
     MAX_LENGTH = MAX_LINE
+    dns_stats = None  # the DNS service's :class:`~proxy.dnsserver.DNSStats`, when it runs
 
     _log = Logger()
 
@@ -527,6 +528,8 @@ class AdminProtocol(LineOnlyReceiver, TimeoutMixin):
         snapshot = {"admission": self.controller.counts()}
         if self.proxy_stats is not None:
             snapshot["proxy"] = self.proxy_stats.snapshot()
+        if self.dns_stats is not None:
+            snapshot["dns"] = self.dns_stats.snapshot()
         if as_json:
             return [_json(snapshot), "END"]
         return _flatten("", snapshot, []) + ["END"]
@@ -535,10 +538,20 @@ class AdminProtocol(LineOnlyReceiver, TimeoutMixin):
 class AdminFactory(Factory):
     """Builds :class:`AdminProtocol` instances and remembers the live ones."""
 
-    def __init__(self, controller, proxy_stats=None, password=None, clock=None, login_timeout=30.0, idle_timeout=900.0):
+    def __init__(
+        self,
+        controller,
+        proxy_stats=None,
+        password=None,
+        clock=None,
+        login_timeout=30.0,
+        idle_timeout=900.0,
+        dns_stats=None,
+    ):
         """:param clock: the ``IReactorTime`` behind the connections' timeouts (default: the global reactor)."""
         self.controller = controller
         self.proxy_stats = proxy_stats
+        self.dns_stats = dns_stats
         self.password = password
         self.clock = clock
         self.login_timeout = login_timeout
@@ -552,6 +565,7 @@ class AdminFactory(Factory):
         )
         if self.clock is not None:
             protocol.callLater = self.clock.callLater
+        protocol.dns_stats = self.dns_stats
         protocol.factory = self
         return protocol
 
@@ -613,12 +627,13 @@ class AdminService(service.Service):
 
     _log = Logger()
 
-    def __init__(self, reactor, config, controller, proxy_stats=None):
+    def __init__(self, reactor, config, controller, proxy_stats=None, dns_stats=None):
         """
         :param reactor: an ``IReactorUNIX``.
         :param config: the :class:`~ovpnmgr.config.AdminConfig` (``socket`` set).
         :param controller: the :class:`~ovpnmgr.controller.Controller`.
         :param proxy_stats: the proxy's :class:`~proxy.stats.ProxyStats`, or None.
+        :param dns_stats: the DNS service's :class:`~proxy.dnsserver.DNSStats`, or None.
         """
         self.reactor = reactor
         self.config = config
@@ -632,6 +647,7 @@ class AdminService(service.Service):
             clock=reactor,
             login_timeout=getattr(config, "login_timeout", 30.0),
             idle_timeout=getattr(config, "idle_timeout", 900.0),
+            dns_stats=dns_stats,
         )
         self.port = None
 

@@ -108,6 +108,28 @@ class FirewallConfig:
 
 
 @dataclass(frozen=True)
+class DNSConfig:
+    """The customers' DNS service: answered on the VPN server address, resolved through each
+    client's own device (so names resolve as the phone's network would, and no query leaves
+    through the server's uplink)."""
+
+    enabled: bool = True
+    listen: ipaddress.IPv4Address | None = None  # None: openvpn.server_address
+    port: int = 53
+    push: bool = True  # push "dhcp-option DNS <listen>" in every client-auth
+    resolver: tuple = ("1.1.1.1", 53)  # (host, port) the device connects to: DNS over TCP
+    policy: str = "via_device"  # default for devices without their own "dns:" ("host": server's resolver)
+    host_servers: tuple = ()  # ((ip, port), ...) for policy "host"; () = /etc/resolv.conf
+    query_timeout: float = 5.0  # a client's query gets SERVFAIL after this
+    connect_timeout: float = 10.0  # reaching the device (cellular WAN)
+    handshake_timeout: float = 10.0  # the device's CONNECT/SOCKS5 reply
+    idle_timeout: float = 60.0  # an unused device connection is closed after this
+    cache_entries: int = 1000  # per device
+    max_tcp_clients: int = 256
+    log_names: bool = False  # query names in logs (privacy: off unless debugging)
+
+
+@dataclass(frozen=True)
 class LogConfig:
     """How log events are written: twistd's text lines, or one JSON object per line."""
 
@@ -127,6 +149,14 @@ class Config:
     firewall: FirewallConfig = field(default_factory=FirewallConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    dns: DNSConfig = field(default_factory=DNSConfig)
+
+    @property
+    def dns_address(self):
+        """``(IPv4Address, port)`` the DNS service answers on, or None when it is off."""
+        if not self.dns.enabled:
+            return None
+        return (self.dns.listen or self.openvpn.server_address, self.dns.port)
 
 
 # --- field validators: each takes (value, ctx) and returns the typed value or raises _Bad ---
@@ -253,6 +283,50 @@ def _group(value, ctx):
 
 
 _NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,28}$")
+
+
+def _chain_name(value, ctx):
+    """Our chain's name; the filter INPUT chain is this plus ``-IN``, within iptables' 28 characters."""
+    text = _kernel_name(value, ctx)
+    if len(text) > 25:
+        raise _Bad("must be at most 25 characters (the INPUT chain adds '-IN'), got %r" % text)
+    return text
+
+
+def _host_port(default_port):
+    """``HOST[:PORT]`` (IPv6 in brackets) → ``(host, port)``; HOST an IP or a DNS name."""
+
+    def check(value, ctx):
+        text = _str(value, ctx)
+        match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\](?::(\d{1,5}))?|([^:\[\]\s]+)(?::(\d{1,5}))?", text)
+        if match is None:
+            raise _Bad("expected HOST or HOST:PORT (IPv6 as [ADDR]:PORT), got %r" % text)
+        host = match.group(1) or match.group(3)
+        port = int(match.group(2) or match.group(4) or default_port)
+        if not 1 <= port <= 65535:
+            raise _Bad("port must be between 1 and 65535, got %d" % port)
+        try:
+            host = str(ipaddress.ip_address(host))
+        except ValueError:
+            if match.group(1) or not re.fullmatch(r"(?=.{1,253}$)[A-Za-z0-9-]{1,63}(\.[A-Za-z0-9-]{1,63})*\.?", host):
+                raise _Bad("not an IP address or DNS name: %r" % host)
+        return (host, port)
+
+    return check
+
+
+def _server_list(value, ctx):
+    if not isinstance(value, list):
+        raise _Bad("expected a list of resolver addresses such as [\"192.0.2.53\"], got %r" % (value,))
+    out = []
+    for item in value:
+        host, port = _host_port(53)(item, ctx)
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise _Bad("host resolvers must be IP addresses, got %r" % host)
+        out.append((host, port))
+    return tuple(out)
 
 
 def _kernel_name(value, ctx):
@@ -399,7 +473,7 @@ _SCHEMA = {
         FirewallConfig,
         {
             "ipset": (_kernel_name, False),
-            "chain": (_kernel_name, False),
+            "chain": (_chain_name, False),
             "interface": (_interface, False),
             "maxelem": (_int(1, 1 << 24), False),
             "iptables": (_str, False),
@@ -413,6 +487,25 @@ _SCHEMA = {
         },
     ),
     "log": (LogConfig, {"format": (_choice("text", "json"), False), "file": (_path, False)}),
+    "dns": (
+        DNSConfig,
+        {
+            "enabled": (_bool, False),
+            "listen": (_address, False),
+            "port": (_int(1, 65535), False),
+            "push": (_bool, False),
+            "resolver": (_host_port(53), False),
+            "policy": (_choice("via_device", "host"), False),
+            "host_servers": (_server_list, False),
+            "query_timeout": (_number(0.1, 60), False),
+            "connect_timeout": (_number(0.5, 600), False),
+            "handshake_timeout": (_number(0.5, 600), False),
+            "idle_timeout": (_number(1, 86400), False),
+            "cache_entries": (_int(0, 1_000_000), False),
+            "max_tcp_clients": (_int(1, 100_000), False),
+            "log_names": (_bool, False),
+        },
+    ),
 }
 _REQUIRED_SECTIONS = ("openvpn", "directory")
 
@@ -485,6 +578,18 @@ def parse_config(text, path):
         raise ConfigError(path, "openvpn.server_address", "must not be the network or broadcast address")
     if ovpn.reconnect_initial > ovpn.reconnect_max:
         raise ConfigError(path, "openvpn.reconnect_initial", "must not exceed openvpn.reconnect_max")
+    dns = sections.get("dns") or DNSConfig()
+    if dns.enabled and dns.push:
+        ours = str(dns.listen or ovpn.server_address)
+        for line in ovpn.push:
+            words = line.split()
+            if words[:2] == ["dhcp-option", "DNS"] and words[2:] != [ours]:
+                raise ConfigError(
+                    path,
+                    "openvpn.push",
+                    "pushes %r while the DNS service pushes 'dhcp-option DNS %s' (set dns.push: false to push your own)"
+                    % (line, ours),
+                )
     log = sections.get("log")
     if log is not None and log.file is not None and log.format != "json":
         raise ConfigError(path, "log.file", "only used with log.format json (twistd --logfile places the text log)")

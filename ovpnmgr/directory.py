@@ -41,6 +41,7 @@ class Device:
 
     name: str
     upstream: Upstream
+    dns: str | None = None  # "via_device" or "host"; None: the daemon's dns.policy
 
 
 @dataclass(frozen=True)
@@ -130,11 +131,15 @@ class Directory:
         devices = {}
         for name, spec in _mapping(path, "devices", raw.get("devices")).items():
             key = "devices.%s" % name
-            spec = _fields(path, key, spec, {"upstream"}, {"upstream"})
+            spec = _fields(path, key, spec, {"upstream", "dns"}, {"upstream"})
             try:
-                devices[name] = Device(str(name), Upstream.parse(spec["upstream"]))
+                upstream = Upstream.parse(spec["upstream"])
             except ValueError as e:
                 raise ConfigError(path, key + ".upstream", str(e))
+            dns = spec.get("dns")
+            if dns not in (None, "via_device", "host"):
+                raise ConfigError(path, key + ".dns", "expected via_device or host, got %r" % (dns,))
+            devices[name] = Device(str(name), upstream, dns)
         users, cns, addresses = {}, {}, {}
         for name, spec in _mapping(path, "users", raw.get("users")).items():
             key = "users.%s" % name

@@ -46,6 +46,7 @@ Families (prefix ``pocketproxy_``):
 """
 
 import math
+from collections import Counter
 
 from twisted.application import service
 from twisted.internet.endpoints import serverFromString
@@ -53,44 +54,15 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from proxy.stats import Histogram  # noqa: F401 (re-exported: the controller's admission histogram)
+
 PREFIX = "pocketproxy_"
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 ADMISSION_RESULTS = ("admitted", "denied_temporary", "denied_final")
 REFUSED_REASONS = ("unmapped", "loop", "origdst", "limit", "client-limit")
+DNS_RESULTS = ("ok", "nxdomain", "servfail", "refused", "malformed", "timeout", "truncated")
 UPSTREAM_KINDS = ("auth", "forbidden", "unreachable", "timeout", "malformed", "closed", "error", "internal")
-
-
-class Histogram:
-    """A cumulative-bucket histogram (upper bounds inclusive, ``+Inf`` implied)."""
-
-    def __init__(self, buckets=LATENCY_BUCKETS):
-        bounds = sorted(float(b) for b in buckets)
-        if not bounds or bounds != sorted(set(bounds)) or any(math.isinf(b) or math.isnan(b) for b in bounds):
-            raise ValueError("buckets must be distinct finite numbers, got %r" % (buckets,))
-        self.buckets = tuple(bounds)
-        self._counts = [0] * (len(bounds) + 1)  # per bucket, not cumulative; last is +Inf
-        self.sum = 0.0
-        self.count = 0
-
-    def observe(self, value):
-        value = float(value)
-        for i, bound in enumerate(self.buckets):
-            if value <= bound:
-                break
-        else:
-            i = len(self.buckets)
-        self._counts[i] += 1
-        self.sum += value
-        self.count += 1
-
-    def cumulative(self):
-        """``[(le, cumulative count)]`` ending with ``(inf, count)``."""
-        out, total = [], 0
-        for bound, n in zip(self.buckets + (math.inf,), self._counts):
-            total += n
-            out.append((bound, total))
-        return out
 
 
 class Family:
@@ -178,9 +150,11 @@ def _seeded(known, counter_):
     return out
 
 
-def collect(controller=None, proxy_stats=None, splice=None, verifier=None):
+def collect(controller=None, proxy_stats=None, splice=None, verifier=None, dns_stats=None):
     """The metric families, read now from the live objects (any may be None)."""
     families = []
+    if dns_stats is not None:
+        families.extend(dns_families(dns_stats))
     if verifier is not None:
         from ovpnmgr.verify import REPAIR_ACTIONS
 
@@ -254,20 +228,48 @@ def collect(controller=None, proxy_stats=None, splice=None, verifier=None):
     return families
 
 
+def dns_families(stats):
+    """The DNS service's families from its :class:`~proxy.dnsserver.DNSStats`."""
+    snap = stats.snapshot()
+    f = counter("dns_queries_total", "Customer DNS queries by result.")
+    for result, n in _seeded(DNS_RESULTS, Counter(snap["queries"])).items():
+        f.add(n, result=result)
+    families = [f]
+    families.append(
+        histogram("dns_query_latency_seconds", "Customer DNS query to answer, cache hits included.", stats.latency_histogram)
+    )
+    families.append(counter("dns_cache_hits_total", "DNS answers served from a device's cache.", snap["cache"]["hits"]))
+    families.append(counter("dns_cache_misses_total", "DNS queries not in the cache.", snap["cache"]["misses"]))
+    f = counter("dns_resolved_total", "Cache misses by where they were resolved (device or host).")
+    for where, n in _seeded(("device", "host"), Counter(snap["resolved"])).items():
+        f.add(n, via=where)
+    families.append(f)
+    families.append(
+        counter("dns_device_connections_total", "DNS connections opened through devices.", snap["upstream"]["opened"])
+    )
+    f = counter("dns_device_connection_failures_total", "DNS connections through devices that failed, by kind.")
+    for kind, n in _seeded(UPSTREAM_KINDS, Counter(snap["upstream"]["failed"])).items():
+        f.add(n, kind=kind)
+    families.append(f)
+    return families
+
+
 class MetricsResource(Resource):
     """``GET /metrics``: the exposition text."""
 
     isLeaf = True
 
-    def __init__(self, controller=None, proxy_stats=None, splice=None, verifier=None):
+    def __init__(self, controller=None, proxy_stats=None, splice=None, verifier=None, dns_stats=None):
         super().__init__()
+        self.dns_stats = dns_stats
         self.controller = controller
         self.proxy_stats = proxy_stats
         self.splice = splice
         self.verifier = verifier
 
     def render_GET(self, request):
-        body = render(collect(self.controller, self.proxy_stats, self.splice, self.verifier)).encode("utf-8")
+        body = render(collect(self.controller, self.proxy_stats, self.splice, self.verifier, self.dns_stats))
+        body = body.encode("utf-8")
         request.setHeader(b"content-type", CONTENT_TYPE)
         return body
 

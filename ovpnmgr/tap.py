@@ -250,14 +250,27 @@ def build(reactor, config, directory, password, ipset=None):
     from ovpnmgr.verify import FirewallVerifier
     from proxy.mappings import MappingTable
 
+    from dataclasses import replace
+
+    from ovpnmgr.dns import build_dns
+
     ovpn = config.openvpn
+    dns_option = "dhcp-option DNS %s" % (config.dns_address[0],) if config.dns_address else None
+    if dns_option is not None and config.dns.push and dns_option not in ovpn.push:
+        ovpn = replace(ovpn, push=ovpn.push + (dns_option,))
     pool = AddressPool(ovpn.subnet, ovpn.server_address, static=directory.static_addresses())
     mappings = MappingTable()
     fw = config.firewall
     if ipset is None:
         ipset = NetlinkIPSet(fw.ipset, maxelem=fw.maxelem)
     firewall = Firewall(
-        fw, config.proxy.listen, ovpn.subnet, ipset, ProcessRunner(reactor, fw.command_timeout), mode=config.proxy.mode
+        fw,
+        config.proxy.listen,
+        ovpn.subnet,
+        ipset,
+        ProcessRunner(reactor, fw.command_timeout),
+        mode=config.proxy.mode,
+        dns=config.dns_address,
     )
     controller = Controller(
         reactor,
@@ -280,10 +293,16 @@ def build(reactor, config, directory, password, ipset=None):
     top.log_observer = observer_for(config.log)
     proxy_service, proxy_factory = build_proxy(reactor, config, mappings)
     proxy_service.setServiceParent(top)  # listening before any client can be admitted
+    dns_service, dns_server = build_dns(reactor, config, mappings)
+    if dns_service is not None:
+        dns_service.setServiceParent(top)  # answering before any client is told to ask it
+    dns_stats = dns_server.stats if dns_server is not None else None
     if config.admin.socket is not None:
         from ovpnmgr.admin import AdminService
 
-        AdminService(reactor, config.admin, controller, proxy_stats=proxy_factory.stats).setServiceParent(top)
+        AdminService(
+            reactor, config.admin, controller, proxy_stats=proxy_factory.stats, dns_stats=dns_stats
+        ).setServiceParent(top)
     verifier = None
     if fw.verify_interval:
         verifier = FirewallVerifier(reactor, controller, fw.verify_interval, repair=fw.repair)
@@ -292,7 +311,7 @@ def build(reactor, config, directory, password, ipset=None):
         from ovpnmgr.metrics import MetricsResource, MetricsService
 
         resource = MetricsResource(
-            controller, proxy_stats=proxy_factory.stats, splice=proxy_factory.splice, verifier=verifier
+            controller, proxy_stats=proxy_factory.stats, splice=proxy_factory.splice, verifier=verifier, dns_stats=dns_stats
         )
         MetricsService(reactor, config.metrics.listen, resource).setServiceParent(top)
     AdmissionService(reactor, firewall, management).setServiceParent(top)

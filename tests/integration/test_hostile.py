@@ -416,16 +416,19 @@ def test_names_cannot_steer_the_device_to_server_local_services(healthy):
         listener.stop()
 
 
-def test_only_the_proxy_listens_beyond_loopback(healthy):
+def test_only_the_proxy_and_dns_listen_beyond_loopback(healthy):
     """The management and admin sockets are unix sockets and metrics binds 127.0.0.1: the daemon's
-    only TCP listener a VPN client can address is the proxy port (which refuses it as a loop)."""
+    only listeners a VPN client can address are the proxy port (reachable only through the
+    REDIRECT) and the DNS service on the tunnel address, port 53."""
     env = healthy
-    out = env.lab.server_ns.run("ss", "-Hltnp").stdout
-    ours = [line for line in out.splitlines() if "pid=%d," % env.daemon.proc.pid in line]
-    assert any(line.split()[3].endswith(":%d" % PROXY_PORT) for line in ours), out
-    for line in ours:
-        address, _, port = line.split()[3].rpartition(":")
-        assert address in ("127.0.0.1", "[::1]") or port == str(PROXY_PORT), line
+    vpn_ip = env.lab.server.vpn_ip
+    out = env.lab.server_ns.run("ss", "-Hlntup").stdout
+    ours = [line.split() for line in out.splitlines() if "pid=%d," % env.daemon.proc.pid in line]
+    assert any(f[4].endswith(":%d" % PROXY_PORT) for f in ours), out
+    assert sorted(f[0] for f in ours if f[4] == "%s:53" % vpn_ip) == ["tcp", "udp"], out
+    for f in ours:
+        address, _, port = f[4].rpartition(":")
+        assert address in ("127.0.0.1", "[::1]") or port == str(PROXY_PORT) or f[4] == "%s:53" % vpn_ip, f
     for path in (env.admin_path, env.lab.server.mgmt_socket):
         assert os.path.exists(path) and not os.path.isfile(path)
 

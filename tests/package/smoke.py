@@ -7,13 +7,14 @@ Run as root from the checkout, after ``apt-get install ./dist/pocketproxy_*.deb`
 The checkout supplies only the lab (namespaces, OpenVPN, PKI, phone, origin). The
 daemon is ``/usr/bin/twistd3 pocketproxy`` from dist-packages, started with a clean
 environment (no PYTHONPATH) in a directory outside the checkout, through ``setpriv``
-with exactly what ``pocketproxy.service`` grants: uid/gid pocketproxy, CAP_NET_ADMIN and
-CAP_NET_RAW as the only (ambient, inheritable, bounding) capabilities, no_new_privs.
+with exactly what ``pocketproxy.service`` grants: uid/gid pocketproxy, CAP_NET_ADMIN,
+CAP_NET_RAW and CAP_NET_BIND_SERVICE as the only (ambient, inheritable, bounding)
+capabilities, no_new_privs.
 
 It checks, failing with a message and the logs otherwise:
 
-1. the daemon runs as uid pocketproxy with CapEff = CAP_NET_ADMIN + CAP_NET_RAW only
-   (0000000000003000);
+1. the daemon runs as uid pocketproxy with CapEff = CAP_NET_ADMIN + CAP_NET_RAW +
+   CAP_NET_BIND_SERVICE only (0000000000003400);
 2. OpenVPN runs the shipped server config (lab paths swapped in), with
    ``management-client-user/group pocketproxy``;
 3. the daemon installs its chains (``iptables-restore`` under those capabilities) and
@@ -52,19 +53,20 @@ TWISTD = "/usr/bin/twistd3"
 CTL = "/usr/bin/pocketproxyctl"
 INSTALLED_CONFIG = "/etc/pocketproxy/pocketproxy.yaml"
 CLEAN_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
-CAP_NET_RAW, CAP_NET_ADMIN = 13, 12
+CAP_NET_RAW, CAP_NET_ADMIN, CAP_NET_BIND_SERVICE = 13, 12, 10
 #: pocketproxy.service's AmbientCapabilities= / CapabilityBoundingSet=. CAP_NET_RAW is needed by
-#: iptables' set match (libxt_set opens a raw socket for SO_IP_SET), see the unit file.
-UNIT_CAPS = (1 << CAP_NET_ADMIN) | (1 << CAP_NET_RAW)
+#: iptables' set match (libxt_set opens a raw socket for SO_IP_SET), CAP_NET_BIND_SERVICE by the
+#: DNS service on port 53; see the unit file.
+UNIT_CAPS = (1 << CAP_NET_ADMIN) | (1 << CAP_NET_RAW) | (1 << CAP_NET_BIND_SERVICE)
 NETCLIENT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lab", "netclient.py")
 SETPRIV = [
     "setpriv",
     "--reuid=pocketproxy",
     "--regid=pocketproxy",
     "--init-groups",
-    "--inh-caps=-all,+net_admin,+net_raw",
-    "--ambient-caps=-all,+net_admin,+net_raw",
-    "--bounding-set=-all,+net_admin,+net_raw",
+    "--inh-caps=-all,+net_admin,+net_raw,+net_bind_service",
+    "--ambient-caps=-all,+net_admin,+net_raw,+net_bind_service",
+    "--bounding-set=-all,+net_admin,+net_raw,+net_bind_service",
     "--no-new-privs",
 ]
 
@@ -94,7 +96,7 @@ def check_privileges(pid, uid, gid):
     caps = {name: int(status[name], 16) for name in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")}
     for name, value in caps.items():
         if value != want:
-            raise AssertionError("daemon %s = %016x, expected %016x (CAP_NET_ADMIN and CAP_NET_RAW only)" % (name, value, want))
+            raise AssertionError("daemon %s = %016x, expected %016x (CAP_NET_ADMIN, CAP_NET_RAW and CAP_NET_BIND_SERVICE only)" % (name, value, want))
     if status.get("NoNewPrivs", "0").strip() != "1":
         raise AssertionError("daemon runs without no_new_privs")
     with open("/proc/%d/environ" % pid, "rb") as f:

@@ -1,0 +1,56 @@
+# -*- test-case-name: tests.unit.test_dns_wiring -*-
+"""The customers' DNS service composed with the controller: who asks, which device answers.
+
+:mod:`proxy.dnsserver` knows only "source address → route". Here a route comes from the
+mapping table the controller fills at admission: the client's upstream, and the device's
+``dns`` policy from the users file (the daemon's ``dns.policy`` when the device has none).
+An unmapped source has no route and is REFUSED, so the service is never an open resolver.
+"""
+
+from proxy.dnsserver import DNSRoute, DNSServer, DNSService, DNSSettings
+
+
+def settings_from(config):
+    """:class:`DNSSettings` for a :class:`~ovpnmgr.config.Config` whose DNS service is on."""
+    address, port = config.dns_address
+    d = config.dns
+    return DNSSettings(
+        listen_host=str(address),
+        listen_port=port,
+        resolver=tuple(d.resolver),
+        host_servers=tuple(d.host_servers),
+        query_timeout=d.query_timeout,
+        connect_timeout=d.connect_timeout,
+        handshake_timeout=d.handshake_timeout,
+        idle_timeout=d.idle_timeout,
+        cache_entries=d.cache_entries,
+        max_tcp_clients=d.max_tcp_clients,
+        log_names=d.log_names,
+    )
+
+
+def route_lookup(mappings, default_policy):
+    """``route_for(ip)`` over a :class:`~proxy.mappings.MappingTable` whose owners are sessions.
+
+    The route key is (device name, upstream): a device whose proxy URL changed on reload gets
+    a fresh connection and cache, and two devices never share either.
+    """
+
+    def route_for(ip):
+        upstream = mappings.lookup(ip)
+        if upstream is None:
+            return None
+        device = getattr(getattr(mappings.owner(ip), "user", None), "device", None)
+        name = getattr(device, "name", None)
+        policy = getattr(device, "dns", None) or default_policy
+        return DNSRoute(key=(name, upstream), upstream=upstream, policy=policy, log_fields=mappings.log_fields(ip))
+
+    return route_for
+
+
+def build_dns(reactor, config, mappings):
+    """``(DNSService, DNSServer)`` for ``config``, or ``(None, None)`` when ``dns.enabled`` is false."""
+    if config.dns_address is None:
+        return None, None
+    server = DNSServer(reactor, settings_from(config), route_lookup(mappings, config.dns.policy))
+    return DNSService(server), server
