@@ -8,14 +8,14 @@ PY       ?= /usr/bin/python3
 VENV     ?= .venv-pypi
 PYTEST   ?= -q -ra
 APT_DEPS  = make openvpn ipset iptables iproute2 openssl procps curl \
-            tinyproxy dante-server socat redsocks \
+            tinyproxy dante-server socat redsocks dnsmasq-base \
             python3 python3-venv python3-pip \
             python3-twisted python3-pyroute2 python3-yaml python3-txaio python3-service-identity \
             python3-pytest python3-pytest-twisted python3-hypothesis
 
 export POCKETPROXY_REQUIRE_INTEGRATION ?= 1
 
-.PHONY: deps test test-debian test-pypi unit demo bench-admission bench-proxy bench-scale clean package package-test
+.PHONY: deps test test-debian test-pypi unit demo bench-admission bench-proxy bench-scale bench-dns clean package package-test
 
 deps:
 	@missing=$$(for p in $(APT_DEPS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
@@ -57,6 +57,9 @@ bench-proxy: deps
 
 bench-scale: deps
 	$(PY) -m tests.bench.scale
+
+bench-dns: deps
+	$(PY) -m tests.bench.dns
 
 # The Debian package: dist/pocketproxy_<version>_all.deb (unit tests run at build time on
 # Debian's libraries). package-test is the CI leg: build, lintian, install, smoke test of the

@@ -13,6 +13,9 @@ Topology added next to a :class:`tests.lab.openvpn.Lab` (device i = 0, 1, 2, ...
 - The origin is linked ONLY to the devices. The server namespace has no route to
   203.0.113.0/24 (:meth:`World.server_route_error` proves it) and devices do not forward
   (``ip_forward=0``), so origin traffic can only have gone through a device's proxy.
+- :meth:`World.start_dns` adds an authoritative DNS server for the zone ``test.`` on
+  203.0.113.10:53 (UDP and TCP; :mod:`tests.lab.dns_origin`) that logs every query's source, so
+  a test can prove DNS reached it through a device's proxy.
 - VPN clients reach 203.0.113.0/24 through the tunnel: the daemon must push
   ``route 203.0.113.0 255.255.255.0`` (:data:`PUSH_ROUTE`).
 
@@ -20,8 +23,10 @@ Processes are started with ``Namespace.popen`` and stopped by PID; :meth:`World.
 (also on ``with`` exit) destroys every namespace the world made.
 """
 
+import collections
 import ipaddress
 import os
+import re
 import subprocess
 import sys
 
@@ -136,6 +141,88 @@ class Origin:
 
     def log_text(self):
         return read_log(self.log_path)
+
+
+class DNSOrigin:
+    """The origin's authoritative DNS server (:mod:`tests.lab.dns_origin`, zone ``test.``) on
+    ``203.0.113.10:53`` UDP and TCP, a process in the origin namespace, so it is reachable only
+    through a device (the server namespace has no route to the origin).
+
+    Made by :meth:`World.start_dns`; stopped by PID with the world. Every query it receives
+    is one line ``<source ip> <udp|tcp> <qname> <qtype>`` in :attr:`log_path`.
+    """
+
+    Query = collections.namedtuple("Query", "source proto qname qtype")
+
+    def __init__(self, origin, ttl=300, negative_ttl=30, port=53):
+        self.origin = origin
+        self.address = ORIGIN_IP
+        self.port = port
+        self.ttl = ttl
+        self.negative_ttl = negative_ttl
+        self.log_path = os.path.join(origin.directory, "dns-queries.log")
+        self.stderr_path = os.path.join(origin.directory, "dns-origin.stderr")
+        self.proc = None
+
+    def start(self, timeout=15):
+        ready = os.path.join(self.origin.directory, "dns-origin.ready")
+        if os.path.exists(ready):
+            os.unlink(ready)
+        argv = [
+            sys.executable, os.path.join(HERE, "dns_origin.py"), "--address", self.address,
+            "--port", str(self.port), "--log", self.log_path, "--ready", ready,
+            "--ttl", str(self.ttl), "--negative-ttl", str(self.negative_ttl),
+        ]
+        with open(self.stderr_path, "ab") as err:
+            self.proc = self.origin.ns.popen(argv, stdin=subprocess.DEVNULL, stdout=err, stderr=subprocess.STDOUT)
+
+        def up():
+            if self.proc.poll() is not None:
+                raise AssertionError("DNS origin exited (%s):\n%s" % (self.proc.returncode, read_log(self.stderr_path)))
+            return os.path.exists(ready)
+
+        wait_for(up, timeout, what="DNS origin on %s:%d" % (self.address, self.port))
+        return self
+
+    @property
+    def running(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self):
+        """Stop the server by PID; the query log stays."""
+        if self.proc is None:
+            return None
+        return self.origin.ns.stop(self.proc, timeout=5)
+
+    def log_text(self):
+        return read_log(self.log_path)
+
+    def log_mark(self):
+        """An offset for ``since=``: only queries logged after this call count."""
+        return len(self.log_text())
+
+    def log_lines(self, since=0):
+        """The raw query lines, oldest first."""
+        return self.log_text()[since:].splitlines()
+
+    def queries(self, since=0, qname=None):
+        """Parsed :class:`DNSOrigin.Query` tuples (optionally only ``qname``, no final dot)."""
+        out = []
+        for line in self.log_lines(since):
+            parts = line.split()
+            if len(parts) == 4 and (qname is None or parts[2] == qname.lower().rstrip(".")):
+                out.append(self.Query(*parts))
+        return out
+
+    def query_sources(self, since=0, qname=None):
+        """The set of source addresses queries arrived from."""
+        return {q.source for q in self.queries(since, qname)}
+
+    def wait_query(self, qname, timeout=10, since=0):
+        """Wait until a query for ``qname`` was logged after ``since``; returns its Query."""
+        regex = r"(?m)^(\S+) (udp|tcp) %s (\S+)$" % re.escape(qname.lower().rstrip("."))
+        match = wait_log(self.log_path, regex, timeout, since)
+        return self.Query(match.group(1), match.group(2), qname.lower().rstrip("."), match.group(3))
 
 
 class Device:
@@ -257,6 +344,7 @@ class World:
         os.makedirs(self.directory, exist_ok=True)
         self.devices = {}
         self.origin = None
+        self.dns = None
         try:
             self.origin = Origin(self.directory)
             self.origin.start()
@@ -276,6 +364,14 @@ class World:
             device.start()
         return device
 
+    def start_dns(self, ttl=300, negative_ttl=30):
+        """Start the origin's DNS server (:class:`DNSOrigin`, zone ``test.`` on 203.0.113.10:53) and
+        return it; one per world, stopped by :meth:`close`."""
+        if self.dns is not None and self.dns.running:
+            return self.dns
+        self.dns = DNSOrigin(self.origin, ttl=ttl, negative_ttl=negative_ttl).start()
+        return self.dns
+
     def server_route_error(self):
         """The kernel's answer to ``ip route get <origin>`` in the server namespace: an error
         text when there is no route (as it must be), ``None`` if a route exists."""
@@ -286,6 +382,8 @@ class World:
         parts = []
         if self.origin is not None:
             parts.append("==== origin ====\n" + "\n".join(self.origin.log_text().splitlines()[-lines:]))
+        if self.dns is not None:
+            parts.append("==== origin DNS queries ====\n" + "\n".join(self.dns.log_lines()[-lines:]))
         for device in self.devices.values():
             tail = "\n".join(device.log_text().splitlines()[-lines:])
             parts.append("==== device %s (%s) ====\n%s" % (device.name, device.kind, tail))
@@ -300,6 +398,12 @@ class World:
             except Exception as e:
                 errors.append(e)
         self.devices = {}
+        if self.dns is not None:
+            try:
+                self.dns.stop()
+            except Exception as e:
+                errors.append(e)
+            self.dns = None
         if self.origin is not None:
             try:
                 self.origin.ns.destroy()
