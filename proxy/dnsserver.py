@@ -296,8 +296,8 @@ class DNSServer:
             self._log_times.clear()
         self._log_times[key] = now
         if route is not None:
-            fields.update(route.log_fields)
-            fields["device"] = str(route.upstream) if route.policy == "via_device" else "host"
+            fields.update(route.log_fields)  # user, device name... (the owner's; may be empty)
+            fields["upstream"] = str(route.upstream) if route.policy == "via_device" else "host"
         if query is not None and self.settings.log_names:
             fields["qname"] = query.name.decode("ascii", "replace")
             text += " (name {qname})"

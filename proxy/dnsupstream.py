@@ -245,11 +245,11 @@ class DeviceResolver:
             if self.stats is not None:
                 self.stats.upstream_failed[kind] += 1
             if kind == "internal":
-                self._log.failure("DNS tunnel via {device} failed internally", reason, device=str(self.upstream))
+                self._log.failure("DNS tunnel via {upstream} failed internally", reason, upstream=str(self.upstream))
             else:
                 self._log.warn(
-                    "DNS tunnel via {device} to {resolver} failed: {kind}: {reason}",
-                    device=str(self.upstream),
+                    "DNS tunnel via {upstream} to {resolver} failed: {kind}: {reason}",
+                    upstream=str(self.upstream),
                     resolver="%s:%d" % (host, port),
                     kind=kind,
                     reason=str(reason.value),
@@ -299,8 +299,8 @@ class DeviceResolver:
         self._queue.extendleft(reversed(retry))  # retries go first, in their original order
         if leg.closing is None and not self._closed:
             self._log.info(
-                "DNS tunnel via {device} lost ({retried} queries retried)",
-                device=str(self.upstream),
+                "DNS tunnel via {upstream} lost ({retried} queries retried)",
+                upstream=str(self.upstream),
                 retried=len(retry),
                 **self.log_fields,
             )

@@ -70,7 +70,7 @@ class World:
         self.device = Device()
         self.host = FakeHost()
         self.routes = routes if routes is not None else {
-            CLIENT: DNSRoute("phone1", HTTP_DEVICE, log_fields={"user": "alice"}),
+            CLIENT: DNSRoute("phone1", HTTP_DEVICE, log_fields={"user": "alice", "device": "phone1"}),
             OTHER: DNSRoute("phone1", HTTP_DEVICE, log_fields={"user": "bob"}),
         }
         self.events = []
@@ -203,7 +203,8 @@ def test_device_failure_is_servfail_and_never_falls_back_to_the_host():
     assert w.host.queries == []
     assert w.server.stats.queries == {"servfail": 1}
     assert w.server.stats.upstream_failed == {"unreachable": 1}
-    assert w.events[-1]["device"] == str(HTTP_DEVICE) and w.events[-1]["user"] == "alice"
+    event = w.events[-1]
+    assert (event["upstream"], event["device"], event["user"]) == (str(HTTP_DEVICE), "phone1", "alice")
 
 
 def test_via_device_without_upstream_is_servfail_not_host():

@@ -95,6 +95,9 @@ class Device:
 
 
 def resolver(upstream=HTTP_DEVICE, **kw):
+    # The controller's sessions give these fields (ovpnmgr.controller.Session.log_fields): a
+    # "device" key among them must not clash with the resolver's own log fields.
+    kw.setdefault("log_fields", {"user": "alice", "device": "phone", "vpn_ip": "10.9.0.2"})
     reactor, device, stats = MemoryReactorClock(), Device(), DNSStats()
     r = DeviceResolver(reactor, upstream, ("1.1.1.1", 53), stats=stats, dial=device.dial, **kw)
     return reactor, device, stats, r
