@@ -48,3 +48,10 @@ def test_bench_scale_smoke(tmp_path):
     require_tools("ipset", "iptables", "redsocks")
     _run(tmp_path, "tests.bench.scale", "--clients", "50", "--connections", "200", "--sources", "10", "--devices", "2",
          "--setup-count", "100", "--subprocess-samples", "5", "--json", str(tmp_path / "scale.json"))
+
+
+def test_bench_dns_smoke(tmp_path):
+    """bench-dns --quick (pocketproxy via a tinyproxy phone, dnsmasq, the origin) completes and verifies itself."""
+    require_root()
+    require_tools("dnsmasq", "tinyproxy")
+    _run(tmp_path, "tests.bench.dns", "--quick", "--json", str(tmp_path / "dns.json"))
