@@ -2,16 +2,20 @@
 
 Builds the lab (server namespace with OpenVPN 2.6 and pocketproxy, one
 namespace per customer, a "phone" namespace running tinyproxy and an origin
-reachable only through the phone), connects customers (one with a wrong
-password), fetches ``http://203.0.113.10/whoami`` and an HTTPS page from a
-customer through pocketproxy and the phone, prints what an operator would
+reachable only through the phone, with a DNS server for ``origin.test``),
+connects customers (one with a wrong password), resolves ``origin.test`` with
+the pushed DNS server (pocketproxy, which asks through the phone), fetches
+``http://origin.test/whoami`` and an HTTPS page from a customer through
+pocketproxy and the phone, prints what an operator would
 look at — the daemon's log, the kernel ipset and the pocketproxy chains — and
 tears everything down on exit or Ctrl-C. ``--hold`` keeps the lab up until
 Ctrl-C. Every wait is bounded.
 """
 
 import argparse
+import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -66,9 +70,26 @@ def browse(client, url, *curl_args):
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+@contextlib.contextmanager
+def pushed_resolver(client, server_ip):
+    """What a client's resolvconf hook does with the pushed ``dhcp-option DNS``: ``nameserver``
+    in the client namespace's /etc/resolv.conf (``ip netns exec`` bind-mounts
+    /etc/netns/NAME/resolv.conf). Removed on exit."""
+    directory = os.path.join("/etc/netns", client.ns.name)
+    os.makedirs(directory, exist_ok=True)
+    try:
+        with open(os.path.join(directory, "resolv.conf"), "w") as f:
+            f.write("nameserver %s\noptions timeout:3 attempts:2\n" % server_ip)
+        yield
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 def run(hold):
     workdir = tempfile.mkdtemp(prefix="pocketproxy-demo-")
-    with Lab(os.path.join(workdir, "lab")) as lab, World(lab.server_ns, os.path.join(workdir, "world")) as world:
+    with contextlib.ExitStack() as stack:
+        lab = stack.enter_context(Lab(os.path.join(workdir, "lab")))
+        world = stack.enter_context(World(lab.server_ns, os.path.join(workdir, "world")))
         section("lab")
         print(
             "server namespace %s: OpenVPN 2.6 (pid %s), management socket %s"
@@ -83,11 +104,14 @@ def run(hold):
             "origin namespace %s: %s (%s) HTTP :80, HTTPS :443, banner :22; linked only to the phone"
             % (world.origin.ns.name, ORIGIN_IP, ORIGIN_NAME)
         )
+        dns = world.start_dns()
+        print("origin DNS server for zone test. on %s:53 (the customers' resolver, reached through the phone)" % dns.address)
         print("server -> origin directly: %s" % (world.server_route_error() or "ROUTE EXISTS (unexpected)"))
         admin_socket = os.path.join(workdir, "admin.sock")
         daemon = Daemon(
             lab.server_ns, os.path.join(workdir, "daemon"), lab.server.mgmt_socket, USERS,
             devices={"phone": phone.url}, openvpn={"push": [PUSH_ROUTE]}, admin={"socket": admin_socket},
+            dns={"resolver": "%s:53" % ORIGIN_IP},
         ).start()
         daemon.wait_log(r"reconciled with OpenVPN", timeout=30)
         print("pocketproxy under twistd (pid %s), config %s" % (daemon.proc.pid, daemon.config_path))
@@ -107,16 +131,22 @@ def run(hold):
         print("mallory (wrong password for alice) refused: %s" % reason)
         print("alice pings the server through the tunnel: %s" % ("ok" if alice.ping(lab.server.vpn_ip) else "FAILED"))
 
-        section("alice browses: VPN -> pocketproxy -> phone (tinyproxy) -> origin")
+        section("alice browses by name: DNS and TCP both go VPN -> pocketproxy -> phone -> origin")
+        pushed = [line for line in alice.log_text().splitlines() if "PUSH_REPLY" in line]
+        print("pushed to alice: %s" % ("dhcp-option DNS %s" % lab.server.vpn_ip if any(
+            "dhcp-option DNS %s" % lab.server.vpn_ip in line for line in pushed) else "NO dhcp-option DNS"))
+        stack.enter_context(pushed_resolver(alice, lab.server.vpn_ip))
         mark = phone.log_mark()
-        seen = browse(alice, "http://%s/whoami" % ORIGIN_IP)
+        dns_mark = dns.log_mark()
+        seen = browse(alice, "http://%s/whoami" % ORIGIN_NAME)
+        for query in dns.queries(since=dns_mark, qname=ORIGIN_NAME):
+            print("origin DNS server: %s %s from %s over %s" % (query.qtype, query.qname, query.source, query.proto))
         through_phone = seen == phone.origin_ip
         print(
             "the origin saw %s: %s"
             % (seen or "nothing", "the phone's address" if through_phone else "NOT the phone's address %s" % phone.origin_ip)
         )
-        resolve = "%s:443:%s" % (ORIGIN_NAME, ORIGIN_IP)
-        browse(alice, "https://%s/" % ORIGIN_NAME, "--cacert", world.origin.ca_cert, "--resolve", resolve)
+        browse(alice, "https://%s/" % ORIGIN_NAME, "--cacert", world.origin.ca_cert)
         print("the phone's tinyproxy log (what pocketproxy asked it for):")
         for line in phone.log_text()[mark:].splitlines():
             if "Request (" in line:
@@ -136,6 +166,7 @@ def run(hold):
         show(lab, "ipset", "list", "pocketproxy-clients")
         show(lab, "iptables", "-t", "nat", "-S", "POCKETPROXY")
         show(lab, "iptables", "-t", "filter", "-S", "POCKETPROXY")
+        show(lab, "iptables", "-t", "filter", "-S", "POCKETPROXY-IN")
 
         section("restart pocketproxy (SIGKILL) — clients stay connected, state rebuilt from status 3")
         mark = daemon.log_mark()
@@ -150,7 +181,7 @@ def run(hold):
         if hold:
             section("lab is up; Ctrl-C tears it down")
             print("daemon log: %s" % daemon.log_path)
-            print("try: ip netns exec %s curl http://%s/whoami" % (alice.ns.name, ORIGIN_IP))
+            print("try: ip netns exec %s curl http://%s/whoami" % (alice.ns.name, ORIGIN_NAME))
             try:
                 signal.pause()
             except KeyboardInterrupt:
