@@ -537,14 +537,17 @@ class Controller:
         nobody owns are removed.
         """
         previous = {s.cid: s for s in self.sessions.values()}
-        self.sessions = {}
-        present = self._kernel_members()  # one netlink dump per reconcile, not one per client
         rows = {row.cid: row for row in status.clients}
+        # Vanished sessions roll back first, while self.sessions still holds the instances they
+        # may give a static address back to (Session.took_from), and before the kernel is read:
+        # their member removals must be seen, or a live holder would be rebuilt without its member.
         for cid, session in previous.items():
             row = rows.get(cid)
             if row is None or row.real_address.split(":")[-2:] != session.real_address.split(":")[-2:]:
                 session.cancelled = True
                 self._rollback(session)
+        self.sessions = {}
+        present = self._kernel_members()  # one netlink dump per reconcile, not one per client
         for row in status.clients:
             session = previous.get(row.cid)
             if session is not None and session.cancelled:
