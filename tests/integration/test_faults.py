@@ -11,12 +11,24 @@ and members only, OpenVPN SIGHUP, ipset failure, management absent at start). Th
 - the ipset flushed and the chains flushed behind pocketproxy's back: the periodic verifier
   (``firewall.verify_interval: 1``) logs the drift, repairs it, and traffic flows again.
 
-After each: ipset == connected clients, and the origin only ever saw device addresses.
+- OpenVPN SIGTERM and start again (a new process: CIDs restart at 0) with clients connected: the
+  daemon reconnects, the clients reconnect and are re-admitted under their new CIDs; a client that
+  went away while OpenVPN was down leaves no member or mapping behind;
+- deliberately unproxied traffic (UDP, ICMP, and TCP from a client whose ipset member was deleted)
+  is rejected by pocketproxy's fail-closed chain (its REJECT counters go up) and nothing leaks; with
+  the fail-closed jump deleted, the same UDP is counted as a leak (the counters can fail).
+
+After each: ipset == connected clients, the origin only ever saw device addresses, and the leak
+counters of tests/lab/leaks.py (a counting rule after pocketproxy's chain in filter FORWARD, VPN
+sources leaving on a non-tun interface, non-device sources at the origin) are 0. The server gets a
+route to the origin via the first device (like a real server's default route) so unproxied packets
+reach FORWARD instead of dying for want of a route.
 
 "Management socket closed mid-admission" is not forced here: OpenVPN offers no way to drop its
 management client while CONNECTs are pending short of killing the server (which drops the clients
-too). It is covered at unit level (tests/unit/test_fault_cycles.py: lost connection and
-command timeout mid-admission, reconcile re-approves known pending KIDs, kills unknown ones).
+too). It is covered at unit level (tests/unit/test_fault_cycles.py:
+test_management_closed_mid_admission_leaves_nothing_pending, plus socket losses and command timeouts
+at random points of the 1,000-cycle run: known pending KIDs re-approved, unknown ones killed).
 """
 
 import ipaddress
@@ -32,6 +44,7 @@ import pytest
 
 from tests.integration.test_admin_socket import NETCLIENT, AdminClient, members, run_json
 from tests.lab.daemon import Daemon
+from tests.lab.leaks import LeakWatch, send_udp
 from tests.lab.netns import require_root, require_tools, wait_for
 from tests.lab.openvpn import OPENVPN, Lab
 
@@ -41,12 +54,14 @@ N_CLIENTS = int(os.environ.get("POCKETPROXY_FAULT_CLIENTS", "50"))
 
 @pytest.fixture
 def world_lab(tmp_path):
+    """(lab, world, leaks): leak counters installed in the server namespace; call
+    ``leaks.attach_world(world)`` once the devices exist."""
     from tests.lab.world import TINYPROXY, World
 
     require_root()
     require_tools(OPENVPN, "ipset", "iptables", "ss", "openssl", TINYPROXY)
     with Lab(tmp_path / "lab") as lab, World(lab.server_ns, tmp_path / "world") as world:
-        yield lab, world
+        yield lab, world, LeakWatch(lab.server_ns).install()
 
 
 @pytest.fixture
@@ -121,20 +136,24 @@ def origin_peers(world):
     return peers
 
 
-def assert_clean(lab, world, clients):
-    """ipset == connected clients' addresses; the origin only ever saw device addresses."""
+def assert_clean(lab, world, clients, leaks, since=None):
+    """ipset == connected clients' addresses; the origin only ever saw device addresses (its log and its
+    packet counter); no packet from the VPN got past the fail-closed rules (0, or none since ``since``)."""
     expected = {ipaddress.IPv4Address(c.vpn_ip()) for c in clients}
     wait_for(lambda: members(lab) == expected, 10, what="ipset == connected clients")
     device_ips = {d.origin_ip for d in world.devices.values()}
     peers = origin_peers(world)
     assert peers and peers <= device_ips, "origin saw non-device peers: %s" % (peers - device_ips)
+    leaks.assert_no_leak(since=since, world=world)
+    assert leaks.device_packets() > 0, "the origin's counter saw no device traffic at all"
 
 
 def test_sigkill_restart_with_many_clients(world_lab, tmp_path, admin_path):
     """SIGKILL + restart with N clients: no client disconnected (same CIDs), each client's proxied
     fetch works within 5 s after reconcile, ipset and pp clients equal the connected clients."""
-    lab, world = world_lab
+    lab, world, leaks = world_lab
     phones = [world.add_device("phone%d" % i) for i in range(2)]
+    leaks.attach_world(world)
     devices = {p.name: p.url for p in phones}
     users = {"u%d" % i: {"password": "pw%d" % i, "device": "phone%d" % (i % 2)} for i in range(N_CLIENTS)}
     daemon = start(lab, tmp_path, users, devices, admin_path)
@@ -179,7 +198,7 @@ def test_sigkill_restart_with_many_clients(world_lab, tmp_path, admin_path):
         admin.close()
     for c in clients:
         assert c.log_text().count("Initialization Sequence Completed") == 1, c.name
-    assert_clean(lab, world, clients)
+    assert_clean(lab, world, clients, leaks)
     daemon.stop()
 
 
@@ -214,8 +233,9 @@ def test_device_killed_mid_transfer(world_lab, tmp_path, admin_path):
 
     from tests.lab.world import ORIGIN_IP
 
-    lab, world = world_lab
+    lab, world, leaks = world_lab
     p0, p1 = world.add_device("phone0"), world.add_device("phone1")
+    leaks.attach_world(world)
     users = {"alice": {"password": "a-pw", "device": "phone0"}, "bob": {"password": "b-pw", "device": "phone1"}}
     daemon = start(lab, tmp_path, users, {"phone0": p0.url, "phone1": p1.url}, admin_path)
     alice = lab.add_client("alice", username="alice", password="a-pw")
@@ -253,15 +273,16 @@ def test_device_killed_mid_transfer(world_lab, tmp_path, admin_path):
     p0.start()
     wait_for(lambda: fetch(alice, timeout=5).get("status") == 200, 15, what="alice's traffic after the device is back")
     assert fetch(alice)["body"].strip() == p0.origin_ip
-    assert_clean(lab, world, [alice, bob])
+    assert_clean(lab, world, [alice, bob], leaks)
     daemon.stop()
 
 
 def test_ipset_and_chains_flushed_behind_our_back_are_repaired(world_lab, tmp_path, admin_path):
     """Flush the ipset, then the nat chain, then delete the filter jump: each is logged as drift by the
     periodic verifier, repaired within a few seconds, and the client's traffic works again."""
-    lab, world = world_lab
+    lab, world, leaks = world_lab
     phone = world.add_device("phone")
+    leaks.attach_world(world)
     daemon = start(
         lab, tmp_path, {"alice": {"password": "a-pw"}}, {"phone": phone.url}, admin_path, firewall={"verify_interval": 1}
     )
@@ -297,5 +318,140 @@ def test_ipset_and_chains_flushed_behind_our_back_are_repaired(world_lab, tmp_pa
     assert sorted(x for x in nat_after.splitlines() if x != dnat) == sorted(nat_before.splitlines()), nat_after
     prerouting = [x for x in nat_after.splitlines() if x.startswith("-A PREROUTING")]
     assert prerouting[0] == "-A PREROUTING -i tun+ -j POCKETPROXY", prerouting
-    assert_clean(lab, world, [alice])
+    assert_clean(lab, world, [alice], leaks)
+    daemon.stop()
+
+
+def test_openvpn_sigterm_and_start_with_clients_connected(tmp_path, admin_path):
+    """OpenVPN stopped with SIGTERM (by PID) and started again (same config and management socket)
+    while clients are connected: a new process, so CIDs restart at 0. The daemon reconnects, every
+    client reconnects and is re-admitted under its new CID; a client that left while OpenVPN was down
+    (nobody saw its DISCONNECT) leaves no ipset member or mapping; ipset == pp clients == status 3;
+    every client fetches through its device; nothing leaked."""
+    from tests.lab.world import TINYPROXY, World
+
+    require_root()
+    require_tools(OPENVPN, "ipset", "iptables", "ss", "openssl", TINYPROXY)
+    n = 6
+    # explicit-exit-notify: the stopping server tells its clients to reconnect (else ping-restart, ~10 s)
+    with Lab(tmp_path / "lab", explicit_exit_notify=True) as lab, World(lab.server_ns, tmp_path / "world") as world:
+        leaks = LeakWatch(lab.server_ns).install()
+        phones = [world.add_device("phone%d" % i) for i in range(2)]
+        leaks.attach_world(world)
+        users = {"u%d" % i: {"password": "pw%d" % i, "device": "phone%d" % (i % 2)} for i in range(n)}
+        users["u1"]["address"] = "10.9.0.77"  # a static address must come back to the same user
+        daemon = start(lab, tmp_path, users, {p.name: p.url for p in phones}, admin_path)
+        clients = [lab.add_client("u%d" % i, username="u%d" % i, password="pw%d" % i) for i in range(n)]
+        for c in clients:
+            c.wait_connected(timeout=30)
+        admin = AdminClient(admin_path)
+        try:
+            wait_for(lambda: set(mapped(admin)) == {c.vpn_ip() for c in clients}, 10, what="all clients mapped")
+            before = status_cids(admin)
+        finally:
+            admin.close()
+        assert sorted(before) == list(range(n)), before
+        assert all(fetch_all(clients, timeout=10))
+
+        gone = clients[-1]  # will leave while OpenVPN is down: its DISCONNECT is never seen by anyone
+        gone_ip = ipaddress.IPv4Address(gone.vpn_ip())
+        old_pid = lab.server.pid
+        mark = daemon.log_mark()
+        client_marks = [c.log_mark() for c in clients]
+        stopped = time.monotonic()
+        code = lab.server.stop(timeout=15)  # SIGTERM by PID; SIGKILL only if it hangs
+        assert code == 0, "openvpn exit status %s after SIGTERM" % code
+        daemon.wait_log(r"management connection lost", timeout=10, since=mark)
+        clients.pop()
+        gone.ns.stop(gone.proc)
+        lab.server.start().wait_ready()
+        assert lab.server.pid != old_pid
+        daemon.wait_log(r"reconciled with OpenVPN", timeout=30, since=mark)
+        for c, m in zip(clients, client_marks):
+            c.wait_connected(timeout=40, since=m)
+        took = time.monotonic() - stopped
+        addresses = {c.vpn_ip() for c in clients}
+        assert len(addresses) == n - 1 and clients[1].vpn_ip() == "10.9.0.77"
+
+        admin = AdminClient(admin_path)
+        try:
+            wait_for(lambda: set(mapped(admin)) == addresses, 20, what="pp clients == reconnected clients")
+            after = status_cids(admin)
+            table = mapped(admin)
+        finally:
+            admin.close()
+        assert {v[1] for v in after.values()} == addresses and len(after) == n - 1, after
+        assert gone.name not in {row["user"] for row in table.values()}, table  # the vanished client is not mapped
+        by_name = {name: cid for cid, (name, _) in after.items()}
+        readmitted = daemon.log_text()[mark:]
+        for c in clients:
+            cid = by_name[c.name]
+            row = table[c.vpn_ip()]
+            assert row["user"] == c.name and row["cid"] == cid and row["device"] == users[c.name]["device"], row
+            # re-admitted by this daemon under the new process's CID (not kept from the old epoch)
+            assert re.search(r"admitted user %s cid %d " % (c.name, cid), readmitted), (c.name, cid)
+        # the new OpenVPN numbered from 0 again: its first CONNECT was cid 0
+        assert re.search(r"\bcid 0\b", readmitted), "no cid 0 after the restart: CIDs were not reset"
+        assert max(after) < 3 * n, after
+
+        for c in clients:
+            assert fetch(c)["body"].strip() == world.devices[users[c.name]["device"]].origin_ip, c.name
+        assert_clean(lab, world, clients, leaks)  # ipset == the reconnected clients: nothing stale
+        assert gone_ip not in members(lab) or str(gone_ip) in addresses  # (unless the pool gave it to another)
+        print("SIGTERM -> %d clients re-admitted in %.1f s; CIDs %s -> %s" % (n - 1, took, sorted(before), sorted(after)))
+        daemon.stop()
+
+
+def test_unproxied_traffic_is_rejected_never_leaked(world_lab, tmp_path, admin_path):
+    """Traffic the REDIRECT does not take (UDP, ICMP, and TCP from a client whose ipset member was
+    deleted behind pocketproxy's back) dies in pocketproxy's fail-closed chain: its REJECT counters go
+    up, the client gets a fast refusal, the leak counters stay 0. Honesty: with the FORWARD jump
+    deleted, the same UDP is counted as a leak."""
+    from tests.lab.openvpn import icmp_ping
+    from tests.lab.world import ORIGIN_IP
+
+    lab, world, leaks = world_lab
+    phone = world.add_device("phone")
+    leaks.attach_world(world)  # and the server's route to the origin via the device
+    daemon = start(lab, tmp_path, {"alice": {"password": "a-pw"}}, {"phone": phone.url}, admin_path)
+    alice = lab.add_client("alice", username="alice", password="a-pw")
+    ip = alice.wait_connected(timeout=30)
+    assert fetch(alice)["body"].strip() == phone.origin_ip
+    base = leaks.snapshot()
+
+    udp = send_udp(alice.ns, ORIGIN_IP, 5353, count=5)
+    assert udp["refused"] == 5, udp  # icmp-port-unreachable from the REJECT, at once
+    assert not icmp_ping(alice.ns, ORIGIN_IP, count=2, timeout=1)
+    lab.server_ns.run("ipset", "del", IPSET, ip)  # TCP from alice is no longer redirected
+    probe = run_json(alice.ns, sys.executable, NETCLIENT, "--timeout", "5", "probe", ORIGIN_IP, "80",
+                     "--send", "GET /whoami HTTP/1.0\r\n\r\n")
+    assert probe["outcome"] in ("reset", "connect-failed"), probe
+    rejected = leaks.rejected()
+    grew = {k: rejected[k] - base["rejected"][k] for k in rejected}
+    assert grew["udp"] >= 5 and grew["other"] >= 2 and grew["tcp"] >= 1, (base["rejected"], rejected)
+    leaks.assert_no_leak(since=base)
+    assert leaks.leaked() == {"forward": 0, "egress": 0, "origin": 0}
+
+    # The counters can fail: without the fail-closed jump the same datagrams go out raw (to the device,
+    # which does not forward them), and are counted.
+    lab.server_ns.run("iptables", "-w", "-D", "FORWARD", "-i", "tun+", "-j", "POCKETPROXY")
+    try:
+        send_udp(alice.ns, ORIGIN_IP, 5353, count=3)
+        leaked = leaks.leaked()
+        assert leaked["forward"] >= 3 and leaked["egress"] >= 3, leaked
+        assert leaked["origin"] == 0, leaked  # the device (ip_forward=0) dropped them
+        with pytest.raises(AssertionError, match="leaked"):
+            leaks.assert_no_leak(since=base)
+    finally:
+        lab.server_ns.run("iptables", "-w", "-I", "FORWARD", "1", "-i", "tun+", "-j", "POCKETPROXY")
+    honest = leaks.snapshot()
+
+    lab.server_ns.run("ipset", "add", IPSET, ip)
+    admin = AdminClient(admin_path)
+    try:
+        assert admin.single("pp rules check") == "SUCCESS: firewall ok"
+    finally:
+        admin.close()
+    assert fetch(alice)["body"].strip() == phone.origin_ip
+    assert_clean(lab, world, [alice], leaks, since=honest)
     daemon.stop()
