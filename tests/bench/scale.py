@@ -405,7 +405,8 @@ class Scale:
             devices=devices,
             openvpn={"command_timeout": 10, "reconnect_initial": 0.1, "reconnect_max": 1, "bytecount_interval": 5},
             proxy={"listen": PROXY_PORT, "splice": False, "max_connections_per_client": 10000},
-            firewall={"ipset": SET_NAME, "chain": CHAIN, "interface": a.server_if, "maxelem": 65536},
+            # verify_interval 0: the peers' INPUT exception (add_sources) stays ahead of our jump.
+            firewall={"ipset": SET_NAME, "chain": CHAIN, "interface": a.server_if, "maxelem": 65536, "verify_interval": 0},
             admin={"socket": str(self.admin_path)},
         )
         self.result["setup"]["users_file_s"] = round(time.perf_counter() - t, 3)
@@ -585,6 +586,9 @@ class Scale:
         self.peer_sources = [str(base + i) for i in range(min(a.sources, 250))]
         batch = "".join("addr add %s/32 dev %s\n" % (ip, a.client_if) for ip in self.vpn_sources + self.peer_sources)
         sh("ip", "-n", a.client_ns, "-batch", "-", input=batch)
+        # The daemon's POCKETPROXY-IN closes this host to its interface except the proxy port: let
+        # the peers' own REDIRECTed connections (to redsocks and the sink) in ahead of its jump.
+        sh("iptables", "-w", "-I", "INPUT", "1", "-i", a.server_if, "-s", PEER_NET, "-j", "ACCEPT")
         for name in ("direct", "redsocks"):
             dport, port, sink_port = PATHS[name]
             sh("iptables", "-w", "-t", "nat", "-A", "PREROUTING", "-i", a.server_if, "-s", PEER_NET, "-d", DST_NET,
