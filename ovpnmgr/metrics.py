@@ -240,6 +240,9 @@ def dns_families(stats):
     )
     families.append(counter("dns_cache_hits_total", "DNS answers served from a device's cache.", snap["cache"]["hits"]))
     families.append(counter("dns_cache_misses_total", "DNS queries not in the cache.", snap["cache"]["misses"]))
+    families.append(
+        counter("dns_coalesced_total", "DNS queries answered by joining an identical one in flight.", snap["coalesced"])
+    )
     f = counter("dns_resolved_total", "Cache misses by where they were resolved (device or host).")
     for where, n in _seeded(("device", "host"), Counter(snap["resolved"])).items():
         f.add(n, via=where)

@@ -53,11 +53,13 @@ class Query:
     recursion_desired: bool
     checking_disabled: bool
     edns: int | None
+    dnssec_ok: bool = False  # the EDNS DO bit
 
     @property
     def key(self):
-        """Cache key within a device: case-insensitive name, type and class."""
-        return (self.name.lower(), self.qtype, self.qclass)
+        """Cache key within a device: case-insensitive name, type and class, and the CD and DO
+        bits (they change what a validating resolver returns: RRSIGs, unvalidated data)."""
+        return (self.name.lower(), self.qtype, self.qclass, self.checking_disabled, self.dnssec_ok)
 
     def udp_limit(self, cap=MAX_UDP_PAYLOAD):
         """Largest UDP reply this client accepts: 512 without EDNS, else its size capped."""
@@ -102,6 +104,7 @@ def parse_query(data):
         recursion_desired=bool(message.recDes),
         checking_disabled=bool(message.checkingDisabled),
         edns=opts[0].cls if opts else None,
+        dnssec_ok=bool(opts and opts[0].ttl & 0x8000),
     )
 
 
@@ -141,7 +144,7 @@ def same_question(query, message):
     if len(message.queries) != 1:
         return False
     q = message.queries[0]
-    return (q.name.name.lower(), q.type, q.cls) == query.key
+    return (q.name.name.lower(), q.type, q.cls) == query.key[:3]
 
 
 def _opt(size=MAX_UDP_PAYLOAD):

@@ -86,6 +86,7 @@ class DNSStats:
     :ivar queries: answered or dropped queries by result (``ok``, ``nxdomain``, ``servfail``,
         ``refused``, ``malformed``, ``timeout``, ``truncated``, ``overloaded``, ``error``).
     :ivar resolved: cache misses by where they went (``device``, ``host``).
+    :ivar coalesced: queries that joined an identical one already being resolved.
     :ivar upstream_failed: device tunnels that could not be opened, by ``UpstreamError.kind``.
     :ivar upstream_closed: device tunnels closed, by why (``idle``, ``dropped``, ``stale``...).
     """
@@ -95,6 +96,7 @@ class DNSStats:
         self.resolved = Counter()
         self.cache_hits = 0
         self.cache_misses = 0
+        self.coalesced = 0
         self.upstream_opened = 0
         self.upstream_failed = Counter()
         self.upstream_closed = Counter()
@@ -118,6 +120,7 @@ class DNSStats:
             "queries": dict(self.queries),
             "resolved": dict(self.resolved),
             "cache": {"hits": self.cache_hits, "misses": self.cache_misses},
+            "coalesced": self.coalesced,
             "upstream": {
                 "opened": self.upstream_opened,
                 "failed": dict(self.upstream_failed),
@@ -150,6 +153,7 @@ class DNSServer:
         self.tcp_port = None
         self._dial = dial
         self._devices = {}
+        self._flights = {}  # (route key, query key) -> queries waiting for the one being resolved
         self._tcp = set()
         self._log_times = {}
 
@@ -223,12 +227,33 @@ class DNSServer:
             self.stats.cache_hits += 1
             reply = dnsmessage.cached_reply(query, *hit)
             return defer.succeed(self._finish(query, reply, _result(reply), started, udp))
+        flight = (route.key, query.key)
+        followers = self._flights.get(flight)
+        if followers is not None:  # the same question is already on its way: share its answer
+            self.stats.coalesced += 1
+            d = defer.Deferred()
+            followers.append((query, started, udp, d))
+            return d
         self.stats.cache_misses += 1
+        self._flights[flight] = []
         d = self._resolve(route, query)
         d.addCallback(self._resolved, route, query)
         d.addErrback(self._failed, route, query, source)
+        d.addCallback(self._landed, flight)
         d.addCallback(lambda pair: self._finish(query, pair[0], pair[1], started, udp))
         return d
+
+    def _landed(self, pair, flight):
+        """Give every query that joined this one in flight the same answer, in its own words
+        (ID, question casing, EDNS); a failure is the same SERVFAIL for all."""
+        followers = self._flights.pop(flight, ())
+        if followers:
+            reply, result = pair
+            message = dnsmessage.parse_reply(reply)
+            for query, started, udp, d in followers:
+                own = dnsmessage.cached_reply(query, message, 0) if message is not None else dnsmessage.with_id(reply, query.id)
+                d.callback(self._finish(query, own, result, started, udp))
+        return pair
 
     def _resolve(self, route, query):
         if route.policy == "host":

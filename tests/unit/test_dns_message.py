@@ -66,9 +66,24 @@ def test_parse_query_fields_and_key():
     """A plain query decodes with its ID, name casing, type; the key is lowercase."""
     q = dnsmessage.parse_query(make_query(qtype=dns.AAAA, qid=7))
     assert (q.id, q.name, q.qtype, q.qclass, q.edns) == (7, NAME, dns.AAAA, dns.IN, None)
-    assert q.key == (b"www.example.com", dns.AAAA, dns.IN)
+    assert q.key == (b"www.example.com", dns.AAAA, dns.IN, False, False)
     assert q.recursion_desired is True
     assert q.wire == make_query(qtype=dns.AAAA, qid=7)
+
+
+def test_cd_and_do_bits_are_part_of_the_key():
+    """A validating resolver answers DO=1 with RRSIGs and CD=1 without validation: never mixed."""
+    plain = dnsmessage.parse_query(make_query())
+    m = dns.Message(id=1, recDes=1, maxSize=0, checkingDisabled=1)
+    m.queries = [dns.Query(NAME, dns.A, dns.IN)]
+    cd = dnsmessage.parse_query(m.toStr())
+    m = dns.Message(id=1, recDes=1, maxSize=0)
+    m.queries = [dns.Query(NAME, dns.A, dns.IN)]
+    m.additional = [dns.RRHeader(name=b"", type=dns.OPT, cls=1232, ttl=0x8000, payload=dns.UnknownRecord(b""))]
+    do = dnsmessage.parse_query(m.toStr())
+    assert (cd.checking_disabled, do.dnssec_ok, plain.dnssec_ok) == (True, True, False)
+    assert len({plain.key, cd.key, do.key}) == 3
+    assert dnsmessage.parse_query(make_query(edns=1232)).key == plain.key
 
 
 @pytest.mark.parametrize("edns, limit", [(None, 512), (4096, 1232), (1000, 1000), (100, 512)])

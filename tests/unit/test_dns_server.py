@@ -294,6 +294,41 @@ def test_cache_is_per_route_key():
     assert len(w.device.links) == 2 and w.link().upstream.host == "192.0.2.20"
 
 
+def test_identical_queries_in_flight_share_one_upstream_query():
+    """Three clients of one device ask the same name at once: one query goes to the device,
+    each client gets the answer with its own ID and casing; another type is not merged."""
+    w = World()
+    w.ask_udp(make_query(name=b"same.example", qid=1))
+    w.ask_udp(make_query(name=b"SAME.example", qid=2), source=OTHER)
+    proto, transport = w.tcp()
+    proto.dataReceived(framed(make_query(name=b"same.Example", qid=3)))
+    w.ask_udp(make_query(name=b"same.example", qtype=dns.AAAA, qid=4))
+    link = w.link().up()
+    frames = link.queries()
+    assert len(frames) == 2, "A once, AAAA once"
+    a_frame = [f for _, f in frames if decode(f).queries[0].type == dns.A][0]
+    link.answer(a_frame, ttl=0)  # TTL 0: not cached, so only merging can explain one query
+    replies = [decode(r) for r in w.udp_replies()]
+    replies += [decode(r) for r in unframe(transport.value())]
+    got = sorted((m.id, m.queries[0].name.name, len(m.answers), m.rCode) for m in replies)
+    assert got == [(1, b"same.example", 1, 0), (2, b"SAME.example", 1, 0), (3, b"same.Example", 1, 0)]
+    assert (w.server.stats.coalesced, w.server.stats.cache_misses, w.server.stats.queries["ok"]) == (2, 2, 3)
+    assert w.server.cache.size() == 0
+
+
+def test_a_failed_query_fails_everyone_who_joined_it():
+    """The device is down: the leader and the joined client both get SERVFAIL, one dial only."""
+    w = World()
+    w.ask_udp(make_query(name=b"down.example", qid=1))
+    w.ask_udp(make_query(name=b"down.example", qid=2), source=OTHER)
+    w.link().d.errback(Unreachable("phone is off"))
+    replies = [decode(r) for r in w.udp_replies()]
+    assert sorted((m.id, m.rCode) for m in replies) == [(1, dns.ESERVER), (2, dns.ESERVER)]
+    assert len(w.device.links) == 1 and w.server.stats.queries["servfail"] == 2
+    w.ask_udp(make_query(name=b"down.example", qid=3))
+    assert len(w.device.links) == 2, "the flight ended: a later query asks again"
+
+
 def test_negative_answers_are_cached_for_the_soa_minimum():
     """NXDOMAIN with SOA minimum 60 is served from cache for 60 s, then asked again."""
     w = World()
