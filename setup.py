@@ -13,7 +13,7 @@ setup(
     packages=["ovpnmgr", "proxy", "twisted.plugins"],
     package_dir={"twisted.plugins": "twistd-plugins"},
     install_requires=[
-        "Twisted>=22.4",
+        "Twisted[tls]>=22.4",
         "service-identity>=18.1",
         "pyroute2>=0.7.2",
         "txaio>=21.2",

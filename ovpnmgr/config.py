@@ -13,6 +13,7 @@ from pathlib import Path
 
 import yaml
 
+from proxy.dohurl import is_doh, parse_doh_url
 from proxy.settings import ProxySettings
 
 DEFAULT_CONFIG_PATH = "/etc/pocketproxy/pocketproxy.yaml"
@@ -117,7 +118,9 @@ class DNSConfig:
     listen: ipaddress.IPv4Address | None = None  # None: openvpn.server_address
     port: int = 53
     push: bool = True  # push "dhcp-option DNS <listen>" in every client-auth
-    resolver: tuple = ("1.1.1.1", 53)  # (host, port) the device connects to: DNS over TCP
+    resolver: object = ("1.1.1.1", 53)  # (host, port): DNS over TCP; or a DoHURL: DNS over HTTPS
+    ca_file: Path | None = None  # DoH: CAs to verify the resolver with (default: system store)
+    doh_connections: int = 4  # DoH: keep-alive connections per device
     policy: str = "via_device"  # default for devices without their own "dns:" ("host": server's resolver)
     host_servers: tuple = ()  # ((ip, port), ...) for policy "host"; () = /etc/resolv.conf
     query_timeout: float = 5.0  # a client's query gets SERVFAIL after this
@@ -315,6 +318,28 @@ def _host_port(default_port):
     return check
 
 
+def _resolver(value, ctx):
+    """``HOST[:PORT]`` (DNS over TCP, port 53) or ``https://NAME/PATH`` (DNS over HTTPS)."""
+    if is_doh(value):
+        try:
+            return parse_doh_url(value)
+        except ValueError as e:
+            raise _Bad(str(e))
+    return _host_port(53)(value, ctx)
+
+
+def _ca_file(value, ctx):
+    """A PEM file of one or more CA certificates, every one of which must load."""
+    path = _readable_file(value, ctx)
+    from proxy.dnsdoh import load_ca_file  # pyOpenSSL, only when the key is set
+
+    try:
+        load_ca_file(str(path))
+    except ValueError as e:
+        raise _Bad(str(e))
+    return path
+
+
 def _server_list(value, ctx):
     if not isinstance(value, list):
         raise _Bad("expected a list of resolver addresses such as [\"192.0.2.53\"], got %r" % (value,))
@@ -494,7 +519,9 @@ _SCHEMA = {
             "listen": (_address, False),
             "port": (_int(1, 65535), False),
             "push": (_bool, False),
-            "resolver": (_host_port(53), False),
+            "resolver": (_resolver, False),
+            "ca_file": (_ca_file, False),
+            "doh_connections": (_int(1, 64), False),
             "policy": (_choice("via_device", "host"), False),
             "host_servers": (_server_list, False),
             "query_timeout": (_number(0.1, 60), False),
@@ -590,6 +617,8 @@ def parse_config(text, path):
                     "pushes %r while the DNS service pushes 'dhcp-option DNS %s' (set dns.push: false to push your own)"
                     % (line, ours),
                 )
+    if dns.ca_file is not None and not is_doh(str(dns.resolver)):
+        raise ConfigError(path, "dns.ca_file", "only used with an https:// dns.resolver (DNS over HTTPS)")
     log = sections.get("log")
     if log is not None and log.file is not None and log.format != "json":
         raise ConfigError(path, "log.file", "only used with log.format json (twistd --logfile places the text log)")

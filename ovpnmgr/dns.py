@@ -8,6 +8,7 @@ An unmapped source has no route and is REFUSED, so the service is never an open 
 """
 
 from proxy.dnsserver import DNSRoute, DNSServer, DNSService, DNSSettings
+from proxy.dohurl import DoHURL
 
 
 def settings_from(config):
@@ -17,7 +18,9 @@ def settings_from(config):
     return DNSSettings(
         listen_host=str(address),
         listen_port=port,
-        resolver=tuple(d.resolver),
+        resolver=d.resolver if isinstance(d.resolver, DoHURL) else tuple(d.resolver),
+        ca_file=str(d.ca_file or ""),
+        max_doh_connections=d.doh_connections,
         host_servers=tuple(d.host_servers),
         query_timeout=d.query_timeout,
         connect_timeout=d.connect_timeout,

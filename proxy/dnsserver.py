@@ -28,12 +28,14 @@ from twisted.protocols.policies import TimeoutMixin
 from proxy import dnsmessage
 from proxy.dnscache import MAX_NEGATIVE_TTL, MAX_TTL, DNSCache
 from proxy.dnsmessage import Malformed
+from proxy.dnsdoh import DoHResolver, tls_options
 from proxy.dnsupstream import DeviceResolver, DNSUnavailable, HostResolver
+from proxy.dohurl import DoHURL
 from proxy.origdst import unmap
 from proxy.stats import Histogram
 from proxy.upstream import Upstream, dial
 
-__all__ = ["DNSRoute", "DNSSettings", "DNSStats", "DNSServer", "DNSService", "LATENCY_BUCKETS"]
+__all__ = ["DNSRoute", "DNSSettings", "DNSStats", "DNSServer", "DNSService", "LATENCY_BUCKETS", "describe_resolver"]
 
 IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -62,7 +64,9 @@ class DNSSettings:
 
     listen_host: str
     listen_port: int = 53
-    resolver: tuple = ("1.1.1.1", 53)  # reached THROUGH the device
+    resolver: object = ("1.1.1.1", 53)  # reached THROUGH the device: (host, port) or a DoHURL
+    ca_file: str = ""  # DoH only: trust these CAs instead of the system store
+    max_doh_connections: int = 4  # DoH only: keep-alive tunnels per device
     host_servers: tuple = ()  # policy "host"; () = /etc/resolv.conf
     query_timeout: float = 5.0
     connect_timeout: float = 10.0
@@ -152,6 +156,7 @@ class DNSServer:
         self.udp_port = None
         self.tcp_port = None
         self._dial = dial
+        self._doh_tls = None  # client TLS options for a DoH resolver, built on first use
         self._devices = {}
         self._flights = {}  # (route key, query key) -> queries waiting for the one being resolved
         self._tcp = set()
@@ -265,24 +270,30 @@ class DNSServer:
         return self._device_for(route).query(query.wire)
 
     def _device_for(self, route):
+        """The route's device resolver: DNS over TCP, or DoH when the resolver is a URL."""
         resolver = self._devices.get(route.key)
-        if resolver is None:
-            s = self.settings
-            resolver = DeviceResolver(
-                self.reactor,
-                route.upstream,
-                s.resolver,
-                connect_timeout=s.connect_timeout,
-                handshake_timeout=s.handshake_timeout,
-                query_timeout=s.query_timeout,
-                idle_timeout=s.idle_timeout,
-                max_in_flight=s.max_in_flight,
-                max_queued=s.max_queued,
-                stats=self.stats,
-                log_fields=route.log_fields,
-                dial=self._dial,
+        if resolver is not None:
+            return resolver
+        s = self.settings
+        common = dict(
+            connect_timeout=s.connect_timeout,
+            handshake_timeout=s.handshake_timeout,
+            query_timeout=s.query_timeout,
+            idle_timeout=s.idle_timeout,
+            max_queued=s.max_queued,
+            stats=self.stats,
+            log_fields=route.log_fields,
+            dial=self._dial,
+        )
+        if isinstance(s.resolver, DoHURL):
+            if self._doh_tls is None:  # one TLS context for every device
+                self._doh_tls = tls_options(s.resolver.host, s.ca_file or None)
+            resolver = DoHResolver(
+                self.reactor, route.upstream, s.resolver, self._doh_tls, max_connections=s.max_doh_connections, **common
             )
-            self._devices[route.key] = resolver
+        else:
+            resolver = DeviceResolver(self.reactor, route.upstream, s.resolver, max_in_flight=s.max_in_flight, **common)
+        self._devices[route.key] = resolver
         return resolver
 
     def _resolved(self, reply, route, query):
@@ -328,6 +339,14 @@ class DNSServer:
             text += " (name {qname})"
         fields["why"] = str(fields.get("why", ""))
         self._log.warn(text, client=str(client), kind=kind, event="dns-" + kind, **fields)
+
+
+def describe_resolver(resolver):
+    """``host:port`` for DNS over TCP, the URL for DoH (for log lines)."""
+    if isinstance(resolver, DoHURL):
+        return str(resolver)
+    host, port = resolver
+    return ("[%s]:%d" if ":" in host else "%s:%d") % (host, port)
 
 
 def _result(reply):
@@ -479,7 +498,7 @@ class DNSService(service.Service):
             "DNS listening on {host} port {port} (UDP+TCP, resolver {resolver} via devices)",
             host=s.listen_host,
             port=udp.getHost().port,
-            resolver="%s:%d" % tuple(s.resolver),
+            resolver=describe_resolver(s.resolver),
         )
         service.Service.privilegedStartService(self)
 

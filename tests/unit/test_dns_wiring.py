@@ -69,11 +69,30 @@ def test_dns_section_is_typed(tmp_path):
         ("dns: {listen: 'ten'}\n", "dns.listen", "not an IPv4 address"),
         ("dns: {cache: 5}\n", "dns.cache", "unknown key"),
         ("firewall: {chain: ABCDEFGHIJKLMNOPQRSTUVWXYZ}\n", "firewall.chain", "at most 25"),
+        ("dns: {resolver: 'https://dns.example'}\n", "dns.resolver", "needs a path such as /dns-query"),
+        ("dns: {resolver: 'https://u:pw@dns.example/q'}\n", "dns.resolver", "credentials"),
+        ("dns: {resolver: 'https://dns.example/q', doh_connections: 0}\n", "dns.doh_connections", "between 1 and 64"),
+        ("dns: {resolver: 'https://dns.example/q', ca_file: nothere.pem}\n", "dns.ca_file", "cannot read"),
+        ("dns: {ca_file: users.yaml}\n", "dns.ca_file", "holds no PEM certificate"),
     ],
 )
 def test_bad_dns_settings_name_the_key(tmp_path, extra, key, words):
     text = problem(tmp_path, extra)
     assert "pocketproxy.yaml: %s: " % key in text and words in text, text
+
+
+def test_doh_resolver_and_its_ca_file(tmp_path):
+    from tests.unit.doh_peers import make_ca
+
+    ca, _ = make_ca(str(tmp_path))
+    c = config(tmp_path, "dns: {resolver: 'https://dns.example:8443/dns-query', ca_file: %s, doh_connections: 2}\n" % ca)
+    s = settings_from(c)
+    assert (s.resolver.host, s.resolver.port, str(s.resolver)) == ("dns.example", 8443, "https://dns.example:8443/dns-query")
+    assert (s.ca_file, s.max_doh_connections) == (ca, 2)
+    plain = settings_from(config(tmp_path, "dns: {resolver: 'https://dns.example/dns-query'}\n"))
+    assert (plain.ca_file, plain.max_doh_connections) == ("", 4)  # the system's trust store
+    text = problem(tmp_path, "dns: {resolver: '9.9.9.9', ca_file: %s}\n" % ca)
+    assert "dns.ca_file: only used with an https:// dns.resolver" in text
 
 
 def test_pushing_dns_twice_is_refused_unless_dns_push_is_off(tmp_path):

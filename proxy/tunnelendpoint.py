@@ -1,0 +1,98 @@
+# -*- test-case-name: tests.unit.test_dns_doh -*-
+"""A Twisted client endpoint whose connections run through a device's CONNECT/SOCKS5 proxy.
+
+Anything that speaks to an ``IStreamClientEndpoint`` (``wrapClientTLS``, ``Agent``) can then
+reach a host *from the device's network*: the device resolves the name and opens the TCP
+connection, this server only talks to the device. Failures are the typed
+:class:`proxy.upstream.UpstreamError` of :func:`proxy.upstream.dial` and the handshake.
+"""
+
+from twisted.internet.address import HostnameAddress
+from twisted.internet.interfaces import IStreamClientEndpoint
+from zope.interface import implementer
+
+from proxy.upstream import dial
+
+__all__ = ["TunnelEndpoint"]
+
+
+@implementer(IStreamClientEndpoint)
+class TunnelEndpoint:
+    """Connects to ``host``:``port`` through ``upstream``.
+
+    :param on_open: called with no arguments when a tunnel is established (for counters).
+    :param on_close: called with the ``connectionLost`` reason of an established tunnel.
+    :param dial: :func:`proxy.upstream.dial`; tests pass a scripted one.
+    """
+
+    def __init__(self, reactor, upstream, host, port, connect_timeout, handshake_timeout,
+                 on_open=None, on_close=None, dial=dial):
+        self.reactor = reactor
+        self.upstream = upstream
+        self.host = host
+        self.port = port
+        self.connect_timeout = connect_timeout
+        self.handshake_timeout = handshake_timeout
+        self._on_open = on_open
+        self._on_close = on_close
+        self._dial = dial
+
+    def connect(self, factory):
+        """IStreamClientEndpoint.connect: fires with the protocol, or an UpstreamError.
+
+        Cancelling the Deferred before it fires aborts the dial or the handshake.
+        """
+        devices = []
+
+        def dialled(device):
+            devices.append(device)
+            return device.handshake(self.host, self.port)
+
+        def established(leftover):
+            device = devices[0]
+            protocol = factory.buildProtocol(HostnameAddress(self.host.encode("idna"), self.port))
+            if protocol is None:
+                device.abort()
+                raise ConnectionRefusedError("the protocol factory declined the tunnel to %s" % self.host)
+            leg = _Leg(protocol, device, self._on_close)
+            protocol.makeConnection(device.transport)
+            device.attach(leg)
+            if self._on_open is not None:
+                self._on_open()
+            if leftover:
+                leg.dataReceived(leftover)
+            return protocol
+
+        d = self._dial(self.reactor, self.upstream, self.connect_timeout, self.handshake_timeout)
+        d.addCallback(dialled)
+        d.addCallback(established)
+        return d
+
+
+class _Leg:
+    """Receives the device connection's events for a protocol that knows nothing of half-close.
+
+    A FIN from the far side ends the exchange (the protocol sees ``connectionLost`` once the
+    connection is closed), as a plain Twisted TCP connection would behave.
+    """
+
+    def __init__(self, protocol, device, on_close):
+        self.protocol = protocol
+        self.device = device
+        self.on_close = on_close
+
+    def dataReceived(self, data):
+        self.protocol.dataReceived(data)
+
+    def readConnectionLost(self):
+        self.device.transport.loseConnection()
+
+    def writeConnectionLost(self):
+        self.device.abort()
+
+    def connectionLost(self, reason):
+        try:
+            self.protocol.connectionLost(reason)
+        finally:
+            if self.on_close is not None:
+                self.on_close(reason)
