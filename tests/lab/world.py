@@ -15,7 +15,9 @@ Topology added next to a :class:`tests.lab.openvpn.Lab` (device i = 0, 1, 2, ...
   (``ip_forward=0``), so origin traffic can only have gone through a device's proxy.
 - :meth:`World.start_dns` adds an authoritative DNS server for the zone ``test.`` on
   203.0.113.10:53 (UDP and TCP; :mod:`tests.lab.dns_origin`) that logs every query's source, so
-  a test can prove DNS reached it through a device's proxy.
+  a test can prove DNS reached it through a device's proxy. With ``doh_port`` it also serves
+  DNS over HTTPS at ``https://origin.test:<port>/dns-query`` (the origin certificate, so
+  :attr:`DNSOrigin.ca_cert` verifies it) and logs each accepted TLS connection.
 - VPN clients reach 203.0.113.0/24 through the tunnel: the daemon must push
   ``route 203.0.113.0 255.255.255.0`` (:data:`PUSH_ROUTE`).
 
@@ -148,40 +150,74 @@ class DNSOrigin:
     ``203.0.113.10:53`` UDP and TCP, a process in the origin namespace, so it is reachable only
     through a device (the server namespace has no route to the origin).
 
+    With ``doh_port`` it also serves DNS over HTTPS (RFC 8484) at :attr:`doh_url`
+    (``https://origin.test:8443/dns-query``), TLS with the origin's certificate, which chains to
+    :attr:`ca_cert`. ``doh_idle_timeout``: seconds before the server closes an idle DoH
+    connection (None: Twisted's default, hours).
+
     Made by :meth:`World.start_dns`; stopped by PID with the world. Every query it receives
-    is one line ``<source ip> <udp|tcp> <qname> <qtype>`` in :attr:`log_path`.
+    is one line ``<source ip> <udp|tcp|doh> <qname> <qtype>`` in :attr:`log_path`, and every
+    TCP connection the DoH listener accepts one line ``<source ip> doh-connect``
+    (:meth:`doh_connections`).
     """
 
     Query = collections.namedtuple("Query", "source proto qname qtype")
+    DOH_PATH = "/dns-query"
 
-    def __init__(self, origin, ttl=300, negative_ttl=30, port=53):
+    def __init__(self, origin, ttl=300, negative_ttl=30, port=53, doh_port=None, doh_idle_timeout=None):
         self.origin = origin
         self.address = ORIGIN_IP
         self.port = port
+        self.doh_port = doh_port
+        self.doh_idle_timeout = doh_idle_timeout
         self.ttl = ttl
         self.negative_ttl = negative_ttl
         self.log_path = os.path.join(origin.directory, "dns-queries.log")
         self.stderr_path = os.path.join(origin.directory, "dns-origin.stderr")
         self.proc = None
 
-    def start(self, timeout=15):
-        ready = os.path.join(self.origin.directory, "dns-origin.ready")
-        if os.path.exists(ready):
-            os.unlink(ready)
+    @property
+    def doh_url(self):
+        """``https://origin.test:<doh_port>/dns-query`` for ``dns.resolver``; None without DoH."""
+        if self.doh_port is None:
+            return None
+        return "https://%s:%d%s" % (ORIGIN_NAME, self.doh_port, self.DOH_PATH)
+
+    @property
+    def ca_cert(self):
+        """The CA file (PEM) the DoH certificate chains to (the origin's throwaway CA)."""
+        return self.origin.ca_cert
+
+    def argv(self, ready):
         argv = [
             sys.executable, os.path.join(HERE, "dns_origin.py"), "--address", self.address,
             "--port", str(self.port), "--log", self.log_path, "--ready", ready,
             "--ttl", str(self.ttl), "--negative-ttl", str(self.negative_ttl),
         ]
+        if self.doh_port is not None:
+            argv += ["--doh-port", str(self.doh_port), "--doh-path", self.DOH_PATH,
+                     "--cert", self.origin.cert, "--key", self.origin.key]
+            if self.doh_idle_timeout is not None:
+                argv += ["--doh-idle-timeout", str(self.doh_idle_timeout)]
+        return argv
+
+    def start(self, timeout=15):
+        ready = os.path.join(self.origin.directory, "dns-origin.ready")
+        if os.path.exists(ready):
+            os.unlink(ready)
         with open(self.stderr_path, "ab") as err:
-            self.proc = self.origin.ns.popen(argv, stdin=subprocess.DEVNULL, stdout=err, stderr=subprocess.STDOUT)
+            self.proc = self.origin.ns.popen(
+                self.argv(ready), stdin=subprocess.DEVNULL, stdout=err, stderr=subprocess.STDOUT)
 
         def up():
             if self.proc.poll() is not None:
                 raise AssertionError("DNS origin exited (%s):\n%s" % (self.proc.returncode, read_log(self.stderr_path)))
             return os.path.exists(ready)
 
-        wait_for(up, timeout, what="DNS origin on %s:%d" % (self.address, self.port))
+        what = "DNS origin on %s:%d" % (self.address, self.port)
+        if self.doh_port is not None:
+            what += " and DoH :%d" % self.doh_port
+        wait_for(up, timeout, what=what)
         return self
 
     @property
@@ -202,11 +238,12 @@ class DNSOrigin:
         return len(self.log_text())
 
     def log_lines(self, since=0):
-        """The raw query lines, oldest first."""
+        """The raw log lines (queries and ``doh-connect``), oldest first."""
         return self.log_text()[since:].splitlines()
 
     def queries(self, since=0, qname=None):
-        """Parsed :class:`DNSOrigin.Query` tuples (optionally only ``qname``, no final dot)."""
+        """Parsed :class:`DNSOrigin.Query` tuples (optionally only ``qname``, no final dot);
+        ``proto`` is ``udp``, ``tcp`` or ``doh``."""
         out = []
         for line in self.log_lines(since):
             parts = line.split()
@@ -218,9 +255,14 @@ class DNSOrigin:
         """The set of source addresses queries arrived from."""
         return {q.source for q in self.queries(since, qname)}
 
+    def doh_connections(self, since=0):
+        """The source address of each TCP connection the DoH listener accepted, oldest first
+        (one entry per connection; TLS handshakes that then fail count too)."""
+        return [parts[0] for parts in map(str.split, self.log_lines(since)) if parts[1:] == ["doh-connect"]]
+
     def wait_query(self, qname, timeout=10, since=0):
         """Wait until a query for ``qname`` was logged after ``since``; returns its Query."""
-        regex = r"(?m)^(\S+) (udp|tcp) %s (\S+)$" % re.escape(qname.lower().rstrip("."))
+        regex = r"(?m)^(\S+) (udp|tcp|doh) %s (\S+)$" % re.escape(qname.lower().rstrip("."))
         match = wait_log(self.log_path, regex, timeout, since)
         return self.Query(match.group(1), match.group(2), qname.lower().rstrip("."), match.group(3))
 
@@ -364,12 +406,19 @@ class World:
             device.start()
         return device
 
-    def start_dns(self, ttl=300, negative_ttl=30):
-        """Start the origin's DNS server (:class:`DNSOrigin`, zone ``test.`` on 203.0.113.10:53) and
-        return it; one per world, stopped by :meth:`close`."""
+    def start_dns(self, ttl=300, negative_ttl=30, doh_port=None, doh_idle_timeout=None):
+        """Start the origin's DNS server (:class:`DNSOrigin`, zone ``test.`` on 203.0.113.10:53;
+        with ``doh_port``, e.g. 8443, also DNS over HTTPS at its ``doh_url``) and return it; one
+        per world, stopped by :meth:`close`. Called again while it runs, it returns the running
+        server, unless DoH is asked for with other settings: then the server is restarted (the
+        query log stays)."""
         if self.dns is not None and self.dns.running:
-            return self.dns
-        self.dns = DNSOrigin(self.origin, ttl=ttl, negative_ttl=negative_ttl).start()
+            if doh_port is None or (self.dns.doh_port, self.dns.doh_idle_timeout) == (doh_port, doh_idle_timeout):
+                return self.dns
+            self.dns.stop()
+        self.dns = DNSOrigin(
+            self.origin, ttl=ttl, negative_ttl=negative_ttl, doh_port=doh_port, doh_idle_timeout=doh_idle_timeout
+        ).start()
         return self.dns
 
     def server_route_error(self):
