@@ -26,9 +26,11 @@ DEFAULT_DEVICES = {"phone": "http://dev:devpw@192.168.255.2:8080"}
 
 def users_yaml(users, devices=None):
     """users: {name: {"password": pw | None, "cn": cn | None, "device": name, "address": ip}};
-    devices: {name: upstream URL} (default :data:`DEFAULT_DEVICES`)."""
+    devices: {name: upstream URL, or the device's whole entry such as {"upstream": url, "dns": "host"}}
+    (default :data:`DEFAULT_DEVICES`)."""
     devices = devices or DEFAULT_DEVICES
-    out = {"devices": {name: {"upstream": url} for name, url in devices.items()}, "users": {}}
+    entries = {name: dict(spec) if isinstance(spec, dict) else {"upstream": spec} for name, spec in devices.items()}
+    out = {"devices": entries, "users": {}}
     for name, spec in users.items():
         entry = {"device": spec.get("device", next(iter(devices)))}
         if spec.get("password"):
