@@ -1,17 +1,22 @@
-"""Customer DNS benchmark: pocketproxy's DNS (through the phone) vs dnsmasq vs the origin itself.
+"""Customer DNS benchmark: pocketproxy's DNS (through the phone, over TCP and DoH) vs dnsmasq vs the origin.
 
 ``make bench-dns`` (``python3 -m tests.bench.dns``, as root). Everything runs in namespaces this
 process creates and deletes in a ``finally`` (also on failure, Ctrl-C, SIGTERM or the deadline)::
 
     client ns 10.53.0.2 ── veth ── 10.53.0.1 server ns ── veth ── device ns ──┐
               10.54.0.2 ── veth ── 10.54.0.1 peer ns                          bridge ── origin ns
-                                   203.0.113.250 ─────────────────────────────┘   203.0.113.10:53
+                                   203.0.113.250 ─────────────────────────────┘   203.0.113.10:53, :8443 DoH
 
 - **server**: a :class:`tests.lab.world.World` (device "phone": tinyproxy, or dante with
-  ``--device socks5``; the origin with :meth:`World.start_dns`, TTL 3600). pocketproxy's DNS
-  server (:mod:`tests.bench.dns_runner`, the DNS core's public API, its own process) listens on
-  10.53.0.1:53 and resolves every miss through the phone's proxy. The server namespace has no
-  route to the origin (checked before and after): its queries can only arrive via the device.
+  ``--device socks5``; the origin with :meth:`World.start_dns`, TTL 3600, and DNS over HTTPS on
+  :8443 when ``pocketproxy-doh`` is among ``--peers``). pocketproxy's DNS server
+  (:mod:`tests.bench.dns_runner`, the DNS core's public API, its own process) listens on
+  10.53.0.1:53 and resolves every miss with DNS over TCP through the phone's proxy
+  (``pocketproxy``). A second runner, its own process and cache, listens on 10.53.0.1:5300 and
+  resolves every miss with DNS over HTTPS (RFC 8484 GET over TLS, ``origin.test`` resolved by
+  the phone, certificate checked against the lab origin's CA, at most 4 keep-alive tunnels) through
+  the same phone (``pocketproxy-doh``). The server namespace has no route to the origin (checked
+  before and after): its queries can only arrive via the device.
 - **peer**: dnsmasq (``dnsmasq-base``, ``--no-daemon``, 10,000-entry cache) on 10.54.0.1:53,
   forwarding over UDP to 203.0.113.10 **directly** (it has no way to use the phone). It lives in
   its own namespace on the origin bridge, so the server namespace stays isolated. The ``origin``
@@ -21,15 +26,21 @@ process creates and deletes in a ``finally`` (also on failure, Ctrl-C, SIGTERM o
   every name unique (``*.bench.test`` is a wildcard); cached = ``--distinct`` names warmed up
   once (not measured), then ``--count`` queries cycling over them.
 
+Peers are measured interleaved in the same run (``--peers``, default all four).
+
 Correctness (exit 1 when a check fails; a slow result never fails the run): every query
 answered with the right A record; the origin's query log (:class:`tests.lab.world.DNSOrigin`)
 shows pocketproxy's misses only from the device's 203.0.113.x over TCP and every unique name
-exactly there, dnsmasq's only from the peer address, no cached-phase query at the origin, no
-query from any other address; the servers still running at the end.
-Output: a table with ratios vs dnsmasq and ``tests/bench/results/dns-<timestamp>.json``.
+exactly there, pocketproxy-doh's only from the device over ``doh`` and every unique name exactly
+once, dnsmasq's only from the peer address, no cached-phase query at the origin, no query from
+any other address; the origin's DoH listener accepted connections only from the device and at
+most 4 for the whole run (keep-alive); the servers still running at the end.
+Output: a table with ratios vs dnsmasq (and pocketproxy-doh vs pocketproxy), and
+``tests/bench/results/dns-<timestamp>.json`` (``doh_keepalive``: the DoH connection counts).
 """
 
 import argparse
+import collections
 import json
 import os
 import platform
@@ -51,10 +62,18 @@ CLIENT_TO_SERVER = ("10.53.0.2", "10.53.0.1")
 CLIENT_TO_PEER = ("10.54.0.2", "10.54.0.1")
 PEER_ORIGIN_IP = "203.0.113.250"
 TTL = 3600
-PEERS = ("pocketproxy", "dnsmasq", "origin")
+DOH_PORT = 8443  # the origin's DoH listener (World.start_dns(doh_port=...))
+DOH_LISTEN_PORT = 5300  # pocketproxy-doh's runner, on the same server address as pocketproxy's
+MAX_DOH_CONNECTIONS = 4  # DNSSettings.max_doh_connections (the default): keep-alive tunnels per device
+PEERS = ("pocketproxy", "pocketproxy-doh", "dnsmasq", "origin")
+POCKETPROXY = ("pocketproxy", "pocketproxy-doh")
 BASELINE = "dnsmasq"
+ORIGIN_PROTO = {"pocketproxy": "tcp", "pocketproxy-doh": "doh"}
+TAGS = {"pocketproxy": "po", "pocketproxy-doh": "ph", "dnsmasq": "dn", "origin": "or"}  # query name prefixes
+RUNNER_FILES = {"pocketproxy": "dns_runner", "pocketproxy-doh": "dns_runner_doh"}  # <name>.stderr etc. in tmp
 PATHS = {
     "pocketproxy": "client -> server -> phone's proxy (TCP) -> origin",
+    "pocketproxy-doh": "client -> server -> phone's proxy (TLS, HTTP/1.1 GET) -> origin DoH",
     "dnsmasq": "client -> dnsmasq -> origin (UDP, direct: cannot use the phone)",
     "origin": "peer ns -> origin (UDP), authoritative, no cache",
 }
@@ -107,6 +126,9 @@ class Bench:
         self.procs = {}
         self.notes = []
         self.pp_snapshot = None
+        self.snapshots = {}  # pocketproxy runner -> its stats snapshot at the end
+        self.stats_files = {}  # pocketproxy runner -> its --stats-file
+        self.doh = None  # DoH keep-alive summary (connections at the origin)
 
     # ------------------------------------------------------------------ setup / teardown
 
@@ -123,7 +145,8 @@ class Bench:
         server = Namespace("dsv")
         self.spaces.append(server)
         self.world = World(server, self.tmp / "world")
-        self.dns = self.world.start_dns(ttl=TTL)
+        doh = "pocketproxy-doh" in self.args.peers
+        self.dns = self.world.start_dns(ttl=TTL, doh_port=DOH_PORT if doh else None)
         self.device = self.world.add_device("phone", kind=self.args.device)
         client = Namespace("dcl")
         self.spaces.append(client)
@@ -161,23 +184,32 @@ class Bench:
             return False
         return True
 
-    def start_pocketproxy(self):
-        ready = self.tmp / "dns_runner.ready"
-        self.pp_stats = self.tmp / "dns_runner.stats.json"
-        self.pp_stderr = self.tmp / "dns_runner.stderr"
-        argv = [sys.executable, "-m", "tests.bench.dns_runner", "--listen", CLIENT_TO_SERVER[1], "--port", "53",
-                "--resolver", self.dns.address, "--upstream", self.device.url, "--ready", str(ready),
-                "--stats-file", str(self.pp_stats)]
-        with open(self.pp_stderr, "wb") as err:
+    def start_pocketproxy(self, peer="pocketproxy"):
+        """One pocketproxy DNS runner in the server namespace: DNS over TCP on :53
+        (``pocketproxy``) or DoH on :DOH_LISTEN_PORT (``pocketproxy-doh``)."""
+        base = RUNNER_FILES[peer]
+        ready = self.tmp / ("%s.ready" % base)
+        stats = self.tmp / ("%s.stats.json" % base)
+        stderr = self.tmp / ("%s.stderr" % base)
+        self.stats_files[peer] = stats
+        if peer == "pocketproxy":
+            self.pp_stats, self.pp_stderr = stats, stderr
+            where = ["--port", "53", "--resolver", self.dns.address]
+        else:
+            where = ["--port", str(DOH_LISTEN_PORT), "--doh-url", self.dns.doh_url, "--ca-file", self.dns.ca_cert,
+                     "--max-doh-connections", str(MAX_DOH_CONNECTIONS)]
+        argv = [sys.executable, "-m", "tests.bench.dns_runner", "--listen", CLIENT_TO_SERVER[1], *where,
+                "--upstream", self.device.url, "--ready", str(ready), "--stats-file", str(stats)]
+        with open(stderr, "wb") as err:
             proc = self.server.popen(argv, cwd=str(ROOT), env=self.env, stdin=subprocess.DEVNULL, stdout=err,
                                      stderr=subprocess.STDOUT, start_new_session=True)
-        self.procs["pocketproxy"] = proc
+        self.procs[peer] = proc
         deadline = time.monotonic() + 20
         while not ready.exists():
             if proc.poll() is not None:
-                raise BenchError("pocketproxy DNS runner exited (%s): %s" % (proc.returncode, self.pp_stderr.read_text()[-2000:]))
+                raise BenchError("%s DNS runner exited (%s): %s" % (peer, proc.returncode, stderr.read_text()[-2000:]))
             if time.monotonic() > deadline:
-                raise BenchError("pocketproxy DNS runner not ready in 20s: %s" % self.pp_stderr.read_text()[-2000:])
+                raise BenchError("%s DNS runner not ready in 20s: %s" % (peer, stderr.read_text()[-2000:]))
             time.sleep(0.05)
 
     def start_dnsmasq(self):
@@ -197,13 +229,16 @@ class Bench:
 
     def load(self, peer, prefix, count, distinct, concurrency):
         a = self.args
+        port = 53
         if peer == "origin":
             ns, server = self.peer, self.dns.address
         elif peer == "dnsmasq":
             ns, server = self.client, CLIENT_TO_PEER[1]
+        elif peer == "pocketproxy-doh":
+            ns, server, port = self.client, CLIENT_TO_SERVER[1], DOH_LISTEN_PORT
         else:
             ns, server = self.client, CLIENT_TO_SERVER[1]
-        argv = [sys.executable, "-m", "tests.bench.dns_load", "--server", server, "--prefix", prefix,
+        argv = [sys.executable, "-m", "tests.bench.dns_load", "--server", server, "--port", str(port), "--prefix", prefix,
                 "--count", str(count), "--distinct", str(distinct), "--concurrency", str(concurrency),
                 "--timeout", str(a.timeout), "--deadline", str(a.phase_deadline)]
         out = subprocess.run(ns.argv(*argv), cwd=str(ROOT), env=self.env, capture_output=True, text=True,
@@ -215,7 +250,7 @@ class Bench:
     def phase(self, peer, mode, concurrency, run):
         a = self.args
         count = a.count if concurrency > 1 else min(a.count, a.serial_count)
-        tag = "%s-%s%d-%d-%d" % (peer[:2], mode[0], concurrency, run, os.getpid())
+        tag = "%s-%s%d-%d-%d" % (TAGS[peer], mode[0], concurrency, run, os.getpid())
         warm = None
         if mode == "cached":
             warm = self.load(peer, tag, a.distinct, a.distinct, a.concurrency)
@@ -229,7 +264,7 @@ class Bench:
                         "%s %s run %d: %d/%d answered correctly (failed %d, not sent %d) %s"
                         % (peer, mode, run, result["ok"], count, result["failed"], result["not_sent"],
                            result["failures"][:3]))
-        expect_source = {"pocketproxy": self.device.origin_ip}.get(peer, PEER_ORIGIN_IP)
+        expect_source = self.device.origin_ip if peer in POCKETPROXY else PEER_ORIGIN_IP
         sources = {q.source for q in seen}
         self.check(sources <= {expect_source}, "%s %s run %d: origin saw queries only from %s (saw %s)"
                    % (peer, mode, run, expect_source, sorted(sources)))
@@ -237,12 +272,22 @@ class Bench:
             protos = {q.proto for q in seen}
             self.check(protos <= {"tcp"}, "pocketproxy %s run %d: origin queries came over TCP via the phone (%s)"
                        % (mode, run, sorted(protos)))
+        elif peer == "pocketproxy-doh":
+            protos = {q.proto for q in seen}
+            self.check(protos <= {"doh"}, "pocketproxy-doh %s run %d: origin queries came over DoH via the phone (%s)"
+                       % (mode, run, sorted(protos)))
         names = {q.qname for q in seen}
         if mode.startswith("uncached"):
             wanted = {"%s-%d.bench.test" % (tag, i) for i in range(count)}
             if ok:
                 self.check(wanted <= names, "%s %s run %d: every name reached the origin (%d missing)"
                            % (peer, mode, run, len(wanted - names)))
+            if ok and peer == "pocketproxy-doh":
+                times = collections.Counter(q.qname for q in seen)
+                extra = sorted(n for n, k in times.items() if k != 1 or n not in wanted)
+                self.check(not extra and len(seen) == count,
+                           "pocketproxy-doh %s run %d: each name reached the origin exactly once (%d queries for %d"
+                           " names; off: %s)" % (mode, run, len(seen), count, extra[:5]))
         else:
             self.check(len(seen) == 0, "%s cached run %d: no query reached the origin (%d did: %s)"
                        % (peer, run, len(seen), sorted(names)[:5]))
@@ -252,6 +297,8 @@ class Bench:
             "qps": result["qps"], "origin_queries": len(seen), "origin_sources": sorted(sources),
             "latency": summary(result["latencies_ms"]), "latencies_ms": result["latencies_ms"],
         }
+        if self.dns.doh_port is not None:
+            record["origin_doh_connections"] = len(self.dns.doh_connections(since=mark))
         if warm is not None:
             record["warmup"] = {"count": a.distinct, "ok": warm["ok"], "wall_s": warm["wall_s"]}
         self.phases.append(record)
@@ -260,8 +307,9 @@ class Bench:
     def run(self):
         a = self.args
         self.build()
-        if "pocketproxy" in a.peers:
-            self.start_pocketproxy()
+        for peer in POCKETPROXY:
+            if peer in a.peers:
+                self.start_pocketproxy(peer)
         if "dnsmasq" in a.peers:
             self.start_dnsmasq()
         self.loadavg = [os.getloadavg()]
@@ -275,24 +323,50 @@ class Bench:
         self.loadavg.append(os.getloadavg())
         for name, proc in self.procs.items():
             self.check(proc.poll() is None, "%s still running at the end (exit %s)" % (name, proc.poll()))
-        if "pocketproxy" in self.procs:
+        for peer in POCKETPROXY:
+            if peer not in self.procs:
+                continue
             try:
-                os.kill(self.procs["pocketproxy"].pid, 10)  # SIGUSR1: stats snapshot
+                os.kill(self.procs[peer].pid, 10)  # SIGUSR1: stats snapshot
                 time.sleep(0.3)
-                self.pp_snapshot = json.loads(self.pp_stats.read_text())
+                snap = json.loads(self.stats_files[peer].read_text())
             except (OSError, ValueError) as e:
-                self.pp_snapshot = {"error": repr(e)}
-            routed = set(self.pp_snapshot.get("route_for_calls", {}))
-            self.check(routed <= {CLIENT_TO_SERVER[0]}, "route_for saw only the client address (%s)" % sorted(routed))
-            results = set((self.pp_snapshot.get("server_stats") or {}).get("queries", {}))
-            self.check(results <= {"ok"}, "pocketproxy answered every query ok (its counters: %s)" % sorted(results))
-        else:
-            self.pp_snapshot = None
+                snap = {"error": repr(e)}
+            self.snapshots[peer] = snap
+            routed = set(snap.get("route_for_calls", {}))
+            what = "route_for" if peer == "pocketproxy" else "%s's route_for" % peer
+            self.check(routed <= {CLIENT_TO_SERVER[0]}, "%s saw only the client address (%s)" % (what, sorted(routed)))
+            results = set((snap.get("server_stats") or {}).get("queries", {}))
+            self.check(results <= {"ok"}, "%s answered every query ok (its counters: %s)" % (peer, sorted(results)))
+        self.pp_snapshot = self.snapshots.get("pocketproxy")
+        if "pocketproxy-doh" in self.procs:
+            self.check_doh_connections()
         all_sources = self.dns.query_sources()
         self.check(all_sources <= {self.device.origin_ip, PEER_ORIGIN_IP},
                    "origin saw no query from any other address (%s)" % sorted(all_sources))
         route = self.world.server_route_error()
         self.check(route is not None, "server namespace still has no route to the origin")
+
+    def check_doh_connections(self):
+        """Keep-alive: the origin's DoH listener accepted few connections, all from the phone."""
+        conns = self.dns.doh_connections()
+        own = (self.snapshots.get("pocketproxy-doh") or {}).get("server_stats") or {}
+        doh_phases = [p for p in self.phases if p["peer"] == "pocketproxy-doh"]
+        self.doh = {
+            "origin_connections": len(conns), "origin_connection_sources": sorted(set(conns)),
+            "max_doh_connections": MAX_DOH_CONNECTIONS,
+            "tunnels_opened": (own.get("upstream") or {}).get("opened"),
+            "tunnels_closed": (own.get("upstream") or {}).get("closed"),
+            "origin_queries": sum(q.proto == "doh" for q in self.dns.queries()),  # warm-ups included
+            "per_phase_new_connections": {"%s run %d" % (p["mode"], p["run"]): p.get("origin_doh_connections")
+                                          for p in doh_phases},
+        }
+        self.check(set(conns) <= {self.device.origin_ip},
+                   "every DoH connection at the origin came from the phone %s (saw %s)"
+                   % (self.device.origin_ip, sorted(set(conns))))
+        self.check(1 <= len(conns) <= MAX_DOH_CONNECTIONS,
+                   "DoH keep-alive: %d connection(s) at the origin for the whole run (1..%d)"
+                   % (len(conns), MAX_DOH_CONNECTIONS))
 
     # ------------------------------------------------------------------ report
 
@@ -317,7 +391,7 @@ class Bench:
     def report(self, correct, path):
         rows = self.rows()
         lines = []
-        head = "%-12s %-11s %9s %9s %9s %9s   %-6s %-6s %-6s  %s" % (
+        head = "%-15s %-11s %9s %9s %9s %9s   %-6s %-6s %-6s  %s" % (
             "server", "lookups", "q/s", "p50 ms", "p99 ms", "max ms", "q/s x", "p50 x", "p99 x", "path")
         lines.append(head)
         lines.append("-" * len(head))
@@ -329,10 +403,16 @@ class Bench:
                           "%.2f" % (row["p99_ms"] / base["p99_ms"]) if base["p99_ms"] else "-")
             else:
                 ratios = ("1" if peer == BASELINE else "-",) * 3
-            lines.append("%-12s %-11s %9.0f %9.2f %9.2f %9.2f   %-6s %-6s %-6s  %s" % (
+            lines.append("%-15s %-11s %9.0f %9.2f %9.2f %9.2f   %-6s %-6s %-6s  %s" % (
                 peer, mode, row["qps"], row["p50_ms"], row["p99_ms"], row["max_ms"] or 0, *ratios,
                 PATHS[peer] if mode == "uncached/%d" % self.args.concurrency else ""))
         a = self.args
+        versus = self.doh_vs_tcp(rows)
+        if versus:
+            lines += ["", "pocketproxy-doh / pocketproxy (DoH vs DNS over TCP, both through the phone):"]
+            for mode, r in versus.items():
+                lines.append("  %-11s q/s x %s, p50 x %s, p99 x %s" % (
+                    mode, *("-" if r[k] is None else "%.2f" % r[k] for k in ("qps", "p50_ms", "p99_ms"))))
         lines += [
             "",
             "lookups = kind/in flight: %d queries per phase with %d in flight, %d one at a time (unloaded latency);"
@@ -342,6 +422,14 @@ class Bench:
             "dnsmasq forwards straight to the origin over UDP; pocketproxy carries every miss over TCP through the"
             " phone's %s proxy (%s), the path a customer's query must take. Same machine, shared cores."
             % ("HTTP CONNECT" if a.device == "http" else "SOCKS5", self.device.url),
+        ]
+        if "pocketproxy-doh" in a.peers:
+            lines.append(
+                "pocketproxy-doh is a second pocketproxy DNS server (%s:%d, its own process and cache) resolving each"
+                " miss with an RFC 8484 GET over TLS (HTTP/1.1, at most %d keep-alive tunnels, so at most %d misses in"
+                " flight) through the same phone to %s." % (CLIENT_TO_SERVER[1], DOH_LISTEN_PORT, MAX_DOH_CONNECTIONS,
+                                                           MAX_DOH_CONNECTIONS, self.dns.doh_url))
+        lines += [
             "environment: %s" % self.environment_line(),
         ]
         snap = self.pp_snapshot or {}
@@ -355,6 +443,22 @@ class Bench:
                              snap.get("warnings")))
         elif snap:
             lines.append("pocketproxy runner: %s" % json.dumps(snap, default=repr)[:400])
+        snap = self.snapshots.get("pocketproxy-doh") or {}
+        own = snap.get("server_stats") or {}
+        if own:
+            lines.append("pocketproxy-doh's own counters: queries %s, cache hits %s / misses %s, DoH tunnels opened %s"
+                         " (failed %s, closed %s), route_for sources %s, warnings %s" % (
+                             own.get("queries"), own.get("cache", {}).get("hits"), own.get("cache", {}).get("misses"),
+                             own.get("upstream", {}).get("opened"), own.get("upstream", {}).get("failed"),
+                             own.get("upstream", {}).get("closed"), sorted(snap.get("route_for_calls", {})),
+                             snap.get("warnings")))
+        elif snap:
+            lines.append("pocketproxy-doh runner: %s" % json.dumps(snap, default=repr)[:400])
+        if self.doh:
+            lines.append("DoH keep-alive: %d TLS connection(s) accepted by the origin for the whole run (from %s) carried"
+                         " %d DoH queries; at most %d allowed" % (
+                             self.doh["origin_connections"], ", ".join(self.doh["origin_connection_sources"]) or "-",
+                             self.doh["origin_queries"], MAX_DOH_CONNECTIONS))
         for ok, text in self.checks:
             if not ok:
                 lines.append("FAILED: %s" % text)
@@ -364,6 +468,16 @@ class Bench:
         if path:
             lines.append("json: %s" % path)
         return "\n".join(lines)
+
+    def doh_vs_tcp(self, rows):
+        """{mode: {qps, p50_ms, p99_ms}}: pocketproxy-doh / pocketproxy, per mode both have."""
+        out = {}
+        for (peer, mode), row in rows.items():
+            tcp = rows.get(("pocketproxy", mode))
+            if peer != "pocketproxy-doh" or tcp is None:
+                continue
+            out[mode] = {k: (round(row[k] / tcp[k], 3) if tcp[k] else None) for k in ("qps", "p50_ms", "p99_ms")}
+        return out
 
     def environment(self):
         import twisted
@@ -448,10 +562,14 @@ def _finish(args, bench, tmp, error):
     data = {
         "args": vars(args), "correct": correct, "error": error, "environment": bench.environment(),
         "rows": [dict(peer=peer, mode=mode, path=PATHS[peer], **row) for (peer, mode), row in rows.items()],
+        "doh_vs_tcp": bench.doh_vs_tcp(rows),
         "checks": [{"ok": ok, "check": text} for ok, text in bench.checks], "phases": bench.phases,
         "pocketproxy_runner": bench.pp_snapshot,
+        "pocketproxy_doh_runner": bench.snapshots.get("pocketproxy-doh"),
+        "doh_keepalive": bench.doh,
         "logs": {
             "pocketproxy": _tail(Path(tmp) / "dns_runner.stderr"), "dnsmasq": _tail(Path(tmp) / "dnsmasq.stderr"),
+            "pocketproxy-doh": _tail(Path(tmp) / "dns_runner_doh.stderr"),
         },
     }
     with open(path, "w") as f:
@@ -459,7 +577,7 @@ def _finish(args, bench, tmp, error):
     print(bench.report(correct, path))
     if error:
         sys.stderr.write("bench-dns: %s\n" % error)
-        for name in ("dns_runner.stderr", "dnsmasq.stderr"):
+        for name in ("dns_runner.stderr", "dns_runner_doh.stderr", "dnsmasq.stderr"):
             text = _tail(Path(tmp) / name)
             if text:
                 sys.stderr.write("---- %s ----\n%s\n" % (name, text))

@@ -5,6 +5,10 @@ a :class:`proxy.dnsserver.DNSServer` listening on ``--listen:--port`` (UDP and T
 through the resolver ``--resolver`` (the lab's origin DNS), with a ``route_for`` that maps every
 client address to one device (``--upstream``, the phone's proxy URL), so every query that is
 not answered from the cache goes over the phone's HTTP CONNECT/SOCKS5 proxy. ``stats=None``.
+With ``--doh-url`` (``https://origin.test:8443/dns-query``) the resolver is that DNS-over-HTTPS
+URL instead (``DNSSettings(resolver=parse_doh_url(...), ca_file=--ca-file,
+max_doh_connections=--max-doh-connections)``): every miss is an RFC 8484 GET over TLS through
+the phone's proxy, on at most that many keep-alive tunnels; ``--resolver`` is then unused.
 
 The epoll reactor; logs below ``warn`` dropped, warnings to stderr (as ``proxy_runner``).
 ``--ready FILE`` is written once the server listens; ``--stats-file`` gets a JSON snapshot
@@ -28,16 +32,24 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python3 -m tests.bench.dns_runner", description=__doc__.split("\n\n")[0])
     parser.add_argument("--listen", required=True)
     parser.add_argument("--port", type=int, default=53)
-    parser.add_argument("--resolver", required=True, help="the origin DNS address (reached through the device)")
+    parser.add_argument("--resolver", help="the origin DNS address (reached through the device)")
     parser.add_argument("--resolver-port", type=int, default=53)
+    parser.add_argument("--doh-url", help="resolve misses with DNS over HTTPS at this URL instead (through the device)")
+    parser.add_argument("--ca-file", default="", help="with --doh-url: the PEM CA the resolver's certificate chains to")
+    parser.add_argument("--max-doh-connections", type=int, default=4, help="with --doh-url: keep-alive tunnels")
     parser.add_argument("--upstream", required=True, help="the device's proxy URL, e.g. http://192.168.255.2:8080")
     parser.add_argument("--ready", required=True)
     parser.add_argument("--stats-file")
     args = parser.parse_args(argv)
+    if not (args.resolver or args.doh_url):
+        parser.error("one of --resolver or --doh-url is required")
 
     try:
         from proxy.dnsserver import DNSRoute, DNSServer, DNSSettings
         from proxy.upstream import Upstream
+
+        if args.doh_url:
+            from proxy.dohurl import parse_doh_url
     except ImportError as e:
         sys.stderr.write("dns_runner: the DNS core is not available: %s\n" % e)
         return 2
@@ -58,7 +70,12 @@ def main(argv=None):
         routed[str(ip)] += 1
         return DNSRoute(key="phone", upstream=upstream)
 
-    settings = DNSSettings(listen_host=args.listen, listen_port=args.port, resolver=(args.resolver, args.resolver_port))
+    if args.doh_url:
+        settings = DNSSettings(listen_host=args.listen, listen_port=args.port, resolver=parse_doh_url(args.doh_url),
+                               ca_file=args.ca_file, max_doh_connections=args.max_doh_connections)
+    else:
+        settings = DNSSettings(listen_host=args.listen, listen_port=args.port,
+                               resolver=(args.resolver, args.resolver_port))
     server = DNSServer(reactor, settings, route_for=route_for, stats=None)
 
     def dump_stats(*_):

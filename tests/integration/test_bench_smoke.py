@@ -51,7 +51,8 @@ def test_bench_scale_smoke(tmp_path):
 
 
 def test_bench_dns_smoke(tmp_path):
-    """bench-dns --quick (pocketproxy via a tinyproxy phone, dnsmasq, the origin) completes and verifies itself."""
+    """bench-dns --quick (pocketproxy over TCP and over DoH via a tinyproxy phone, dnsmasq, the origin)
+    completes and verifies itself."""
     require_root()
     require_tools("dnsmasq", "tinyproxy")
     _run(tmp_path, "tests.bench.dns", "--quick", "--json", str(tmp_path / "dns.json"))
