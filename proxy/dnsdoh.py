@@ -15,11 +15,15 @@ an operator CA file. A failure is a SERVFAIL for the client, never a lookup from
 import base64
 from collections import deque
 
+from OpenSSL import SSL
 from twisted.internet import defer, ssl
+from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.endpoints import wrapClientTLS
 from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
@@ -29,15 +33,20 @@ from proxy.dnsupstream import DNSTimeout, DNSUnavailable, Overloaded
 from proxy.tunnelendpoint import TunnelEndpoint
 from proxy.upstream import UpstreamError, dial
 
+from twisted.web.iweb import IAgentEndpointFactory
+
 try:
-    from twisted.web.iweb import IAgentEndpointFactory
-except ImportError:  # pragma: no cover - every supported Twisted has it
-    IAgentEndpointFactory = None
+    from service_identity.hazmat import DNS_ID, IPAddress_ID, verify_service_identity
+    from service_identity.pyopenssl import extract_patterns
+except ImportError:  # service-identity 18.1 (Debian 12) has them under older names
+    from service_identity._common import DNS_ID, IPAddress_ID, verify_service_identity
+    from service_identity.pyopenssl import extract_ids as extract_patterns
 
 __all__ = ["DoHResolver", "tls_options", "load_ca_file", "MEDIA_TYPE", "MAX_REPLY"]
 
 MEDIA_TYPE = b"application/dns-message"
 MAX_REPLY = 65535  # a DNS message cannot be longer
+MIN_REPLY = 12  # nor shorter than its header
 
 
 def load_ca_file(path):
@@ -66,7 +75,46 @@ def load_ca_file(path):
 def tls_options(host, ca_file=None):
     """Client TLS options verifying ``host`` (name or IP) against ``ca_file`` or the system store."""
     trust = ssl.trustRootFromCertificates(load_ca_file(ca_file)) if ca_file else ssl.platformTrust()
-    return ssl.optionsForClientTLS(host, trustRoot=trust)
+    return _StrictClientTLS(host, ssl.optionsForClientTLS(host, trustRoot=trust))
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _StrictClientTLS:
+    """``optionsForClientTLS`` plus our own identity check on the leaf certificate, failing closed.
+
+    Twisted's own check is made after the handshake and, in current releases, lets a
+    certificate through when service-identity raises anything but VerificationError (e.g. a
+    SAN that is an IP literal written as a DNS name): a trusted CA's certificate for another
+    name was then accepted. Checking in the OpenSSL verify callback refuses it in every version.
+    """
+
+    def __init__(self, host, options):
+        self._options = options
+        self._host = host
+        self._id = IPAddress_ID(host) if isIPAddress(host) or isIPv6Address(host) else DNS_ID(host)
+
+    def clientConnectionForTLS(self, tls_protocol):
+        connection = self._options.clientConnectionForTLS(tls_protocol)
+        wanted = self._id
+
+        def verify(conn, certificate, errno, depth, preverified):
+            if not preverified:
+                return False
+            if depth != 0:
+                return True
+            try:
+                verify_service_identity(extract_patterns(certificate), [wanted], [])
+            except Exception as e:  # VerificationError, CertificateError, anything: not verified
+                tls_protocol.failVerification(Failure(IdentityMismatch("certificate is not valid for %s: %s" % (self._host, e))))
+                return False
+            return True
+
+        connection.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, verify)
+        return connection
+
+
+class IdentityMismatch(Exception):
+    """The resolver's certificate does not name the host in the URL."""
 
 
 class _Pending:
@@ -87,6 +135,7 @@ class DoHResolver:
     :param url: a :class:`proxy.dohurl.DoHURL`.
     :param tls: client TLS options for ``url.host`` (:func:`tls_options`), shared by devices.
     :param stats: a :class:`proxy.dnsserver.DNSStats` (``upstream_*`` counters), or None.
+    :param close_grace: seconds an idle tunnel's TLS close may wait for the resolver's reply.
     """
 
     _log = Logger()
@@ -105,6 +154,7 @@ class DoHResolver:
         max_queued=256,
         stats=None,
         log_fields=None,
+        close_grace=5.0,
         dial=dial,
     ):
         self.reactor = reactor
@@ -119,17 +169,16 @@ class DoHResolver:
         self._active = set()
         self._open = 0
         self._closed = False
+        self._close_why = None
         self._pool = HTTPConnectionPool(reactor, persistent=True)
         self._pool.maxPersistentPerHost = max_connections
         self._pool.cachedConnectionTimeout = idle_timeout
         self._pool.retryAutomatically = True
-        endpoint = wrapClientTLS(
-            tls,
-            TunnelEndpoint(
-                reactor, upstream, url.host, url.port, connect_timeout, handshake_timeout,
-                on_open=self._opened, on_close=self._tunnel_closed, dial=dial,
-            ),
+        self._tunnels = TunnelEndpoint(
+            reactor, upstream, url.host, url.port, connect_timeout, handshake_timeout,
+            on_open=self._opened, on_close=self._tunnel_closed, close_grace=close_grace, dial=dial,
         )
+        endpoint = wrapClientTLS(tls, self._tunnels)
         self._agent = Agent.usingEndpointFactory(reactor, _OneEndpoint(endpoint), pool=self._pool)
 
     @property
@@ -160,11 +209,14 @@ class DoHResolver:
     def close(self, why="closed"):
         """Fail every pending query and close the tunnels (device removed or server stopping)."""
         self._closed = True
+        self._close_why = why
         exc = DNSUnavailable("resolver for %s %s" % (self.upstream, why))
         queue, self._queue = self._queue, deque()
         for p in list(queue) + list(self._active):
             self._settle(p, exc)
-        return self._pool.closeCachedConnections()
+        d = self._pool.closeCachedConnections()
+        self._tunnels.abort_all()  # a silent phone would keep a graceful TLS close waiting
+        return d
 
     # --- exchanges ------------------------------------------------------------------------------
 
@@ -259,7 +311,11 @@ class DoHResolver:
     def _tunnel_closed(self, reason):
         self._open -= 1
         if self.stats is not None:
-            self.stats.upstream_closed["closed" if reason.check(ConnectionDone) else "dropped"] += 1
+            if self._closed:
+                why = self._close_why  # we reset it: not the device's doing
+            else:
+                why = "closed" if reason.check(ConnectionDone) else "dropped"
+            self.stats.upstream_closed[why] += 1
 
 
 class _Body(Protocol):
@@ -284,8 +340,11 @@ class _Body(Protocol):
     def connectionLost(self, reason):
         if self.d.called:
             return
-        if reason.check(ResponseDone):
-            self.d.callback(b"".join(self.parts))
+        body = b"".join(self.parts)
+        if reason.check(ResponseDone) and len(body) < MIN_REPLY:
+            self.d.errback(DNSUnavailable("the resolver's %d-byte reply is not a DNS message" % len(body)))
+        elif reason.check(ResponseDone):
+            self.d.callback(body)
         else:
             self.d.errback(DNSUnavailable("the resolver's reply was cut short: %s" % _text(reason.getErrorMessage())))
 
@@ -305,7 +364,7 @@ def _discard(response):
     response.deliverBody(_Discard())
 
 
-@implementer(*([IAgentEndpointFactory] if IAgentEndpointFactory else []))
+@implementer(IAgentEndpointFactory)
 class _OneEndpoint:
     """Agent endpoint factory: every request goes to the resolver through the device."""
 
@@ -334,8 +393,10 @@ def _describe(failure, host):
         if f.check(UpstreamError):
             return f.value.kind, str(f.value)
     for f in reasons:
-        module = type(f.value).__module__ or ""
-        if module.startswith(("OpenSSL", "service_identity")):
+        if f.check(IdentityMismatch):  # ours says which name; OpenSSL's would only say "verify failed"
+            return "tls", "TLS with %s failed: %s" % (host, f.value)
+    for f in reasons:
+        if (type(f.value).__module__ or "").startswith(("OpenSSL", "service_identity")):
             return "tls", "TLS with %s failed: %s" % (host, _ssl_reason(f.value))
     for f in reasons:
         if f.check(defer.CancelledError):

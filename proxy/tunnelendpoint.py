@@ -7,6 +7,7 @@ connection, this server only talks to the device. Failures are the typed
 :class:`proxy.upstream.UpstreamError` of :func:`proxy.upstream.dial` and the handshake.
 """
 
+from twisted.internet import error
 from twisted.internet.address import HostnameAddress
 from twisted.internet.interfaces import IStreamClientEndpoint
 from zope.interface import implementer
@@ -22,11 +23,14 @@ class TunnelEndpoint:
 
     :param on_open: called with no arguments when a tunnel is established (for counters).
     :param on_close: called with the ``connectionLost`` reason of an established tunnel.
+    :param close_grace: seconds a protocol closing gracefully (TLS close_notify) waits for the
+        far side to agree before its tunnel is aborted: a phone that lost signal never answers,
+        and the tunnel would hold its descriptor until the phone's own TCP gave up.
     :param dial: :func:`proxy.upstream.dial`; tests pass a scripted one.
     """
 
     def __init__(self, reactor, upstream, host, port, connect_timeout, handshake_timeout,
-                 on_open=None, on_close=None, dial=dial):
+                 on_open=None, on_close=None, close_grace=5.0, dial=dial):
         self.reactor = reactor
         self.upstream = upstream
         self.host = host
@@ -35,7 +39,14 @@ class TunnelEndpoint:
         self.handshake_timeout = handshake_timeout
         self._on_open = on_open
         self._on_close = on_close
+        self.close_grace = close_grace
         self._dial = dial
+        self._legs = set()
+
+    def abort_all(self):
+        """Reset every open tunnel at once (the resolver is closing: nothing is waited for)."""
+        for leg in list(self._legs):
+            leg.device.abort()
 
     def connect(self, factory):
         """IStreamClientEndpoint.connect: fires with the protocol, or an UpstreamError.
@@ -53,8 +64,16 @@ class TunnelEndpoint:
             protocol = factory.buildProtocol(HostnameAddress(self.host.encode("idna"), self.port))
             if protocol is None:
                 device.abort()
-                raise ConnectionRefusedError("the protocol factory declined the tunnel to %s" % self.host)
-            leg = _Leg(protocol, device, self._on_close)
+                raise error.ConnectingCancelledError(HostnameAddress(self.host.encode("idna"), self.port))
+            leg = _Leg(self, protocol, device)
+            self._legs.add(leg)
+            graceful = protocol.loseConnection
+
+            def lose_connection():
+                leg.closing()
+                return graceful()
+
+            protocol.loseConnection = lose_connection  # the only hook on a graceful close's start
             protocol.makeConnection(device.transport)
             device.attach(leg)
             if self._on_open is not None:
@@ -76,10 +95,16 @@ class _Leg:
     connection is closed), as a plain Twisted TCP connection would behave.
     """
 
-    def __init__(self, protocol, device, on_close):
+    def __init__(self, endpoint, protocol, device):
+        self.endpoint = endpoint
         self.protocol = protocol
         self.device = device
-        self.on_close = on_close
+        self.deadline = None
+
+    def closing(self):
+        """The protocol began a graceful close: abort the tunnel if it has not ended in time."""
+        if self.deadline is None and self in self.endpoint._legs:
+            self.deadline = self.endpoint.reactor.callLater(self.endpoint.close_grace, self.device.abort)
 
     def dataReceived(self, data):
         self.protocol.dataReceived(data)
@@ -91,8 +116,11 @@ class _Leg:
         self.device.abort()
 
     def connectionLost(self, reason):
+        self.endpoint._legs.discard(self)
+        if self.deadline is not None and self.deadline.active():
+            self.deadline.cancel()
         try:
             self.protocol.connectionLost(reason)
         finally:
-            if self.on_close is not None:
-                self.on_close(reason)
+            if self.endpoint._on_close is not None:
+                self.endpoint._on_close(reason)

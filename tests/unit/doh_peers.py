@@ -6,6 +6,7 @@ tunnel code run for real; each peer records what it saw and can be told to misbe
 
 import base64
 import datetime
+import ipaddress
 import os
 from urllib.parse import parse_qs, urlsplit
 
@@ -28,7 +29,8 @@ def _pem(key):
 
 
 def make_ca(directory, cn="doh-test-ca"):
-    """``(ca_path, issue)``: a CA certificate file and ``issue(dns_names) -> (cert_pem, key_pem)``."""
+    """``(ca_path, issue)``: a CA certificate file and ``issue(dns_names, ips=()) -> (cert_pem, key_pem)``
+    (every entry of ``dns_names`` is written as a DNS SAN, even one that looks like an IP)."""
     now = datetime.datetime.now(datetime.timezone.utc)
     key = ec.generate_private_key(ec.SECP256R1())
     ca = (
@@ -49,7 +51,7 @@ def make_ca(directory, cn="doh-test-ca"):
     with open(path, "wb") as f:
         f.write(ca.public_bytes(serialization.Encoding.PEM))
 
-    def issue(names):
+    def issue(names, ips=()):
         leaf_key = ec.generate_private_key(ec.SECP256R1())
         cert = (
             x509.CertificateBuilder()
@@ -59,7 +61,12 @@ def make_ca(directory, cn="doh-test-ca"):
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(days=1))
             .not_valid_after(now + datetime.timedelta(days=2))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), critical=False)
+            .add_extension(
+                x509.SubjectAlternativeName(
+                    [x509.DNSName(n) for n in names] + [x509.IPAddress(ipaddress.ip_address(a)) for a in ips]
+                ),
+                critical=False,
+            )
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .sign(key, hashes.SHA256())
         )
@@ -83,7 +90,7 @@ class DoHResource(resource.Resource):
     """``/dns-query``: answers GET ``?dns=`` with :func:`answer_for`; ``mode`` makes it misbehave.
 
     Modes: ``ok``, ``status`` (HTTP 503), ``html`` (200 text/html), ``huge`` (70,000-byte
-    body), ``huge-chunked`` (80,000 bytes, chunked), ``hang`` (never answers), ``close`` (``Connection: close`` on every reply).
+    body), ``huge-chunked`` (80,000 bytes, chunked), ``empty`` (200 with no body), ``hang`` (never answers), ``close`` (``Connection: close`` on every reply).
     """
 
     isLeaf = True
@@ -112,6 +119,8 @@ class DoHResource(resource.Resource):
         request.setHeader("content-type", "application/dns-message")
         if self.mode == "close":
             request.setHeader("connection", "close")
+        if self.mode == "empty":
+            return b""
         if self.mode == "huge":
             return b"\0" * 70000
         if self.mode == "huge-chunked":  # no Content-Length: the client must count
@@ -228,6 +237,14 @@ class ConnectProxy:
         factory.noisy = False
         self.port = reactor.listenTCP(0, factory, interface="127.0.0.1")
         self.address = ("127.0.0.1", self.port.getHost().port)
+
+    def black_hole(self):
+        """From now on every open tunnel swallows what it gets, both ways, and stays up (a
+        phone that lost signal: nothing arrives, nothing is refused)."""
+        for tunnel in self.tunnels:
+            tunnel.dataReceived = lambda data: None
+            if tunnel.peer is not None:
+                tunnel.peer.dataReceived = lambda data: None
 
     def drop_all(self):
         for tunnel in list(self.tunnels):

@@ -180,6 +180,35 @@ def test_a_kept_alive_tunnel_dropped_by_the_device_is_replaced_without_failing_t
 
 
 @pytest_twisted.inlineCallbacks
+def test_an_idle_tunnel_to_a_silent_phone_is_aborted_after_the_close_grace(peers, pki):
+    """The idle close is a TLS close_notify that waits for the resolver's; when the phone has
+    gone silent it never comes, so the tunnel is reset close_grace seconds later."""
+    server, proxy = peers
+    stats = DNSStats()
+    r = resolver(proxy, pki[0], stats, idle_timeout=0.2, close_grace=0.3)
+    yield r.query(make_query())
+    proxy.black_hole()
+    started = reactor.seconds()
+    yield wait_until(lambda: not r.connected, timeout=3.0)
+    assert 0.4 <= reactor.seconds() - started < 2.0, "idle 0.2 s + grace 0.3 s"
+    yield wait_until(lambda: not proxy.tunnels)
+    assert stats.upstream_closed["dropped"] == 1
+    yield r.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_close_resets_tunnels_to_a_silent_phone_at_once(peers, pki):
+    server, proxy = peers
+    stats = DNSStats()
+    r = resolver(proxy, pki[0], stats)  # close_grace 5 s: only an abort can be this quick
+    yield r.query(make_query())
+    proxy.black_hole()
+    r.close("forgotten")
+    yield wait_until(lambda: not r.connected and not proxy.tunnels, timeout=1.0)
+    assert stats.upstream_closed["forgotten"] == 1
+
+
+@pytest_twisted.inlineCallbacks
 def test_server_closing_after_each_reply_still_answers_every_query(peers, pki):
     server, proxy = peers
     server.resource.mode = "close"
@@ -225,6 +254,31 @@ def test_a_certificate_for_another_name_is_refused(pki, events):
         yield defer.gatherResults([proxy.stop(), server.stop()])
 
 
+@pytest.mark.parametrize(
+    "names",
+    [
+        ["evil.test", "192.0.2.1"],  # current Twisted let this through: service-identity raised CertificateError
+        ["doh.test", "192.0.2.1"],  # a certificate service-identity cannot parse is never trusted
+        ["evil.test"],
+    ],
+)
+@pytest_twisted.inlineCallbacks
+def test_identity_check_fails_closed_on_every_twisted(pki, events, names):
+    ca, issue, _ = pki
+    server = DoHServer(*issue(names))
+    proxy = ConnectProxy(server.address)
+    try:
+        r = resolver(proxy, ca)
+        with pytest.raises(DNSUnavailable, match="tls"):
+            yield r.query(make_query())
+        assert server.resource.requests == [], "a query went to a server whose certificate is not for doh.test"
+        reason = [e for e in events if e.get("event") == "dns-upstream-failed"][0]["reason"]
+        assert "certificate is not valid for doh.test" in reason
+        yield r.close()
+    finally:
+        yield defer.gatherResults([proxy.stop(), server.stop()])
+
+
 @pytest_twisted.inlineCallbacks
 def test_an_ip_address_url_is_verified_against_the_certificate(pki):
     ca, issue, _ = pki
@@ -238,6 +292,15 @@ def test_an_ip_address_url_is_verified_against_the_certificate(pki):
         yield r.close()
     finally:
         yield defer.gatherResults([proxy.stop(), server.stop()])
+    server = DoHServer(*issue(["doh.test"], ips=["127.0.0.1"]))  # with an IP SAN it verifies
+    proxy = ConnectProxy(server.address)
+    try:
+        r = resolver(proxy, ca, url="https://127.0.0.1/dns-query", host="127.0.0.1")
+        reply = yield r.query(make_query())
+        assert answer_address(reply) == "192.0.2.7"
+        yield r.close()
+    finally:
+        yield defer.gatherResults([proxy.stop(), server.stop()])
 
 
 @pytest.mark.parametrize(
@@ -247,6 +310,7 @@ def test_an_ip_address_url_is_verified_against_the_certificate(pki):
         ("html", "content type 'text/html'"),
         ("huge", "announced a 70000-byte reply"),
         ("huge-chunked", "exceeded 65535 bytes"),
+        ("empty", "0-byte reply is not a DNS message"),
     ],
 )
 @pytest_twisted.inlineCallbacks
