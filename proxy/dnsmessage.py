@@ -135,8 +135,8 @@ def reply_id(wire):
 
 
 def reply_rcode(wire):
-    """The 4-bit RCODE from a message header."""
-    return wire[3] & 0xF
+    """The 4-bit RCODE from a message header (``None`` when shorter than a header)."""
+    return wire[3] & 0xF if len(wire) >= _HEADER else None
 
 
 def same_question(query, message):

@@ -241,23 +241,35 @@ class DNSServer:
             return d
         self.stats.cache_misses += 1
         self._flights[flight] = []
-        d = self._resolve(route, query)
+        d = defer.maybeDeferred(self._resolve, route, query)  # a raise must not strand the followers
         d.addCallback(self._resolved, route, query)
         d.addErrback(self._failed, route, query, source)
-        d.addCallback(self._landed, flight)
+        d.addBoth(self._landed, flight, query)
         d.addCallback(lambda pair: self._finish(query, pair[0], pair[1], started, udp))
         return d
 
-    def _landed(self, pair, flight):
+    def _landed(self, pair, flight, query):
         """Give every query that joined this one in flight the same answer, in its own words
-        (ID, question casing, EDNS); a failure is the same SERVFAIL for all."""
+        (ID, question casing, EDNS as *it* asked); a failure is the same SERVFAIL for all."""
         followers = self._flights.pop(flight, ())
-        if followers:
-            reply, result = pair
-            message = dnsmessage.parse_reply(reply)
-            for query, started, udp, d in followers:
-                own = dnsmessage.cached_reply(query, message, 0) if message is not None else dnsmessage.with_id(reply, query.id)
-                d.callback(self._finish(query, own, result, started, udp))
+        if not isinstance(pair, tuple):  # a bug in the chain above: still answer everyone
+            self._log.failure("DNS answer failed internally", pair)
+            pair = (dnsmessage.error_reply(query, dns.ESERVER), "servfail")
+        reply, result = pair
+        message = dnsmessage.parse_reply(reply) if followers else None
+        if message is not None:
+            message.additional = [r for r in message.additional if r.type != dns.OPT]  # the leader's EDNS
+        for follower, started, udp, d in followers:
+            own_result = result
+            try:
+                if message is not None:
+                    own = dnsmessage.cached_reply(follower, message, 0)
+                else:
+                    own = dnsmessage.with_id(reply, follower.id)
+            except Exception:
+                self._log.failure("DNS answer for a coalesced query failed")
+                own, own_result = dnsmessage.error_reply(follower, dns.ESERVER), "servfail"
+            d.callback(self._finish(follower, own, own_result, started, udp))
         return pair
 
     def _resolve(self, route, query):

@@ -316,6 +316,42 @@ def test_identical_queries_in_flight_share_one_upstream_query():
     assert w.server.cache.size() == 0
 
 
+def test_joined_queries_get_edns_only_as_they_asked():
+    """The leader asked with EDNS and the resolver's reply carries its OPT: a joined EDNS
+    client gets exactly one OPT (ours), a joined plain client none (RFC 6891)."""
+    w = World()
+    w.ask_udp(make_query(name=b"opt.example", qid=1, edns=1232))
+    w.ask_udp(make_query(name=b"opt.example", qid=2, edns=4096), source=OTHER)
+    w.ask_udp(make_query(name=b"opt.example", qid=3))
+    link = w.link().up()
+    ((_, frame),) = link.queries()
+    link.answer(frame, edns=4096)
+    opts = {m.id: [r for r in m.additional if r.type == dns.OPT] for m in map(decode, w.udp_replies())}
+    assert sorted(opts) == [1, 2, 3]
+    assert (len(opts[1]), len(opts[2]), len(opts[3])) == (1, 1, 0)
+
+
+def test_a_resolver_raising_instead_of_failing_strands_nobody():
+    """A resolver that raises (fd exhaustion, a CA file gone since start-up) gives the asker
+    and everyone who joined it a SERVFAIL, and the next identical query is asked anew."""
+    w = World(routes={CLIENT: DNSRoute("phone1", HTTP_DEVICE, policy="host")})
+    calls = []
+
+    def raising(query):
+        calls.append(query)
+        if len(calls) == 1:
+            w.ask_udp(make_query(name=b"boom.example", qid=2))  # joins while the first is "in flight"
+        raise OSError("too many open files")
+
+    w.host.query = raising
+    w.ask_udp(make_query(name=b"boom.example", qid=1))
+    replies = [decode(r) for r in w.udp_replies()]
+    assert sorted((m.id, m.rCode) for m in replies) == [(1, dns.ESERVER), (2, dns.ESERVER)]
+    assert w.server._flights == {}
+    w.ask_udp(make_query(name=b"boom.example", qid=3))
+    assert len(calls) == 2 and decode(w.udp_replies()[0]).rCode == dns.ESERVER
+
+
 def test_a_failed_query_fails_everyone_who_joined_it():
     """The device is down: the leader and the joined client both get SERVFAIL, one dial only."""
     w = World()
