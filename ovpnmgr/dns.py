@@ -7,6 +7,7 @@ mapping table the controller fills at admission: the client's upstream, and the 
 An unmapped source has no route and is REFUSED, so the service is never an open resolver.
 """
 
+from ovpnmgr.config import ConfigError
 from proxy.dnsserver import DNSRoute, DNSServer, DNSService, DNSSettings
 from proxy.dohurl import DoHURL
 
@@ -55,5 +56,8 @@ def build_dns(reactor, config, mappings):
     """``(DNSService, DNSServer)`` for ``config``, or ``(None, None)`` when ``dns.enabled`` is false."""
     if config.dns_address is None:
         return None, None
-    server = DNSServer(reactor, settings_from(config), route_lookup(mappings, config.dns.policy))
+    try:
+        server = DNSServer(reactor, settings_from(config), route_lookup(mappings, config.dns.policy))
+    except ValueError as e:  # the CA file changed since the configuration was checked
+        raise ConfigError(config.path, "dns.ca_file", str(e)) from None
     return DNSService(server), server

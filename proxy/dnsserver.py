@@ -156,7 +156,11 @@ class DNSServer:
         self.udp_port = None
         self.tcp_port = None
         self._dial = dial
-        self._doh_tls = None  # client TLS options for a DoH resolver, built on first use
+        # One TLS context for every device's DoH tunnels, built now so that a CA file gone
+        # since the configuration was read fails the start (ValueError), not every query.
+        self._doh_tls = None
+        if isinstance(settings.resolver, DoHURL):
+            self._doh_tls = tls_options(settings.resolver.host, settings.ca_file or None)
         self._devices = {}
         self._flights = {}  # (route key, query key) -> queries waiting for the one being resolved
         self._tcp = set()
@@ -298,8 +302,6 @@ class DNSServer:
             dial=self._dial,
         )
         if isinstance(s.resolver, DoHURL):
-            if self._doh_tls is None:  # one TLS context for every device
-                self._doh_tls = tls_options(s.resolver.host, s.ca_file or None)
             resolver = DoHResolver(
                 self.reactor, route.upstream, s.resolver, self._doh_tls, max_connections=s.max_doh_connections, **common
             )
