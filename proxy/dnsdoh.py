@@ -263,10 +263,7 @@ class DoHResolver:
         """Turn an exchange failure into the client's DNSUnavailable (logging the tunnel's)."""
         if reason.check(DNSUnavailable):
             return reason.value
-        if reason.check(UpstreamError):
-            kind, why = reason.value.kind, str(reason.value)
-        else:
-            kind, why = _describe(reason, self.url.host)
+        kind, why = _describe(reason, self.url.host)
         if self.stats is not None:
             self.stats.upstream_failed[kind] += 1
         self._log.warn(

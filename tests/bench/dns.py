@@ -432,28 +432,18 @@ class Bench:
         lines += [
             "environment: %s" % self.environment_line(),
         ]
-        snap = self.pp_snapshot or {}
-        own = snap.get("server_stats") or {}
-        if own:
-            lines.append("pocketproxy's own counters: queries %s, cache hits %s / misses %s, device tunnels opened %s"
-                         " (failed %s, closed %s), route_for sources %s, warnings %s" % (
-                             own.get("queries"), own.get("cache", {}).get("hits"), own.get("cache", {}).get("misses"),
-                             own.get("upstream", {}).get("opened"), own.get("upstream", {}).get("failed"),
-                             own.get("upstream", {}).get("closed"), sorted(snap.get("route_for_calls", {})),
-                             snap.get("warnings")))
-        elif snap:
-            lines.append("pocketproxy runner: %s" % json.dumps(snap, default=repr)[:400])
-        snap = self.snapshots.get("pocketproxy-doh") or {}
-        own = snap.get("server_stats") or {}
-        if own:
-            lines.append("pocketproxy-doh's own counters: queries %s, cache hits %s / misses %s, DoH tunnels opened %s"
-                         " (failed %s, closed %s), route_for sources %s, warnings %s" % (
-                             own.get("queries"), own.get("cache", {}).get("hits"), own.get("cache", {}).get("misses"),
-                             own.get("upstream", {}).get("opened"), own.get("upstream", {}).get("failed"),
-                             own.get("upstream", {}).get("closed"), sorted(snap.get("route_for_calls", {})),
-                             snap.get("warnings")))
-        elif snap:
-            lines.append("pocketproxy-doh runner: %s" % json.dumps(snap, default=repr)[:400])
+        for peer, tunnels in (("pocketproxy", "device tunnels"), ("pocketproxy-doh", "DoH tunnels")):
+            snap = self.snapshots.get(peer) or {}
+            own = snap.get("server_stats") or {}
+            if own:
+                lines.append("%s's own counters: queries %s, cache hits %s / misses %s, %s opened %s"
+                             " (failed %s, closed %s), route_for sources %s, warnings %s" % (
+                                 peer, own.get("queries"), own.get("cache", {}).get("hits"),
+                                 own.get("cache", {}).get("misses"), tunnels, own.get("upstream", {}).get("opened"),
+                                 own.get("upstream", {}).get("failed"), own.get("upstream", {}).get("closed"),
+                                 sorted(snap.get("route_for_calls", {})), snap.get("warnings")))
+            elif snap:
+                lines.append("%s runner: %s" % (peer, json.dumps(snap, default=repr)[:400]))
         if self.doh:
             lines.append("DoH keep-alive: %d TLS connection(s) accepted by the origin for the whole run (from %s) carried"
                          " %d DoH queries; at most %d allowed" % (
