@@ -13,6 +13,8 @@ from pathlib import Path
 
 import yaml
 
+from ovpnmgr.tunnel import MODES as TUNNEL_MODES
+from ovpnmgr.tunnel import RESERVED_OPTIONS
 from proxy.dohurl import is_doh, parse_doh_url
 from proxy.settings import ProxySettings
 
@@ -43,6 +45,7 @@ class OpenVPNConfig:
     temp_backoff: int = 10
     push: tuple = ()
     bytecount_interval: int = 5  # seconds between >BYTECOUNT_CLI notifications; 0 = off
+    tunnel: str = "full"  # full: every client's traffic goes into the tunnel (ovpnmgr.tunnel); split: opt-in
 
     @property
     def netmask(self):
@@ -376,6 +379,14 @@ def _push_lines(value, ctx):
         text = _str(item, ctx)
         if any(c in text for c in "\r\n\"\\") or len(text) > 200:
             raise _Bad("push option %r must be under 200 characters without quotes, backslashes or newlines" % text)
+        words = text.split()
+        if not words:
+            raise _Bad("empty push option")
+        if words[0] in RESERVED_OPTIONS:
+            raise _Bad(
+                "%r is pushed by pocketproxy itself (the full tunnel; choose it with openvpn.tunnel: full or split)"
+                % text
+            )
         out.append(text)
     return tuple(out)
 
@@ -461,6 +472,7 @@ _SCHEMA = {
             "temp_backoff": (_int(1, 3600), False),
             "push": (_push_lines, False),
             "bytecount_interval": (_int(0, 3600), False),
+            "tunnel": (_choice(*TUNNEL_MODES), False),
         },
     ),
     "proxy": (

@@ -22,7 +22,7 @@ from collections import Counter
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from ovpnmgr import events
+from ovpnmgr import events, tunnel
 from ovpnmgr.config import ConfigError
 from ovpnmgr.directory import AuthFailed
 from ovpnmgr.firewall import FirewallError
@@ -57,6 +57,7 @@ class Session:
         self.username = env.get("username", "")
         self.common_name = env.get("common_name", "")
         self.real_address = "%s:%s" % (env.get("untrusted_ip", ""), env.get("untrusted_port", ""))
+        self.peer = tunnel.Peer.from_env(env)  # what to push depends on the client's version and platform
         self.started = started
         self.state = AUTHENTICATING
         self.user = None
@@ -139,6 +140,15 @@ class Controller:
             events.Fatal: self._on_fatal,
             events.ByteCountClient: self._on_bytecount,
         }
+
+    def warn_split_tunnels(self):
+        """Say loudly who does not get the full tunnel (at start and after every reload)."""
+        for line in tunnel.split_tunnel_warnings(self.config.tunnel, self.directory.users.values()):
+            self._log.warn("{warning}", warning=line, event="split-tunnel")
+
+    def tunnel_mode(self, user):
+        """``full`` or ``split``: what ``user``'s clients are pushed (see :mod:`ovpnmgr.tunnel`)."""
+        return tunnel.effective_mode(self.config.tunnel, user.tunnel)
 
     # --- management connection lifecycle ---
 
@@ -257,8 +267,8 @@ class Controller:
     def _authorize(self, session):
         if session.address is None:  # a caller's bug; refusing keeps it from admitting a client without a tunnel address
             raise ValueError("cid %d has no address to push" % session.cid)
-        lines = ["ifconfig-push %s %s" % (session.address, self.config.netmask)]
-        lines += ['push "%s"' % option for option in self.config.push]
+        options = tunnel.pushed_options(self.tunnel_mode(session.user), self.config.push, session.peer)
+        lines = tunnel.client_auth_lines(session.address, self.config.netmask, options)
         session.state = AUTHORIZING
         protocol = self.protocol
         if protocol is None:
@@ -791,6 +801,8 @@ class Controller:
                 why = "user removed"
             elif new.address != session.user.address:
                 why = "static address changed"
+            elif self.tunnel_mode(new) != self.tunnel_mode(session.user):
+                why = "tunnel changed to %s" % self.tunnel_mode(new)  # pushed options apply only at connect
             elif session.address is not None and session.address in statics and session.address != new.address:
                 why = "address %s now reserved for another user" % session.address
             else:
@@ -820,6 +832,7 @@ class Controller:
             self._kill(session.cid, why)
             kicked += 1
         self.directory = directory
+        self.warn_split_tunnels()
         summary = {
             "path": directory.path,
             "users": len(directory.users),

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from twisted.internet import defer
 
 from ovpnmgr.config import ConfigError, load_yaml, read_text
+from ovpnmgr.tunnel import MODES as TUNNEL_MODES
 from proxy.upstream import Upstream
 
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 16384, 8, 1
@@ -53,6 +54,7 @@ class User:
     password_hash: str | None = field(default=None, repr=False)
     common_name: str | None = None
     address: ipaddress.IPv4Address | None = None
+    tunnel: str | None = None  # "full" or "split"; None: the daemon's openvpn.tunnel
 
 
 def hash_password(password, salt=None, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P):
@@ -145,7 +147,7 @@ class Directory:
             key = "users.%s" % name
             if not isinstance(name, str) or not _USER_NAME.match(name):
                 raise ConfigError(path, key, "user names are 1-64 characters of letters, digits and _.@+-")
-            spec = _fields(path, key, spec, {"password", "common_name", "device", "address"}, {"device"})
+            spec = _fields(path, key, spec, {"password", "common_name", "device", "address", "tunnel"}, {"device"})
             device = spec.get("device")
             try:
                 known = device in devices
@@ -182,7 +184,10 @@ class Directory:
                 if address in addresses:
                     raise ConfigError(path, key + ".address", "already assigned to user %s" % addresses[address])
                 addresses[address] = name
-            users[name] = User(name, devices[spec["device"]], password_hash, cn, address)
+            tunnel = spec.get("tunnel")
+            if tunnel not in (None,) + TUNNEL_MODES:
+                raise ConfigError(path, key + ".tunnel", "expected %s, got %r" % (" or ".join(TUNNEL_MODES), tunnel))
+            users[name] = User(name, devices[spec["device"]], password_hash, cn, address, tunnel)
         return cls(devices, users, path)
 
     # --- queries ---

@@ -22,11 +22,19 @@ Shape (names from :class:`~ovpnmgr.config.FirewallConfig`; defaults shown)::
     COMMIT
     *nat
     :POCKETPROXY - [0:0]
+    -A POCKETPROXY -p udp -m set --match-set pocketproxy-clients src -m udp --dport 53 -j DNAT --to-destination 10.9.0.1:53
+    -A POCKETPROXY -p tcp -m set --match-set pocketproxy-clients src -m tcp --dport 53 -j DNAT --to-destination 10.9.0.1:53
     -A POCKETPROXY -m addrtype --dst-type LOCAL -j RETURN
     -A POCKETPROXY -p tcp -m set --match-set pocketproxy-clients src -j REDIRECT --to-ports 12345
     -I PREROUTING 1 -i tun+ -j POCKETPROXY
     COMMIT
 
+- With the DNS service on, every member's DNS query (UDP or TCP port 53, to any
+  address: 8.8.8.8, the home router the full tunnel routes in, the server) is
+  DNATed to it, so it is answered through the client's own phone like the
+  pushed server's; the two DNS lines go away with ``dns.enabled: false``. In
+  TPROXY mode the same two lines form a ``nat`` chain of their own, and the
+  mangle chain lets members' TCP port 53 through to them.
 - The INPUT chain is the server's own fail-closed policy: a VPN client
   reaches the proxy port only through the REDIRECT (conntrack state DNAT),
   the DNS service (only when it is enabled, only from members), and ping;
@@ -61,20 +69,30 @@ from ovpnmgr.process import CommandError
 
 # (table, built-in chain) pairs our chains hang off. filter first: see module docstring.
 TABLES = (("filter", "FORWARD"), ("filter", "INPUT"), ("nat", "PREROUTING"))
-# TPROXY mode intercepts in mangle PREROUTING instead of nat (plus policy routing).
+# TPROXY mode intercepts TCP in mangle PREROUTING instead (plus policy routing); the DNS
+# interception stays a nat DNAT in both modes.
 TPROXY_TABLES = (("filter", "FORWARD"), ("filter", "INPUT"), ("mangle", "PREROUTING"))
+TPROXY_DNS_TABLES = TPROXY_TABLES + (("nat", "PREROUTING"),)
 
 
-def hooks(config, mode):
+def _pairs(mode, dns):
+    if mode != "tproxy":
+        return TABLES
+    return TPROXY_TABLES if dns is None else TPROXY_DNS_TABLES
+
+
+def hooks(config, mode, dns=None):
     """``(table, built-in chain, our chain)`` for every jump pocketproxy owns, in install order."""
-    pairs = TPROXY_TABLES if mode == "tproxy" else TABLES
-    return tuple((table, builtin, input_chain(config) if builtin == "INPUT" else config.chain) for table, builtin in pairs)
+    return tuple(
+        (table, builtin, input_chain(config) if builtin == "INPUT" else config.chain)
+        for table, builtin in _pairs(mode, dns)
+    )
 
 
-def tables(mode):
+def tables(mode, dns=None):
     """The tables pocketproxy owns chains in, for ``mode``, in install order."""
     seen = []
-    for table, _ in TPROXY_TABLES if mode == "tproxy" else TABLES:
+    for table, _ in _pairs(mode, dns):
         if table not in seen:
             seen.append(table)
     return tuple(seen)
@@ -183,25 +201,48 @@ def _input_rules(config, proxy_port, mode, dns):
     return lines + _reject(chain)
 
 
+def _dns_interception(config, dns):
+    """DNAT every member's port-53 query (UDP and TCP), whatever resolver it names, to the DNS
+    service: an app or OS that ignores the pushed server (8.8.8.8, the home router routed into the
+    tunnel, the server's own address) gets the same per-client answer through its phone instead
+    of a leak or an error. The reply is un-NATed by conntrack, so it comes from the address asked."""
+    if dns is None:
+        return []
+    address, port = dns
+    return [
+        "-A %s -p %s -m set --match-set %s src -m %s --dport 53 -j DNAT --to-destination %s:%d"
+        % (config.chain, proto, config.ipset, proto, address, port)
+        for proto in ("udp", "tcp")
+    ]
+
+
 def chain_rules(config, proxy_port, mode="redirect", dns=None):
     """``{(table, chain): [rule lines of our chain]}`` in ``iptables -S`` form.
 
-    :param dns: ``(IPv4 address, port)`` of the DNS service VPN clients may reach, or None.
+    :param dns: ``(IPv4 address, port)`` of the DNS service VPN clients may reach, or None;
+        with it, every member's DNS (port 53) is intercepted to it (:func:`_dns_interception`).
     """
     chain = config.chain
     rules = {
         ("filter", chain): _reject(chain),
         ("filter", input_chain(config)): _input_rules(config, proxy_port, mode, dns),
     }
+    intercept = _dns_interception(config, dns)
     if mode == "tproxy":
         mark = "0x%x/0x%x" % (config.tproxy_mark, config.tproxy_mark)
-        rules["mangle", chain] = [
-            "-A %s -m addrtype --dst-type LOCAL -j RETURN" % chain,
+        rules["mangle", chain] = ["-A %s -m addrtype --dst-type LOCAL -j RETURN" % chain]
+        if intercept:
+            # TCP 53 is left to the nat DNAT below (mangle PREROUTING runs first).
+            rules["mangle", chain].append(
+                "-A %s -p tcp -m set --match-set %s src -m tcp --dport 53 -j RETURN" % (chain, config.ipset)
+            )
+            rules["nat", chain] = intercept
+        rules["mangle", chain].append(
             "-A %s -p tcp -m set --match-set %s src -j TPROXY --on-port %d --on-ip 0.0.0.0 --tproxy-mark %s"
-            % (chain, config.ipset, proxy_port, mark),
-        ]
+            % (chain, config.ipset, proxy_port, mark)
+        )
     else:
-        rules["nat", chain] = [
+        rules["nat", chain] = intercept + [
             "-A %s -m addrtype --dst-type LOCAL -j RETURN" % chain,
             "-A %s -p tcp -m set --match-set %s src -j REDIRECT --to-ports %d" % (chain, config.ipset, proxy_port),
         ]
@@ -247,8 +288,8 @@ def restore_input(config, proxy_port, listings, mode="redirect", dns=None):
     """
     rules = chain_rules(config, proxy_port, mode, dns)
     out = []
-    for table in tables(mode):
-        ours = [(builtin, chain) for t, builtin, chain in hooks(config, mode) if t == table]
+    for table in tables(mode, dns):
+        ours = [(builtin, chain) for t, builtin, chain in hooks(config, mode, dns) if t == table]
         out.append("*%s" % table)
         out.extend(":%s - [0:0]" % chain for _, chain in ours)
         for _, chain in ours:
@@ -265,7 +306,7 @@ def rule_problems(config, proxy_port, listings, mode="redirect", dns=None):
     """What is wrong with our chains/jumps in ``listings`` (empty if nothing)."""
     rules = chain_rules(config, proxy_port, mode, dns)
     problems = []
-    for table, builtin, chain in hooks(config, mode):
+    for table, builtin, chain in hooks(config, mode, dns):
         lines = listings.get(table, [])
         expected_jump = "-A %s %s" % (builtin, jump_spec(config, chain))
         jumps = jumps_to(lines, builtin, chain)
@@ -336,7 +377,7 @@ class Firewall:
     @defer.inlineCallbacks
     def _listings(self, operation):
         listings = {}
-        for table in tables(self.mode):
+        for table in tables(self.mode, self.dns):
             out = yield self._command(operation, self._listing_argv(table))
             listings[table] = out.decode("utf-8", "surrogateescape").splitlines()
         return listings
@@ -363,7 +404,8 @@ class Firewall:
             yield self._install_policy_routing()
         self._log.info(
             "firewall installed: chain {chain} ({table} PREROUTING, filter FORWARD, -i {iface}), {input_chain}"
-            " (filter INPUT: proxy{dns} only), ipset {ipset} -> {target} :{port}",
+            " (filter INPUT: proxy{dns} only), ipset {ipset} -> {target} :{port}{intercept}",
+            intercept="" if self.dns is None else ", every member's port 53 -> DNS %s:%d" % self.dns,
             input_chain=input_chain(self.config),
             dns="" if self.dns is None else ", DNS %s:%d" % self.dns,
             table="mangle" if self.mode == "tproxy" else "nat",

@@ -281,6 +281,7 @@ def build(reactor, config, directory, password, ipset=None):
         mappings,
         run_blocking=threads.deferToThread,
     )
+    controller.warn_split_tunnels()
     factory = Factory.forProtocol(lambda: ManagementProtocol(reactor, password, ovpn.command_timeout))
     management = ClientService(
         LoggingEndpoint(clientFromString(reactor, ovpn.management), ovpn.management),

@@ -53,6 +53,23 @@ def test_good_config_is_typed(cfgdir):
     assert config.proxy.listen == 12345
 
 
+def test_tunnel_is_full_unless_split_is_chosen(cfgdir):
+    """openvpn.tunnel defaults to the full tunnel; split is the only other choice."""
+    assert _parse(cfgdir, GOOD).openvpn.tunnel == "full"
+    assert _parse(cfgdir, GOOD.replace("  subnet:", "  tunnel: split\n  subnet:")).openvpn.tunnel == "split"
+    err = _error(cfgdir, GOOD.replace("  subnet:", "  tunnel: half\n  subnet:"))
+    assert err.key == "openvpn.tunnel" and "expected one of full, split" in err.problem
+
+
+@pytest.mark.parametrize("option", ["redirect-gateway def1", "block-ipv6", "block-outside-dns", "redirect-private local",
+                                    "ifconfig 10.9.0.9 255.255.255.0", "route-gateway 10.9.0.1"])
+def test_push_may_not_carry_what_pocketproxy_pushes(cfgdir, option):
+    """The tunnel is pocketproxy's: openvpn.push lines that would fight it are refused, naming the line."""
+    err = _error(cfgdir, GOOD.replace('push: ["dhcp-option DNS 10.9.0.1"]', 'push: ["%s"]' % option))
+    assert err.key == "openvpn.push"
+    assert repr(option) in err.problem and "openvpn.tunnel" in err.problem
+
+
 def test_unknown_key_names_file_and_key(cfgdir):
     """A typo is an error that names the file and the dotted key."""
     err = _error(cfgdir, GOOD.replace("listen: 12345", "lisen: 12345"))

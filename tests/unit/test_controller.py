@@ -32,6 +32,15 @@ users:
 """ % (HASH, HASH, HASH)
 
 
+#: What every full-tunnel OpenVPN 2.x client is pushed (ovpnmgr.tunnel), after its address.
+FULL_TUNNEL = 'push "redirect-gateway def1 ipv6"\npush "block-ipv6"\npush "route net_gateway 255.255.255.255 vpn_gateway"'
+
+
+def auth_block(cid, kid, address, extra=""):
+    """The exact client-auth command a Linux OpenVPN 2.6 client gets."""
+    return "client-auth %d %d\nifconfig-push %s 255.255.255.0\n%s\n%sEND" % (cid, kid, address, FULL_TUNNEL, extra)
+
+
 class World:
     """A controller wired to fakes, plus helpers to play OpenVPN."""
 
@@ -87,15 +96,79 @@ def test_admission_order_member_mapping_then_client_auth():
     w.connect(0, kid=1)
     assert seen["members"] == {IP("10.9.0.2")}
     assert seen["mapped"] == w.directory.devices["p1"].upstream
-    assert w.commands("client-auth")[-1] == "client-auth 0 1\nifconfig-push 10.9.0.2 255.255.255.0\nEND"
+    assert w.commands("client-auth")[-1] == auth_block(0, 1, "10.9.0.2")
     assert w.controller.sessions[(w.controller.epoch, 0)].state == "authorized"
 
 
 def test_push_options_are_appended_to_the_block():
-    """Configured push options go into the client-auth block, quoted."""
-    w = World(push=("dhcp-option DNS 10.9.0.1",))
+    """Configured push options go into the client-auth block, quoted, after the full tunnel."""
+    w = World(push=("dhcp-option DNS 10.9.0.1", "route 192.0.2.0 255.255.255.0"))
     w.connect(0)
-    assert w.commands("client-auth")[-1].split("\n")[2] == 'push "dhcp-option DNS 10.9.0.1"'
+    extra = 'push "dhcp-option DNS 10.9.0.1"\npush "route 192.0.2.0 255.255.255.0"\n'
+    assert w.commands("client-auth")[-1] == auth_block(0, 1, "10.9.0.2", extra)
+
+
+def test_full_tunnel_follows_the_clients_platform_and_version():
+    """Windows gets block-outside-dns (only when a DNS server is pushed); OpenVPN 3 clients do not get
+    the OpenVPN 2 route syntax for the home router; the full tunnel itself goes to everyone."""
+    w = World(push=("dhcp-option DNS 10.9.0.1",))
+    w.connect(0, IV_PLAT="win", IV_VER="2.6.12")
+    w.connect(1, user="bob", IV_PLAT="mac", IV_VER="3.10.1")
+    windows, connect3 = (block.split("\n") for block in w.commands("client-auth"))
+    assert windows[2:] == [
+        'push "redirect-gateway def1 ipv6"', 'push "block-ipv6"', 'push "route net_gateway 255.255.255.255 vpn_gateway"',
+        'push "dhcp-option DNS 10.9.0.1"', 'push "block-outside-dns"', "END",
+    ]
+    assert connect3[2:] == ['push "redirect-gateway def1 ipv6"', 'push "block-ipv6"', 'push "dhcp-option DNS 10.9.0.1"', "END"]
+    nodns = World()
+    nodns.connect(0, IV_PLAT="win")
+    assert 'push "block-outside-dns"' not in nodns.commands("client-auth")[0]
+
+
+def test_split_tunnel_is_an_opt_in_globally_or_per_user():
+    """openvpn.tunnel: split pushes no redirect; a user's own tunnel: wins over the daemon's default."""
+    users = USERS.replace("bob: {", "bob: {tunnel: full, ").replace("alice: {", "alice: {tunnel: split, ")
+    w = World(users=users, push=("dhcp-option DNS 10.9.0.1",), tunnel="split")
+    w.connect(0, IV_PLAT="win")  # alice: split (her own and the default)
+    w.connect(1, user="bob")  # bob: full despite the default
+    w.connect(2, user="carol")  # carol: the default, split
+    alice, bob, carol = w.commands("client-auth")
+    assert alice == 'client-auth 0 1\nifconfig-push 10.9.0.2 255.255.255.0\npush "dhcp-option DNS 10.9.0.1"\nEND'
+    assert bob == auth_block(1, 1, "10.9.0.3", 'push "dhcp-option DNS 10.9.0.1"\n')
+    assert carol == 'client-auth 2 1\nifconfig-push 10.9.0.77 255.255.255.0\npush "dhcp-option DNS 10.9.0.1"\nEND'
+
+
+def test_split_tunnels_are_logged_loudly_at_start_and_reload():
+    """Every split tunnel in force is one warning: the global default, or the users who opted in."""
+    from twisted.logger import globalLogPublisher
+
+    seen = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        w = World(users=USERS.replace("alice: {", "alice: {tunnel: split, "))
+        w.controller.warn_split_tunnels()
+        w.controller.reload(Directory.parse(USERS, "users.yaml", SUBNET, IP("10.9.0.1")))
+        g = World(tunnel="split")
+        g.controller.warn_split_tunnels()
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    warnings = [e["warning"] for e in seen if e.get("event") == "split-tunnel"]
+    assert len(warnings) == 2, warnings
+    assert warnings[0].startswith("SPLIT TUNNEL for 1 user(s) (tunnel: split in the users file): alice;")
+    assert warnings[1].startswith("SPLIT TUNNEL for every customer (openvpn.tunnel: split)")
+    assert all(e["log_level"].name == "warn" for e in seen if e.get("event") == "split-tunnel")
+
+
+def test_reload_kicks_a_user_whose_tunnel_changed():
+    """Pushed options only apply at connect: a user moved to a split (or back to a full) tunnel is kicked."""
+    w = World()
+    w.connect(0)
+    w.connect(1, user="bob")
+    summary = w.controller.reload(Directory.parse(USERS.replace("alice: {", "alice: {tunnel: split, "), "users.yaml", SUBNET, IP("10.9.0.1")))
+    assert summary["kicked"] == 1 and summary["changed"] == 1
+    assert w.commands("client-kill") == ["client-kill 0"]
+    same = w.controller.reload(Directory.parse(USERS.replace("bob: {", "bob: {tunnel: full, "), "users.yaml", SUBNET, IP("10.9.0.1")))
+    assert same["kicked"] == 0, "tunnel: full is the default already: nothing to reconnect for"
 
 
 def test_wrong_password_is_a_plain_deny_and_leaves_nothing():
@@ -297,7 +370,7 @@ def test_reconnect_mid_admission_reapproves_known_pending_client():
     w.script.disconnect()
     assert w.members() == {IP("10.9.0.2")}
     w.attach(status_clients=[{"cid": 2, "pending": True, "real_address": "198.51.100.7:40002"}])
-    assert w.commands("client-auth") == ["client-auth 2 1\nifconfig-push 10.9.0.2 255.255.255.0\nEND"]
+    assert w.commands("client-auth") == [auth_block(2, 1, "10.9.0.2")]
     assert w.members() == {IP("10.9.0.2")}
     assert not w.commands("client-kill")
 

@@ -97,6 +97,7 @@ def test_verified_password_is_cached_but_wrong_one_is_not():
         ("common_name: carol-cert", "common_name: bob-laptop", "users.carol.common_name"),
         ("{common_name: bob-laptop, device: phone2}", "{device: phone2}", "users.bob"),
         ("{common_name: bob-laptop, device: phone2}", "{common_name: x, device: phone2, colour: red}", "users.bob.colour"),
+        ("{common_name: bob-laptop, device: phone2}", "{common_name: bob-laptop, device: phone2, tunnel: half}", "users.bob.tunnel"),
     ],
 )
 def test_users_file_errors_name_the_key(old, new, key):
@@ -106,6 +107,12 @@ def test_users_file_errors_name_the_key(old, new, key):
         _dir(USERS.replace(old, new))
     assert info.value.key == key
     assert info.value.path == "users.yaml"
+
+
+def test_tunnel_per_user():
+    """A user may opt into (or out of) the split tunnel; unset means the daemon's openvpn.tunnel."""
+    d = _dir(USERS.replace("{common_name: bob-laptop, device: phone2}", "{common_name: bob-laptop, device: phone2, tunnel: split}"))
+    assert d.users["bob"].tunnel == "split" and d.users["alice"].tunnel is None
 
 
 def test_bad_hash_refused():

@@ -411,13 +411,16 @@ def test_rule_problems_empty_for_healthy_listing():
         "filter POCKETPROXY-IN: rules differ",  # accepts the proxy port only when redirected there
         "nat POCKETPROXY: rules differ",
     ]
-    assert rule_problems(CONFIG, PORT, listings, dns=("10.9.0.1", 53)) == ["filter POCKETPROXY-IN: rules differ"]
+    assert rule_problems(CONFIG, PORT, listings, dns=("10.9.0.1", 53)) == [
+        "filter POCKETPROXY-IN: rules differ",  # the DNS service is not open
+        "nat POCKETPROXY: rules differ",  # members' DNS is not intercepted
+    ]
 
 
 def test_input_chain_admits_dns_only_when_enabled_and_only_from_members():
     """With the DNS service on, members may reach exactly its address and port over UDP and TCP."""
     text = restore_input(CONFIG, PORT, {}, dns=("10.9.0.1", 5353)).decode()
-    dns = [line for line in text.splitlines() if "5353" in line]
+    dns = [line for line in text.splitlines() if "5353" in line and "POCKETPROXY-IN" in line]
     assert dns == [
         "-A POCKETPROXY-IN -d 10.9.0.1/32 -p udp -m set --match-set pocketproxy-clients src -m udp --dport 5353 -j ACCEPT",
         "-A POCKETPROXY-IN -d 10.9.0.1/32 -p tcp -m set --match-set pocketproxy-clients src -m tcp --dport 5353 -j ACCEPT",
@@ -425,6 +428,45 @@ def test_input_chain_admits_dns_only_when_enabled_and_only_from_members():
     lines = text.splitlines()
     assert lines.index(dns[-1]) < lines.index("-A POCKETPROXY-IN -p udp -j REJECT --reject-with icmp-port-unreachable")
     assert "--dport 53 " not in restore_input(CONFIG, PORT, {}).decode()
+
+
+def test_every_members_dns_is_intercepted_to_the_dns_service():
+    """Port 53 from members, UDP and TCP, to ANY address (8.8.8.8, the home router, the server
+    itself) is DNATed to the DNS service first, before the local-destination exemption and before
+    the TCP REDIRECT to the proxy would send TCP 53 through the phone."""
+    text = restore_input(CONFIG, PORT, {}, dns=("10.9.0.1", 5353)).decode()
+    nat = text.split("*nat\n")[1].split("COMMIT")[0].splitlines()
+    assert nat[1:5] == [
+        "-A POCKETPROXY -p udp -m set --match-set pocketproxy-clients src -m udp --dport 53 -j DNAT --to-destination 10.9.0.1:5353",
+        "-A POCKETPROXY -p tcp -m set --match-set pocketproxy-clients src -m tcp --dport 53 -j DNAT --to-destination 10.9.0.1:5353",
+        "-A POCKETPROXY -m addrtype --dst-type LOCAL -j RETURN",
+        "-A POCKETPROXY -p tcp -m set --match-set pocketproxy-clients src -j REDIRECT --to-ports %d" % PORT,
+    ]
+    assert "-j DNAT" not in restore_input(CONFIG, PORT, {}).decode(), "no DNS service, no interception"
+
+
+def test_tproxy_mode_intercepts_dns_in_a_nat_chain_of_its_own():
+    """With TPROXY the DNS lines form a nat chain; the mangle chain leaves members' TCP 53 to it."""
+    config = FirewallConfig(tproxy_mark=0x20)
+    dns = ("10.9.0.1", 53)
+    text = restore_input(config, PORT, {}, mode="tproxy", dns=dns).decode()
+    mangle = text.split("*mangle\n")[1].split("COMMIT")[0].splitlines()
+    assert mangle[1:4] == [
+        "-A POCKETPROXY -m addrtype --dst-type LOCAL -j RETURN",
+        "-A POCKETPROXY -p tcp -m set --match-set pocketproxy-clients src -m tcp --dport 53 -j RETURN",
+        "-A POCKETPROXY -p tcp -m set --match-set pocketproxy-clients src"
+        " -j TPROXY --on-port 12345 --on-ip 0.0.0.0 --tproxy-mark 0x20/0x20",
+    ]
+    nat = text.split("*nat\n")[1].split("COMMIT")[0].splitlines()
+    assert [line for line in nat if "DNAT" in line] == [
+        "-A POCKETPROXY -p udp -m set --match-set pocketproxy-clients src -m udp --dport 53 -j DNAT --to-destination 10.9.0.1:53",
+        "-A POCKETPROXY -p tcp -m set --match-set pocketproxy-clients src -m tcp --dport 53 -j DNAT --to-destination 10.9.0.1:53",
+    ]
+    assert "-I PREROUTING 1 -i tun+ -j POCKETPROXY" in nat
+    assert rule_problems(config, PORT, {}, mode="tproxy", dns=dns)[-2:] == [
+        "nat PREROUTING: jump to POCKETPROXY missing",
+        "nat POCKETPROXY: chain missing",
+    ]
 
 
 # --- ProcessRunner with a fake process reactor ----------------------------------
