@@ -139,12 +139,15 @@ class Bench:
         return ok
 
     def build(self):
+        from tests.lab.internet import Internet
         from tests.lab.netns import Namespace, link
         from tests.lab.world import World
 
+        internet = Internet()  # the origin's internet; this bench's server has no uplink
+        self.spaces.append(internet.ns)
         server = Namespace("dsv")
         self.spaces.append(server)
-        self.world = World(server, self.tmp / "world")
+        self.world = World(server, self.tmp / "world", internet)
         doh = "pocketproxy-doh" in self.args.peers
         self.dns = self.world.start_dns(ttl=TTL, doh_port=DOH_PORT if doh else None)
         self.device = self.world.add_device("phone", kind=self.args.device)
@@ -156,7 +159,9 @@ class Bench:
         link(client, CLIENT_TO_PEER[0], peer, CLIENT_TO_PEER[1])
         self.world.origin.attach(peer, PEER_ORIGIN_IP)
         self.server, self.client, self.peer = server, client, peer
-        route = self.world.server_route_error()
+        from tests.lab.internet import route_error
+
+        route = route_error(server, self.dns.address)
         self.check(route is not None, "server namespace has no route to the origin (%s)" % route)
         out = client.run("ip", "route", "get", self.dns.address, check=False)
         self.check(out.returncode != 0, "client namespace has no route to the origin")
@@ -344,7 +349,9 @@ class Bench:
         all_sources = self.dns.query_sources()
         self.check(all_sources <= {self.device.origin_ip, PEER_ORIGIN_IP},
                    "origin saw no query from any other address (%s)" % sorted(all_sources))
-        route = self.world.server_route_error()
+        from tests.lab.internet import route_error
+
+        route = route_error(self.server, self.dns.address)
         self.check(route is not None, "server namespace still has no route to the origin")
 
     def check_doh_connections(self):

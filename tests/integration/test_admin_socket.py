@@ -191,7 +191,7 @@ def world_lab(tmp_path):
 
     require_root()
     require_tools(OPENVPN, "ipset", "iptables", "ss", "openssl", TINYPROXY)
-    with Lab(tmp_path / "lab") as lab, World(lab.server_ns, tmp_path / "world") as world:
+    with Lab(tmp_path / "lab") as lab, World(lab.server_ns, tmp_path / "world", lab.internet) as world:
         yield lab, world
 
 
@@ -200,7 +200,7 @@ def test_bytes_metrics_and_periodic_repair_on_a_real_daemon(world_lab, tmp_path,
     /metrics parses strictly and counts the admission, the client, the relayed connection, bytes and
     a consistent latency histogram; an ipset member deleted behind the daemon's back is re-added by
     the periodic check, logged and counted."""
-    from tests.lab.world import ORIGIN_IP, PUSH_ROUTE
+    from tests.lab.world import ORIGIN_IP
 
     lab, world = world_lab
     phone = world.add_device("phone", username="dev", password="devpw")
@@ -211,7 +211,7 @@ def test_bytes_metrics_and_periodic_repair_on_a_real_daemon(world_lab, tmp_path,
         {"alice": {"password": "alice-pw"}},
         devices={"phone": phone.url},
         admin={"socket": admin_path},
-        openvpn={"push": [PUSH_ROUTE], "bytecount_interval": 1},
+        openvpn={"bytecount_interval": 1},
         proxy={"bind": ["0.0.0.0"]},
         firewall={"verify_interval": 1},
     ).start()
@@ -237,7 +237,7 @@ def test_bytes_metrics_and_periodic_repair_on_a_real_daemon(world_lab, tmp_path,
         # The relay is finished (Connection: close): its bytes stay with the client.
         assert client["proxied_bytes_down"] > 100000 and client["proxied_bytes_up"] > 0, client
         table = admin.multi("pp clients")
-        assert table[0].endswith("\ttunnel_bytes_in\ttunnel_bytes_out\tproxied_bytes_up\tproxied_bytes_down")
+        assert table[0].endswith("\ttunnel_bytes_in\ttunnel_bytes_out\tproxied_bytes_up\tproxied_bytes_down\ttunnel")
     finally:
         admin.close()
 

@@ -27,91 +27,13 @@ import pytest
 
 from tests.integration.test_admin_socket import NETCLIENT, AdminClient, run_json, sample, scrape
 from tests.lab.daemon import Daemon
+from tests.lab.dnsclient import A, NOERROR, NXDOMAIN, REFUSED, SERVFAIL, dig  # noqa: F401 (others import them here)
 from tests.lab.netns import NETNS_ETC, require_root, require_tools
 from tests.lab.openvpn import OPENVPN, SERVER_UNDERLAY_IP, Lab
-from tests.lab.world import ORIGIN_IP, PUSH_ROUTE, TINYPROXY, World
+from tests.lab.world import ORIGIN_IP, TINYPROXY, World
 
 DNS_IP = "10.9.0.1"
 QUERY_TIMEOUT = 2.0
-A, NOERROR, SERVFAIL, NXDOMAIN, REFUSED = 1, 0, 2, 3, 5
-
-# A stub resolver: one query over UDP (connected socket) or TCP; prints one JSON object.
-_DIG = r"""
-import json, random, socket, struct, sys, time
-server, port, proto, qname, qtype, timeout, edns = (
-    sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5]), float(sys.argv[6]), sys.argv[7] == "edns")
-qid = random.randrange(65536)
-wire = struct.pack("!HHHHHH", qid, 0x0100, 1, 0, 0, 1 if edns else 0)
-for label in qname.rstrip(".").split("."):
-    wire += bytes([len(label)]) + label.encode()
-wire += b"\0" + struct.pack("!HH", qtype, 1)
-if edns:
-    wire += b"\0" + struct.pack("!HHIH", 41, 1232, 0, 0)
-
-def skip_name(data, i):
-    while True:
-        n = data[i]
-        if n & 0xC0 == 0xC0:
-            return i + 2
-        if n == 0:
-            return i + 1
-        i += 1 + n
-
-out = {"proto": proto}
-started = time.monotonic()
-try:
-    if proto == "udp":
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        s.settimeout(timeout)
-        s.connect((server, port))
-        s.send(wire)
-        data = s.recv(65535)
-    else:
-        s = socket.create_connection((server, port), timeout=timeout)
-        s.sendall(struct.pack("!H", len(wire)) + wire)
-        buf = b""
-        while len(buf) < 2 or len(buf) < 2 + struct.unpack("!H", buf[:2])[0]:
-            chunk = s.recv(65535)
-            if not chunk:
-                raise EOFError("closed after %d bytes" % len(buf))
-            buf += chunk
-        data = buf[2:2 + struct.unpack("!H", buf[:2])[0]]
-    rid, flags, qd, an, ns, ar = struct.unpack("!HHHHHH", data[:12])
-    out.update(id_ok=rid == qid, qr=flags >> 15, tc=(flags >> 9) & 1, rcode=flags & 0xF, size=len(data),
-               ancount=an, answers=[], ttls=[])
-    i = 12
-    for _ in range(qd):
-        i = skip_name(data, i) + 4
-    for _ in range(an):
-        i = skip_name(data, i)
-        rtype, rclass, ttl, rdlen = struct.unpack("!HHIH", data[i:i + 10])
-        i += 10
-        if rtype == 1 and rdlen == 4:
-            out["answers"].append(socket.inet_ntoa(data[i:i + 4]))
-            out["ttls"].append(ttl)
-        i += rdlen
-except socket.timeout:
-    out["error"] = "timeout"
-except ConnectionRefusedError:
-    out["error"] = "refused"
-except ConnectionResetError:
-    out["error"] = "reset"
-except Exception as e:
-    out["error"] = repr(e)
-out["seconds"] = time.monotonic() - started
-print(json.dumps(out))
-"""
-
-
-def dig(ns, qname, proto="udp", server=DNS_IP, port=53, qtype=A, timeout=5.0, edns=False):
-    """One query from namespace ``ns``; the stub's JSON (``rcode``, ``tc``, ``answers``... or ``error``)."""
-    out = ns.run(sys.executable, "-c", _DIG, server, str(port), proto, qname, str(qtype), str(timeout),
-                 "edns" if edns else "plain", check=False, timeout=timeout + 30)
-    try:
-        return json.loads(out.stdout.strip().splitlines()[-1])
-    except (IndexError, ValueError):
-        raise AssertionError("dig %s failed (%s): %r %r" % (qname, out.returncode, out.stdout, out.stderr))
-
 
 @dataclass
 class Env:
@@ -146,7 +68,7 @@ def env(tmp_path_factory):
     sockdir = tempfile.mkdtemp(prefix="ppdns-")  # unix socket paths must stay short
     admin_path = os.path.join(sockdir, "admin.sock")
     try:
-        with Lab(base / "lab") as lab, World(lab.server_ns, base / "world") as world:
+        with Lab(base / "lab") as lab, World(lab.server_ns, base / "world", lab.internet) as world:
             phone = world.add_device("phone", username="dev", password="devpw")
             origin_dns = world.start_dns()
             daemon = Daemon(
@@ -156,7 +78,7 @@ def env(tmp_path_factory):
                 {"alice": {"password": "alice-pw"}},
                 devices={"phone": phone.url},
                 admin={"socket": admin_path},
-                openvpn={"push": [PUSH_ROUTE]},
+               
                 proxy={"bind": ["0.0.0.0"]},
                 dns={"resolver": "%s:53" % ORIGIN_IP, "query_timeout": QUERY_TIMEOUT},
             ).start()
@@ -197,11 +119,11 @@ def resolv_conf(env):
 
 
 def test_client_received_pushed_dns_option(env):
-    """The PUSH_REPLY alice received carries ``dhcp-option DNS 10.9.0.1`` (and the origin route)."""
+    """The PUSH_REPLY alice received carries ``dhcp-option DNS 10.9.0.1`` and the full tunnel."""
     replies = [line for line in env.alice.log_text().splitlines() if "PUSH_REPLY" in line]
     assert replies, "no PUSH_REPLY in alice's log:\n%s" % env.alice.log_tail()
     assert any("dhcp-option DNS %s" % DNS_IP in line for line in replies), replies
-    assert any(PUSH_ROUTE in line for line in replies), replies
+    assert any("redirect-gateway def1 ipv6,block-ipv6" in line for line in replies), replies
 
 
 def test_resolves_through_the_device_and_fetches_by_name(env, resolv_conf):
@@ -233,7 +155,7 @@ def test_resolves_through_the_device_and_fetches_by_name(env, resolv_conf):
 
 def test_origin_sees_only_the_device(env):
     """Every query the origin's DNS server ever logged came from the phone's address over TCP;
-    none from a server address; and the server namespace has no route to the origin."""
+    none from a server address, although the server namespace has a route to the origin (its uplink)."""
     dig(env.alice.ns, "sources.bench.test")  # at least one query in the log whatever ran before
     queries = env.dns.queries()
     assert queries, "the origin's DNS server saw no query at all"
@@ -242,7 +164,7 @@ def test_origin_sees_only_the_device(env):
     assert {q.proto for q in queries} == {"tcp"}, [q for q in queries if q.proto != "tcp"]
     server_addresses = {DNS_IP, SERVER_UNDERLAY_IP, env.phone.server_ip}
     assert not sources & server_addresses
-    assert env.world.server_route_error() is not None, "the server namespace has a route to the origin"
+    assert env.world.server_reaches_origin(), "the server namespace has no uplink: the check above proves nothing"
 
 
 def test_truncation_over_udp_and_full_answer_over_tcp(env):

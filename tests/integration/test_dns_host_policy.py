@@ -27,7 +27,7 @@ from tests.lab.daemon import Daemon
 from tests.lab.dns_origin import bench_address, big_addresses
 from tests.lab.netns import read_log, require_root, require_tools, wait_for
 from tests.lab.openvpn import OPENVPN, Lab
-from tests.lab.world import HERE, PUSH_ROUTE, TINYPROXY, World
+from tests.lab.world import HERE, TINYPROXY, World
 
 HOST_DNS = ("127.0.0.1", 5300)
 ERRORS = ("Unhandled Error", "Traceback", "#critical]")
@@ -67,7 +67,7 @@ def env(tmp_path_factory):
     require_root()
     require_tools(OPENVPN, "ipset", "iptables", "ss", "openssl", TINYPROXY)
     base = tmp_path_factory.mktemp("dnshost")
-    with Lab(base / "lab") as lab, World(lab.server_ns, base / "world") as world:
+    with Lab(base / "lab") as lab, World(lab.server_ns, base / "world", lab.internet) as world:
         phone = world.add_device("phone", username="dev", password="devpw")
         origin_dns = world.start_dns()
         host = HostResolver(lab.server_ns, base).start()
@@ -77,7 +77,7 @@ def env(tmp_path_factory):
             lab.server.mgmt_socket,
             {"alice": {"password": "alice-pw", "device": "phone"}, "bob": {"password": "bob-pw", "device": "phone-h"}},
             devices={"phone": phone.url, "phone-h": {"upstream": phone.url, "dns": "host"}},
-            openvpn={"push": [PUSH_ROUTE]},
+           
             proxy={"bind": ["0.0.0.0"]},
             dns={
                 "resolver": "%s:53" % origin_dns.address,

@@ -60,7 +60,7 @@ def world_lab(tmp_path):
 
     require_root()
     require_tools(OPENVPN, "ipset", "iptables", "ss", "openssl", TINYPROXY)
-    with Lab(tmp_path / "lab") as lab, World(lab.server_ns, tmp_path / "world") as world:
+    with Lab(tmp_path / "lab") as lab, World(lab.server_ns, tmp_path / "world", lab.internet) as world:
         yield lab, world, LeakWatch(lab.server_ns).install()
 
 
@@ -72,9 +72,6 @@ def admin_path():
 
 
 def start(lab, tmp_path, users, devices, admin_path, **sections):
-    from tests.lab.world import PUSH_ROUTE
-
-    sections.setdefault("openvpn", {}).update({"push": [PUSH_ROUTE]})
     sections.setdefault("proxy", {}).update({"bind": ["0.0.0.0"]})
     daemon = Daemon(
         lab.server_ns, tmp_path / "daemon", lab.server.mgmt_socket, users, devices=devices,
@@ -334,7 +331,7 @@ def test_openvpn_sigterm_and_start_with_clients_connected(tmp_path, admin_path):
     require_tools(OPENVPN, "ipset", "iptables", "ss", "openssl", TINYPROXY)
     n = 6
     # explicit-exit-notify: the stopping server tells its clients to reconnect (else ping-restart, ~10 s)
-    with Lab(tmp_path / "lab", explicit_exit_notify=True) as lab, World(lab.server_ns, tmp_path / "world") as world:
+    with Lab(tmp_path / "lab", explicit_exit_notify=True) as lab, World(lab.server_ns, tmp_path / "world", lab.internet) as world:
         leaks = LeakWatch(lab.server_ns).install()
         phones = [world.add_device("phone%d" % i) for i in range(2)]
         leaks.attach_world(world)
@@ -412,7 +409,7 @@ def test_unproxied_traffic_is_rejected_never_leaked(world_lab, tmp_path, admin_p
 
     lab, world, leaks = world_lab
     phone = world.add_device("phone")
-    leaks.attach_world(world)  # and the server's route to the origin via the device
+    leaks.attach_world(world)
     daemon = start(lab, tmp_path, {"alice": {"password": "a-pw"}}, {"phone": phone.url}, admin_path)
     alice = lab.add_client("alice", username="alice", password="a-pw")
     ip = alice.wait_connected(timeout=30)
@@ -430,16 +427,16 @@ def test_unproxied_traffic_is_rejected_never_leaked(world_lab, tmp_path, admin_p
     grew = {k: rejected[k] - base["rejected"][k] for k in rejected}
     assert grew["udp"] >= 5 and grew["other"] >= 2 and grew["tcp"] >= 1, (base["rejected"], rejected)
     leaks.assert_no_leak(since=base)
-    assert leaks.leaked() == {"forward": 0, "egress": 0, "origin": 0}
+    assert leaks.leaked() == {"forward": 0, "egress": 0, "origin": 0, "internet-customer": 0, "internet-server": 0}
 
-    # The counters can fail: without the fail-closed jump the same datagrams go out raw (to the device,
-    # which does not forward them), and are counted.
+    # The counters can fail: without the fail-closed jump the same datagrams go out raw through the
+    # server's uplink and reach the origin, and every counter on the way sees them.
     lab.server_ns.run("iptables", "-w", "-D", "FORWARD", "-i", "tun+", "-j", "POCKETPROXY")
     try:
         send_udp(alice.ns, ORIGIN_IP, 5353, count=3)
         leaked = leaks.leaked()
         assert leaked["forward"] >= 3 and leaked["egress"] >= 3, leaked
-        assert leaked["origin"] == 0, leaked  # the device (ip_forward=0) dropped them
+        assert leaked["internet-server"] >= 3 and leaked["origin"] >= 3, leaked
         with pytest.raises(AssertionError, match="leaked"):
             leaks.assert_no_leak(since=base)
     finally:

@@ -29,7 +29,7 @@ import pytest
 from tests.lab.daemon import Daemon
 from tests.lab.netns import require_root, require_tools, wait_for
 from tests.lab.openvpn import OPENVPN, Lab
-from tests.lab.world import ORIGIN_IP, PUSH_ROUTE, TINYPROXY, World
+from tests.lab.world import ORIGIN_IP, TINYPROXY, World
 
 PROXY_PORT = 12345
 SNIFF_BUDGET = 0.5
@@ -188,7 +188,7 @@ def env(tmp_path_factory):
     admin_path = os.path.join(sockdir, "admin.sock")
     mute_proc = None
     try:
-        with Lab(base / "lab") as lab, World(lab.server_ns, base / "world") as world:
+        with Lab(base / "lab") as lab, World(lab.server_ns, base / "world", lab.internet) as world:
             phone = world.add_device("phone", username="dev", password="devpw")
             phone2 = world.add_device("phone2")
             mute = world.add_device("mute", start=False)
@@ -202,7 +202,7 @@ def env(tmp_path_factory):
                 lab.server.mgmt_socket,
                 USERS,
                 devices={"phone": phone.url, "phone2": phone2.url, "mute": mute.url},
-                openvpn={"push": [PUSH_ROUTE]},
+               
                 proxy={
                     "listen": PROXY_PORT,
                     "bind": ["0.0.0.0"],

@@ -58,7 +58,7 @@ def test_client_admitted_with_pushed_ip_and_tunnel_carries_traffic(lab_factory):
     assert connect.env["username"] == "alice"
     assert connect.env["password"] == "alice-pw"
     assert connect.env["common_name"] == "alice"
-    assert connect.env["untrusted_ip"] == "192.168.77.10"
+    assert connect.env["untrusted_ip"] == "100.64.0.10"  # her own ISP address, routed by the lab internet
     assert "ifconfig_pool_remote_ip" not in connect.env
     _, address = ctl.wait_event("ADDRESS", timeout=5, cid=0)
     assert address.address == "10.9.0.10"

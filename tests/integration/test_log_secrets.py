@@ -22,7 +22,7 @@ import pytest
 from tests.lab.daemon import Daemon
 from tests.lab.netns import require_root, require_tools
 from tests.lab.openvpn import OPENVPN, Lab
-from tests.lab.world import DANTED, ORIGIN_IP, PUSH_ROUTE, TINYPROXY, World
+from tests.lab.world import DANTED, ORIGIN_IP, TINYPROXY, World
 
 NETCLIENT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lab", "netclient.py")
 MGMT_PW = "MGMT-pw-SECRET-1"
@@ -86,7 +86,7 @@ def test_audit_lines_present_and_secrets_absent(tmp_path, admin_dir, log_format)
     no password, Proxy-Authorization token or management/admin password appears anywhere."""
     require_root()
     require_tools(OPENVPN, "ipset", "iptables", "ss", "openssl", TINYPROXY, DANTED)
-    with Lab(tmp_path / "lab", mgmt_password=MGMT_PW) as lab, World(lab.server_ns, tmp_path / "world") as world:
+    with Lab(tmp_path / "lab", mgmt_password=MGMT_PW) as lab, World(lab.server_ns, tmp_path / "world", lab.internet) as world:
         phone = world.add_device("phone", username="dev", password=DEVICE_PW)
         sock = world.add_device("sockphone", kind="socks5")
         admin_pw = os.path.join(admin_dir, "admin.pw")
@@ -103,7 +103,7 @@ def test_audit_lines_present_and_secrets_absent(tmp_path, admin_dir, log_format)
             lab.server.mgmt_socket,
             {"alice": {"password": ALICE_PW, "device": "phone"}, "carol": {"password": CAROL_PW, "device": "sockphone"}},
             devices={"phone": phone.url, "sockphone": "socks5://sockuser:%s@%s:%d" % (SOCKS_PW, sock.ip, sock.port)},
-            openvpn={"push": [PUSH_ROUTE], "password_file": lab.server.mgmt_password_file},
+            openvpn={"password_file": lab.server.mgmt_password_file},
             proxy={"bind": ["0.0.0.0"]},
             admin={"socket": admin_path, "password_file": admin_pw},
             **sections,

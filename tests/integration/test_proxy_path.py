@@ -26,7 +26,7 @@ from tests.lab.daemon import Daemon
 from tests.lab.netns import require_root, require_tools
 from tests.lab.openvpn import OPENVPN, Lab
 from tests.lab.origin_server import BANNER, blob_sha256
-from tests.lab.world import DANTED, ORIGIN_IP, ORIGIN_NAME, PUSH_ROUTE, TINYPROXY, World
+from tests.lab.world import DANTED, ORIGIN_IP, ORIGIN_NAME, TINYPROXY, World
 
 NETCLIENT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lab", "netclient.py")
 PROXY_PORT = 12345
@@ -75,7 +75,7 @@ def env(tmp_path_factory):
     require_root()
     require_tools(OPENVPN, "ipset", "iptables", "ss", "openssl", TINYPROXY, DANTED)
     base = tmp_path_factory.mktemp("proxy-path")
-    with Lab(base / "lab") as lab, World(lab.server_ns, base / "world") as world:
+    with Lab(base / "lab") as lab, World(lab.server_ns, base / "world", lab.internet) as world:
         phone = world.add_device("phone", username="dev", password="devpw")
         phone2 = world.add_device("phone2")
         sockphone = world.add_device("sockphone", kind="socks5")
@@ -85,7 +85,7 @@ def env(tmp_path_factory):
             lab.server.mgmt_socket,
             USERS,
             devices={"phone": phone.url, "phone2": phone2.url, "sockphone": sockphone.url},
-            openvpn={"push": [PUSH_ROUTE]},
+           
             proxy={"listen": PROXY_PORT, "bind": ["0.0.0.0"], "sniff_budget": SNIFF_BUDGET},
         ).start()
         daemon.wait_log(r"transparent proxy listening on 0\.0\.0\.0:%d" % PROXY_PORT, timeout=30)
@@ -214,13 +214,14 @@ def test_device_proxy_down_fails_fast_and_others_unaffected(healthy):
     assert whoami(env, "bob") == phone2.origin_ip
 
 
-def test_origin_reachable_only_through_the_device(healthy):
-    """The server namespace cannot reach the origin; a client's traffic still does, so the device carried it."""
+def test_origin_sees_only_the_device_although_others_could_reach_it(healthy):
+    """The server has an uplink and alice her own ISP (default routes, as in the world), yet her
+    fetch arrives from the phone, and nothing but phones ever reached the origin."""
     env = healthy
-    server = env.lab.server_ns
-    assert "unreachable" in (env.world.server_route_error() or ""), server.run("ip", "route").stdout
-    direct = netclient(server, "probe", ORIGIN_IP, "80", timeout=5)
-    assert direct["outcome"] == "connect-failed", direct
+    assert env.world.server_reaches_origin(), env.lab.server_ns.run("ip", "route").stdout
+    alice = env.clients["alice"].ns
+    assert "default via 100.64.0.1" in alice.run("ip", "route").stdout
+    assert "default via 2001:db8:64::1" in alice.run("ip", "-6", "route").stdout
     for device in env.world.devices.values():
         assert device.ns.run("sysctl", "-n", "net.ipv4.ip_forward").stdout.strip() == "0"
     phone = env.device("phone")
@@ -228,6 +229,8 @@ def test_origin_reachable_only_through_the_device(healthy):
     assert whoami(env, "alice") == phone.origin_ip
     phone.wait_log(r"Connect \(file descriptor \d+\): %s" % re.escape(phone.server_ip), since=mark)
     phone.wait_log(r"CONNECT %s:80 HTTP/1\.1" % re.escape(ORIGIN_IP), since=mark)
+    assert env.world.origin_sources() <= env.world.phone_addresses(), env.world.origin.log_text()
+    assert env.lab.internet.leaked() == {"customer": 0, "server": 0}
     assert 'http %s "GET /whoami' % phone.origin_ip in env.world.origin.log_text()[origin_mark:]
 
 

@@ -47,7 +47,7 @@ from tests.lab.openvpn import OPENVPN, Lab
 from tests.lab.origin_server import blob_sha256
 from tests.lab.wan import HERE as WAN_SCRIPT
 from tests.lab.wan import WanLink
-from tests.lab.world import ORIGIN_IP, PUSH_ROUTE, TINYPROXY, World
+from tests.lab.world import ORIGIN_IP, TINYPROXY, World
 
 NETCLIENT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lab", "netclient.py")
 PROXY_PORT = 12345
@@ -209,7 +209,7 @@ def env(tmp_path_factory):
     require_root()
     require_tools(OPENVPN, "ipset", "iptables", "iptables-save", "ss", "openssl", TINYPROXY)
     base = tmp_path_factory.mktemp("wan")
-    with Lab(base / "lab") as lab, World(lab.server_ns, base / "world") as world:
+    with Lab(base / "lab") as lab, World(lab.server_ns, base / "world", lab.internet) as world:
         wan = WanLink(base / "wan", delay=DELAY, jitter=JITTER, loss=LOSS, lifetime=900)
         idle = None
         try:
@@ -226,7 +226,7 @@ def env(tmp_path_factory):
                 lab.server.mgmt_socket,
                 USERS,
                 devices={"phone": phone.url},
-                openvpn={"push": [PUSH_ROUTE]},
+               
                 proxy={"listen": PROXY_PORT, "bind": ["0.0.0.0"], "sniff_budget": SNIFF_BUDGET,
                        "keepalive": KEEPALIVE},
             ).start()

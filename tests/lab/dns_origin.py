@@ -6,11 +6,12 @@ Started by :meth:`tests.lab.world.World.start_dns` (like ``origin_server.py`` fo
     python3 dns_origin.py --address 203.0.113.10 --log FILE --ready FILE [--ttl 300] [--negative-ttl 30]
                           [--doh-port 8443 --cert origin.crt --key origin.key]
 
-It answers UDP and TCP on ``--address:--port`` (53) with Twisted's DNS protocols and this zone
+It answers UDP and TCP on every ``--address`` (repeatable, IPv4 or IPv6), port ``--port`` (53), with Twisted's DNS protocols and this zone
 (and, with ``--doh-port``, DNS over HTTPS: see below):
 
 ===========================  ===============================================================
-``origin.test``              A 203.0.113.10 (the HTTP/TLS origin), TTL ``--ttl``
+``origin.test``              A 203.0.113.10 and AAAA 2001:db8:113::10 (the HTTP/TLS origin, dual
+                             stack like most of the web), TTL ``--ttl``
 ``big.test``                 :data:`BIG_COUNT` (40) A records 198.18.1.1..40: about 670 bytes,
                              so a plain UDP answer does not fit 512 bytes (see truncation)
 ``txt.test``                 one TXT record of 4 × 200-byte strings (about 830 bytes)
@@ -62,6 +63,7 @@ from twisted.names import dns
 
 ZONE = "test"
 ORIGIN_IP = "203.0.113.10"
+ORIGIN_IP6 = "2001:db8:113::10"
 BIG_COUNT = 40
 BIG_NET = ipaddress.IPv4Address("198.18.1.0")
 BENCH_NET = ipaddress.IPv4Network("198.18.0.0/15")
@@ -132,7 +134,10 @@ class Zone:
         if name == ZONE:
             records = [self.soa()] if qtype == dns.SOA else []
         elif name == "origin.test":
-            records = [self._a(raw, ORIGIN_IP, self.ttl)]
+            records = [
+                self._a(raw, ORIGIN_IP, self.ttl),
+                dns.RRHeader(name=raw, type=dns.AAAA, ttl=self.ttl, payload=dns.Record_AAAA(ORIGIN_IP6, self.ttl), auth=True),
+            ]
         elif name == "big.test":
             records = [self._a(raw, address, self.ttl) for address in big_addresses()]
         elif name == "txt.test":
@@ -378,20 +383,21 @@ def tls_options(cert_path, key_path):
     return ssl.PrivateCertificate.loadPEM(cert + key).options()
 
 
-def serve(address, port, log_path, ready=None, ttl=300, negative_ttl=30, doh_port=None, cert=None, key=None,
+def serve(addresses, port, log_path, ready=None, ttl=300, negative_ttl=30, doh_port=None, cert=None, key=None,
           doh_path=DOH_PATH, doh_idle_timeout=None):
-    """Listen on ``address:port`` (UDP and TCP) and, with ``doh_port``, HTTPS on
-    ``address:doh_port`` (``cert``/``key`` PEM files); write ``ready``, run until SIGTERM."""
+    """Listen on ``port`` of every address (UDP and TCP) and, with ``doh_port``, HTTPS on the
+    first address's ``doh_port`` (``cert``/``key`` PEM files); write ``ready``, run until SIGTERM."""
     from twisted.internet import reactor
 
     log = open(log_path, "a", buffering=1)  # one write per query line
     zone = Zone(ttl, negative_ttl)
     factory = _factory(zone, log)
-    reactor.listenUDP(port, dns.DNSDatagramProtocol(factory), interface=address)
-    reactor.listenTCP(port, factory, interface=address, backlog=1024)
+    for address in addresses:
+        reactor.listenUDP(port, dns.DNSDatagramProtocol(factory), interface=address)
+        reactor.listenTCP(port, factory, interface=address, backlog=1024)
     if doh_port is not None:
         site = doh_site(zone, log, doh_path, reactor, doh_idle_timeout)
-        reactor.listenSSL(doh_port, site, tls_options(cert, key), interface=address, backlog=1024)
+        reactor.listenSSL(doh_port, site, tls_options(cert, key), interface=addresses[0], backlog=1024)
     if ready:
         with open(ready + ".tmp", "w") as f:
             f.write("%d\n" % os.getpid())
@@ -402,7 +408,7 @@ def serve(address, port, log_path, ready=None, ttl=300, negative_ttl=30, doh_por
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--address", default=ORIGIN_IP)
+    parser.add_argument("--address", action="append", help="listen here (repeatable; default %s)" % ORIGIN_IP)
     parser.add_argument("--port", type=int, default=53)
     parser.add_argument("--log", required=True, help="one line per query: <source ip> <udp|tcp|doh> <qname> <qtype>")
     parser.add_argument("--ready")
@@ -422,7 +428,7 @@ def main(argv=None):
         epollreactor.install()
     except Exception:
         pass
-    serve(args.address, args.port, args.log, args.ready, args.ttl, args.negative_ttl, args.doh_port, args.cert,
+    serve(args.address or [ORIGIN_IP], args.port, args.log, args.ready, args.ttl, args.negative_ttl, args.doh_port, args.cert,
           args.key, args.doh_path, args.doh_idle_timeout)
     return 0
 

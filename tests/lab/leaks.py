@@ -18,12 +18,13 @@ origin namespace
 chain, so a test that sends deliberately unproxied traffic can show the fail-closed rules fired while
 the leak counters stayed at 0.
 
-``egress_route=True`` (:meth:`LeakWatch.attach_world`) also makes the server namespace a router the
-way a real OpenVPN server is one: ``net.ipv4.ip_forward=1`` (a new namespace starts with 0) and a
-route to the origin network via the first device (a real server has a default route). Without them
-an unproxied packet dies in the routing decision before ``FORWARD`` ever sees it, and the
-fail-closed chain is never exercised. The devices do not forward (``ip_forward=0``), so even a leaked packet
-never reaches the origin; it is counted on the server's egress instead.
+internet namespace (:mod:`tests.lab.internet`, after :meth:`LeakWatch.attach_world`)
+  ``FORWARD`` counters of anything a customer's own address or the server's uplink sends through
+  the internet other than the tunnel itself (``customer`` and ``server``).
+
+The lab's server namespace is a router the way a real OpenVPN server is one (``ip_forward=1``, a
+default route through its uplink), so an unproxied packet really would leave, and the fail-closed
+chain is really exercised; the origin and the internet would see and count it.
 """
 
 import re
@@ -74,6 +75,7 @@ class LeakWatch:
         self.subnet = str(subnet)
         self.tun = tun
         self.origin_ns = None
+        self.internet = None
         self.allowed = []  # device addresses the origin may see
 
     # --- install ---------------------------------------------------------------------------
@@ -86,11 +88,9 @@ class LeakWatch:
                "-m", "comment", "--comment", TAG + ":egress")
         return self
 
-    def attach_world(self, world, egress_route=True):
-        """Count the origin's non-device packets (call once the devices exist); optionally route the
-        server to the origin network via the first device (see module docstring)."""
-        from tests.lab.world import ORIGIN_NET
-
+    def attach_world(self, world):
+        """Count the origin's non-device packets (call once the devices exist), and read the
+        internet's counters (see module docstring)."""
         devices = list(world.devices.values())
         if not devices:
             raise ValueError("attach_world() needs the devices first")
@@ -102,9 +102,7 @@ class LeakWatch:
             self.allowed.append(device.origin_ip)
         ns.run("iptables", "-w", "-t", "raw", "-A", ORIGIN_CHAIN, "-m", "comment", "--comment", TAG + ":origin")
         ns.run("iptables", "-w", "-t", "raw", "-A", "PREROUTING", "-j", ORIGIN_CHAIN)
-        if egress_route:
-            self.server_ns.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
-            self.server_ns.run("ip", "route", "replace", str(ORIGIN_NET), "via", devices[0].ip)
+        self.internet = world.internet
         return self
 
     # --- read ------------------------------------------------------------------------------
@@ -117,6 +115,8 @@ class LeakWatch:
         }
         if self.origin_ns is not None:
             counts["origin"] = _tagged(self.origin_ns, "raw", ORIGIN_CHAIN, TAG + ":origin")
+        if self.internet is not None:
+            counts.update(("internet-" + k, v) for k, v in self.internet.leaked().items())
         return counts
 
     def device_packets(self):

@@ -1,17 +1,24 @@
 """Real OpenVPN 2.6 server and clients inside lab network namespaces.
 
-Topology built by :class:`Lab` (nothing is routed or NATed to the real uplink)::
+Topology built by :class:`Lab` around its :class:`tests.lab.internet.Internet` (nothing is
+routed or NATed to the real uplink)::
 
-    server ns  ── bridge ppbr (192.168.77.1/24) ─┬─ veth ── customer ns   192.168.77.2/24
-      openvpn server, UDP 192.168.77.1:1194        ├─ veth ── client ns #0 192.168.77.10/24
-      dev tunpp0, 10.9.0.1/24 (topology subnet)    ├─ veth ── client ns #1 192.168.77.11/24
-      management <lab.tmpdir>/server/mgmt.sock     └─ ...
-      (or /tmp/pplab-sock-*/mgmt.sock if tmpdir is too deep for AF_UNIX)
+    server ns (192.168.77.1/24, 2001:db8:77::1/64; default routes via the internet; forwards)
+      openvpn server, UDP 192.168.77.1:1194, dev tunpp0, 10.9.0.1/24 (topology subnet)
+      management <lab.tmpdir>/server/mgmt.sock (or /tmp/pplab-sock-*/mgmt.sock if too deep)
+        │
+    inet ns ── "dc" segment: the server, the underlay neighbour (customer ns, 192.168.77.2)
+            ── "isp" segment: client ns i at 100.64.0.(10+i)/24 and 2001:db8:64::(10+i)/64,
+               default routes (v4 and v6) via the ISP router 100.64.0.1: their own internet
 
-Every client runs in its own namespace (one tun device and one 10.9.0.0/24 route per
-namespace, so several clients never fight over routes or source addresses). The server
-has ``server 10.9.0.0 255.255.255.0 nopool`` and ``management-client-auth``: nothing is
-admitted and no address is assigned unless a controller on the management socket says so.
+Every client runs in its own namespace (one tun device and one set of routes per namespace,
+so several clients never fight over routes or source addresses). Customers reach the VPN
+server only through the internet, as in the world; whatever the tunnel does not carry leaves
+through their ISP, where :meth:`Internet.leaked` and the origin's logs see it. The server
+namespace forwards IPv4 and IPv6 (a real VPN server is a router), so only pocketproxy's own
+chains stand between a customer and the server's uplink. The server has ``server 10.9.0.0
+255.255.255.0 nopool`` and ``management-client-auth``: nothing is admitted and no address is
+assigned unless a controller on the management socket says so.
 
 Processes are started with ``Namespace.popen`` (``ip netns exec`` execs, so the Popen PID is
 the openvpn PID) and stopped by that PID. ``Lab`` tears everything down on exit, including
@@ -30,14 +37,16 @@ import sys
 import tempfile
 import time
 
-from tests.lab.netns import Namespace, read_log, unique_name, wait_for, wait_log
+from tests.lab.internet import DC_NET, Internet, customer_address
+from tests.lab.netns import Namespace, read_log, wait_for, wait_log
 from tests.lab.pki import session_pki
 
 OPENVPN = "/usr/sbin/openvpn"
-UNDERLAY_NET = ipaddress.IPv4Network("192.168.77.0/24")
+UNDERLAY_NET = DC_NET  # the server's segment of the lab internet
 SERVER_UNDERLAY_IP = "192.168.77.1"
-CUSTOMER_UNDERLAY_IP = "192.168.77.2"
-FIRST_CLIENT_HOST = 10  # client i gets 192.168.77.(10 + i)
+SERVER_UNDERLAY_IP6 = "2001:db8:77::1"
+CUSTOMER_UNDERLAY_IP = "192.168.77.2"  # a neighbour on the server's segment, not a VPN client
+MAX_CLIENTS = 240  # client i gets 100.64.0.(10 + i) (tests.lab.internet.customer_address)
 VPN_SUBNET = ipaddress.IPv4Network("10.9.0.0/24")
 SERVER_PORT = 1194
 SERVER_DEV = "tunpp0"
@@ -454,14 +463,16 @@ class Lab:
         self._socket_dir = None
         try:
             self.pki = pki or session_pki()
+            self.internet = Internet(SERVER_UNDERLAY_IP, SERVER_UNDERLAY_IP6)
+            self.namespaces.append(self.internet.ns)  # destroyed last
             self.server_ns = self._namespace("srv")
-            self.bridge = unique_name("br")
-            self.server_ns.run("ip", "link", "add", self.bridge, "type", "bridge")
-            underlay = "%s/%d" % (SERVER_UNDERLAY_IP, UNDERLAY_NET.prefixlen)
-            self.server_ns.run("ip", "addr", "add", underlay, "dev", self.bridge)
-            self.server_ns.run("ip", "link", "set", self.bridge, "up")
+            self.internet.join(self.server_ns, "dc", SERVER_UNDERLAY_IP, SERVER_UNDERLAY_IP6)
+            # A real VPN server forwards (operators turn it on for OpenVPN): only pocketproxy's
+            # fail-closed chains may stand between a customer and the server's uplink.
+            self.server_ns.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
+            self.server_ns.run("sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
             self.customer_ns = self._namespace("cus")
-            self._attach(self.customer_ns, CUSTOMER_UNDERLAY_IP)
+            self.internet.join(self.customer_ns, "dc", CUSTOMER_UNDERLAY_IP, "2001:db8:77::2")
             server_dir = os.path.join(self.tmpdir, "server")
             mgmt_socket = os.path.join(server_dir, "mgmt.sock")
             if len(mgmt_socket.encode()) >= 100:  # a deep tmpdir: keep the socket path short
@@ -489,31 +500,18 @@ class Lab:
         self.namespaces.append(ns)
         return ns
 
-    def _attach(self, ns, address):
-        """Plug ``ns`` into the server's bridge with a veth pair; address its end."""
-        bridge_side = unique_name("vb")
-        ns_side = unique_name("vc")
-        subprocess.run(
-            ["ip", "link", "add", bridge_side, "netns", self.server_ns.name, "type", "veth",
-             "peer", "name", ns_side, "netns", ns.name],
-            check=True, timeout=30,
-        )
-        self.server_ns.run("ip", "link", "set", bridge_side, "master", self.bridge)
-        self.server_ns.run("ip", "link", "set", bridge_side, "up")
-        ns.run("ip", "addr", "add", "%s/%d" % (address, UNDERLAY_NET.prefixlen), "dev", ns_side)
-        ns.run("ip", "link", "set", ns_side, "up")
-        return ns_side
-
     def add_client(self, name, username=None, password=None, cert_cn=None, start=True, **kwargs):
-        """A new client in its own namespace on the bridge; started unless ``start=False``.
+        """A new client in its own namespace on the customers' ISP segment, with its own IPv4 and
+        IPv6 default routes (:func:`tests.lab.internet.customer_address`); started unless
+        ``start=False``.
 
         ``cert_cn`` defaults to ``name`` (a certificate is issued on demand). Without
         ``username`` the client is certificate-only (needs ``auth_user_pass_optional``)."""
         index = len(self.clients)
-        if FIRST_CLIENT_HOST + index >= 250:
+        if index >= MAX_CLIENTS:
             raise ValueError("too many lab clients")
         ns = self._namespace("cli")
-        self._attach(ns, str(UNDERLAY_NET.network_address + FIRST_CLIENT_HOST + index))
+        self.internet.join(ns, "isp", *customer_address(index))
         client = OpenVPNClient(
             ns,
             os.path.join(self.tmpdir, "client-%s" % name),

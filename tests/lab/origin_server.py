@@ -2,7 +2,7 @@
 
 Stdlib only (threads), so it runs on any interpreter without the checkout on the path::
 
-    python3 origin_server.py --address 203.0.113.10 --cert c.pem --key k.pem --ready FILE
+    python3 origin_server.py --address 203.0.113.10 [--address 2001:db8:113::10] --cert c.pem --key k.pem --ready FILE
 
 Services (each reports what it saw, so a test can tell which path the bytes took):
 
@@ -134,6 +134,7 @@ class _TLSHandler(socketserver.BaseRequestHandler):
 
 class _BannerHandler(socketserver.BaseRequestHandler):
     def handle(self):
+        sys.stderr.write("banner %s accepted\n" % self.client_address[0])
         self.request.settimeout(60)
         try:
             self.request.sendall(BANNER)
@@ -151,13 +152,22 @@ class _ThreadingTCPServer(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
 
 
-def serve(address, cert, key, ready=None, http_port=80, tls_port=443, banner_port=22):
-    """Start all services on ``address``; write ``ready`` once listening; block until SIGTERM."""
-    servers = [_ThreadingHTTPServer((address, http_port), _HTTPHandler)]
-    tls = _ThreadingTCPServer((address, tls_port), _TLSHandler)
-    tls.cert, tls.key = cert, key
-    servers.append(tls)
-    servers.append(_ThreadingTCPServer((address, banner_port), _BannerHandler))
+def _family(cls, address):
+    """``cls`` itself for IPv4, a subclass listening with AF_INET6 for an IPv6 address."""
+    if ":" not in address:
+        return cls
+    return type(cls.__name__ + "6", (cls,), {"address_family": socket.AF_INET6})
+
+
+def serve(addresses, cert, key, ready=None, http_port=80, tls_port=443, banner_port=22):
+    """Start all services on every address; write ``ready`` once listening; block until SIGTERM."""
+    servers = []
+    for address in addresses:
+        servers.append(_family(_ThreadingHTTPServer, address)((address, http_port), _HTTPHandler))
+        tls = _family(_ThreadingTCPServer, address)((address, tls_port), _TLSHandler)
+        tls.cert, tls.key = cert, key
+        servers.append(tls)
+        servers.append(_family(_ThreadingTCPServer, address)((address, banner_port), _BannerHandler))
     for server in servers:
         threading.Thread(target=server.serve_forever, daemon=True).start()
     _base_block()
@@ -177,7 +187,7 @@ def serve(address, cert, key, ready=None, http_port=80, tls_port=443, banner_por
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--address", required=True)
+    parser.add_argument("--address", required=True, action="append", help="listen here (repeatable; IPv4 or IPv6)")
     parser.add_argument("--cert", required=True)
     parser.add_argument("--key", required=True)
     parser.add_argument("--ready")

@@ -1,25 +1,32 @@
 """The world behind the proxy: "device" namespaces (phones running a real proxy) and an origin.
 
-Topology added next to a :class:`tests.lab.openvpn.Lab` (device i = 0, 1, 2, ...)::
+Topology added next to a :class:`tests.lab.openvpn.Lab` and its internet (device i = 0, 1, 2, ...)::
 
     server ns ── veth ── device ns i ── bridge ── origin ns
-    192.168.(255-i).1    192.168.(255-i).2         203.0.113.10 (HTTP :80, TLS :443, banner :22)
-                         203.0.113.(2+i)           "origin.test" in each device's /etc/hosts
+    192.168.(255-i).1    192.168.(255-i).2   │     203.0.113.10, 2001:db8:113::10 (HTTP :80, TLS :443,
+                         203.0.113.(2+i)     │     banner :22), 198.51.100.53 (a "public resolver")
+                                             │     "origin.test" in each device's /etc/hosts
+                             inet ns ────────┘     203.0.113.254, 2001:db8:113::254: the internet
+                             (tests.lab.internet)  (customers' ISP and the server's uplink route here)
 
 - A device runs tinyproxy 1.11 (HTTP CONNECT, :8080, no ConnectPort lines, so every port is
   allowed; ``Allow`` only the server's side of the link; optional ``BasicAuth``) or dante
   (SOCKS5, :1080, ``socksmethod: none``). Its proxy connects to the origin from the device's
   own 203.0.113.x address, so the origin's ``/whoami`` names the device that carried a flow.
-- The origin is linked ONLY to the devices. The server namespace has no route to
-  203.0.113.0/24 (:meth:`World.server_route_error` proves it) and devices do not forward
-  (``ip_forward=0``), so origin traffic can only have gone through a device's proxy.
+- The origin is on the internet, as origins are: customers reach it through their own ISP,
+  the VPN server through its uplink, the phones directly and through the internet (their
+  default route). Devices do not forward (``ip_forward=0``). So what the origin logs is the
+  proof: a phone's 203.0.113.(2+i) means the flow went through that phone's proxy; a
+  customer's 100.64.0.x / 2001:db8:64::x or the server's 192.168.77.1 means a leak.
 - :meth:`World.start_dns` adds an authoritative DNS server for the zone ``test.`` on
-  203.0.113.10:53 (UDP and TCP; :mod:`tests.lab.dns_origin`) that logs every query's source, so
-  a test can prove DNS reached it through a device's proxy. With ``doh_port`` it also serves
-  DNS over HTTPS at ``https://origin.test:<port>/dns-query`` (the origin certificate, so
-  :attr:`DNSOrigin.ca_cert` verifies it) and logs each accepted TLS connection.
-- VPN clients reach 203.0.113.0/24 through the tunnel: the daemon must push
-  ``route 203.0.113.0 255.255.255.0`` (:data:`PUSH_ROUTE`).
+  203.0.113.10:53, 2001:db8:113::10:53 and the "public resolver" 198.51.100.53:53 (UDP and
+  TCP; :mod:`tests.lab.dns_origin`) that logs every query's source, so a test can prove DNS
+  reached it through a device's proxy (``origin.test`` has an AAAA record too, so dual-stack
+  clients try IPv6 first). With ``doh_port`` it also serves DNS over HTTPS at
+  ``https://origin.test:<port>/dns-query`` (the origin certificate, so :attr:`DNSOrigin.ca_cert`
+  verifies it) and logs each accepted TLS connection.
+- VPN clients reach the origin through the full tunnel pocketproxy pushes: the lab pushes
+  nothing of its own.
 
 Processes are started with ``Namespace.popen`` and stopped by PID; :meth:`World.close`
 (also on ``with`` exit) destroys every namespace the world made.
@@ -32,13 +39,16 @@ import re
 import subprocess
 import sys
 
+from tests.lab.internet import ORIGIN_SIDE, ORIGIN_SIDE6, route_error
 from tests.lab.netns import Namespace, link, read_log, unique_name, wait_for, wait_log
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ORIGIN_NET = ipaddress.IPv4Network("203.0.113.0/24")
+ORIGIN_NET6 = ipaddress.IPv6Network("2001:db8:113::/64")
 ORIGIN_IP = "203.0.113.10"
+ORIGIN_IP6 = "2001:db8:113::10"
+RESOLVER_IP = "198.51.100.53"  # a "public resolver" a customer's app may ask instead of the pushed one
 ORIGIN_NAME = "origin.test"
-PUSH_ROUTE = "route %s %s" % (ORIGIN_NET.network_address, ORIGIN_NET.netmask)
 TINYPROXY = "/usr/bin/tinyproxy"
 DANTED = "/usr/sbin/danted"
 PORTS = {"http": 8080, "socks5": 1080}
@@ -91,18 +101,26 @@ def _wait_listening(ns, address, port, proc, timeout, what):
 
 
 class Origin:
-    """The origin namespace: a bridge holding 203.0.113.10 and the origin services."""
+    """The origin namespace: a bridge holding 203.0.113.10, 2001:db8:113::10 and 198.51.100.53,
+    the origin services, and a default route into ``internet``."""
 
-    def __init__(self, directory):
+    def __init__(self, directory, internet):
         self.directory = directory
         self.address = ORIGIN_IP
+        self.address6 = ORIGIN_IP6
         self.proc = None
         self.ns = Namespace("org")
         try:
             self.bridge = unique_name("ob")
             self.ns.run("ip", "link", "add", self.bridge, "type", "bridge")
             self.ns.run("ip", "addr", "add", "%s/%d" % (ORIGIN_IP, ORIGIN_NET.prefixlen), "dev", self.bridge)
+            self.ns.run("ip", "addr", "add", "%s/32" % RESOLVER_IP, "dev", self.bridge)
+            self.ns.run("ip", "-6", "addr", "add", "%s/%d" % (ORIGIN_IP6, ORIGIN_NET6.prefixlen), "dev", self.bridge, "nodad")
             self.ns.run("ip", "link", "set", self.bridge, "up")
+            internet.join_bridge(self.ns, self.bridge, ORIGIN_SIDE, ORIGIN_SIDE6)
+            internet.route("%s/32" % RESOLVER_IP, ORIGIN_IP)
+            self.ns.run("ip", "route", "replace", "default", "via", ORIGIN_SIDE)
+            self.ns.run("ip", "-6", "route", "replace", "default", "via", ORIGIN_SIDE6)
             self.ca_cert, self.cert, self.key = make_origin_pki(os.path.join(directory, "pki"))
         except BaseException:
             self.ns.destroy()
@@ -128,7 +146,7 @@ class Origin:
             os.unlink(ready)
         argv = [
             sys.executable, os.path.join(HERE, "origin_server.py"),
-            "--address", ORIGIN_IP, "--cert", self.cert, "--key", self.key, "--ready", ready,
+            "--address", ORIGIN_IP, "--address", ORIGIN_IP6, "--cert", self.cert, "--key", self.key, "--ready", ready,
         ]
         with open(self.log_path, "ab") as log:
             self.proc = self.ns.popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
@@ -143,6 +161,13 @@ class Origin:
 
     def log_text(self):
         return read_log(self.log_path)
+
+    def sources(self, since=0):
+        """The peer address of every request or connection the origin logged (after offset ``since``)."""
+        return [m.group(2) for m in _ORIGIN_LINE.finditer(self.log_text(), since)]
+
+
+_ORIGIN_LINE = re.compile(r"(?m)^(http|tls|banner) (\S+) ")
 
 
 class DNSOrigin:
@@ -166,7 +191,7 @@ class DNSOrigin:
 
     def __init__(self, origin, ttl=300, negative_ttl=30, port=53, doh_port=None, doh_idle_timeout=None):
         self.origin = origin
-        self.address = ORIGIN_IP
+        self.addresses = (ORIGIN_IP, ORIGIN_IP6, RESOLVER_IP)
         self.port = port
         self.doh_port = doh_port
         self.doh_idle_timeout = doh_idle_timeout
@@ -175,6 +200,15 @@ class DNSOrigin:
         self.log_path = os.path.join(origin.directory, "dns-queries.log")
         self.stderr_path = os.path.join(origin.directory, "dns-origin.stderr")
         self.proc = None
+
+    @property
+    def address(self):
+        """The first listening address (DoH listens only there)."""
+        return self.addresses[0]
+
+    @address.setter
+    def address(self, value):
+        self.addresses = (value,)
 
     @property
     def doh_url(self):
@@ -190,7 +224,8 @@ class DNSOrigin:
 
     def argv(self, ready):
         argv = [
-            sys.executable, os.path.join(HERE, "dns_origin.py"), "--address", self.address,
+            sys.executable, os.path.join(HERE, "dns_origin.py"),
+            *[arg for address in self.addresses for arg in ("--address", address)],
             "--port", str(self.port), "--log", self.log_path, "--ready", ready,
             "--ttl", str(self.ttl), "--negative-ttl", str(self.negative_ttl),
         ]
@@ -297,6 +332,7 @@ class Device:
             # ``link_with``: same signature as netns.link, e.g. tests.lab.wan.WanLink.link (emulated WAN)
             (link_with or link)(world.server_ns, self.server_ip, self.ns, self.ip)
             world.origin.attach(self.ns, self.origin_ip)
+            self.ns.run("ip", "route", "replace", "default", "via", ORIGIN_SIDE)  # a phone reaches the internet
             with open(self.config_path, "w") as f:
                 f.write(self.config_text())
         except BaseException:
@@ -378,17 +414,20 @@ class Device:
 
 
 class World:
-    """Devices and an origin attached to ``server_ns``; a context manager that always tears down."""
+    """Devices and an origin attached to ``server_ns``, the origin on ``internet`` (a
+    :class:`tests.lab.internet.Internet`, normally ``lab.internet``); a context manager that
+    always tears down."""
 
-    def __init__(self, server_ns, directory):
+    def __init__(self, server_ns, directory, internet):
         self.server_ns = server_ns
         self.directory = str(directory)
+        self.internet = internet
         os.makedirs(self.directory, exist_ok=True)
         self.devices = {}
         self.origin = None
         self.dns = None
         try:
-            self.origin = Origin(self.directory)
+            self.origin = Origin(self.directory, internet)
             self.origin.start()
         except BaseException:
             self.close()
@@ -421,11 +460,21 @@ class World:
         ).start()
         return self.dns
 
-    def server_route_error(self):
-        """The kernel's answer to ``ip route get <origin>`` in the server namespace: an error
-        text when there is no route (as it must be), ``None`` if a route exists."""
-        out = self.server_ns.run("ip", "route", "get", ORIGIN_IP, check=False)
-        return None if out.returncode == 0 else (out.stderr.strip() or "exit %d" % out.returncode)
+    def server_reaches_origin(self):
+        """True: the server namespace has a route to the origin (its uplink), as a real server
+        does. What the origin logs, not unreachability, proves which path a flow took."""
+        return route_error(self.server_ns, ORIGIN_IP) is None
+
+    def phone_addresses(self):
+        """The origin-side addresses of every device: the only sources the origin may ever log."""
+        return {device.origin_ip for device in self.devices.values()}
+
+    def origin_sources(self):
+        """Every source address the origin's services and DNS server have logged so far."""
+        sources = set(self.origin.sources())
+        if self.dns is not None:
+            sources |= {q.source for q in self.dns.queries()} | set(self.dns.doh_connections())
+        return sources
 
     def logs(self, lines=30):
         parts = []

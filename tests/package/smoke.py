@@ -46,7 +46,7 @@ import yaml
 
 from tests.lab.netns import read_log, wait_for, wait_log
 from tests.lab.openvpn import Lab, SERVER_PORT, SERVER_UNDERLAY_IP, VPN_SUBNET
-from tests.lab.world import ORIGIN_IP, PUSH_ROUTE, World
+from tests.lab.world import ORIGIN_IP, World
 from tests.package.shipped import INSTALLED_SERVER_CONF, add_profile_client, install_shipped_server
 
 TWISTD = "/usr/bin/twistd3"
@@ -149,7 +149,7 @@ def smoke(workdir):
     admin_socket = os.path.join(rundir, "admin.sock")
 
     with Lab(os.path.join(workdir, "lab"), start_server=False) as lab, World(
-        lab.server_ns, os.path.join(workdir, "world")
+        lab.server_ns, os.path.join(workdir, "world"), lab.internet
     ) as world:
         server = install_shipped_server(lab, INSTALLED_SERVER_CONF, mgmt_socket)
         step("OpenVPN runs the installed example config (pid %d), management socket %s" % (server.pid, mgmt_socket))
@@ -166,7 +166,7 @@ def smoke(workdir):
         write_private(users_path, yaml.safe_dump(users), gid)
         with open(INSTALLED_CONFIG) as f:
             config = yaml.safe_load(f)
-        config["openvpn"].update(management="unix:%s" % mgmt_socket, push=[PUSH_ROUTE])
+        config["openvpn"].update(management="unix:%s" % mgmt_socket)
         config.setdefault("admin", {}).update(socket=admin_socket)
         config["directory"]["file"] = users_path
         config_path = os.path.join(etcdir, "pocketproxy.yaml")
@@ -214,6 +214,13 @@ def smoke(workdir):
             if seen != phone.origin_ip:
                 raise AssertionError("origin saw %r, expected the phone's %s (%s)" % (seen, phone.origin_ip, out.stderr or out.stdout))
             step("alice fetched http://%s/whoami through the phone: the origin saw %s" % (ORIGIN_IP, seen))
+            reply = [line for line in alice.log_text().splitlines() if "PUSH_REPLY" in line][-1]
+            if "redirect-gateway def1 ipv6,block-ipv6" not in reply:
+                raise AssertionError("alice did not get the full tunnel: %s" % reply)
+            sources = world.origin_sources()
+            if not sources <= world.phone_addresses() or lab.internet.leaked() != {"customer": 0, "server": 0}:
+                raise AssertionError("something but the phone reached the origin: %s, %s" % (sources, lab.internet.leaked()))
+            step("alice got the full tunnel; the origin saw only the phone and the lab internet counted no leak")
 
             out = run([CTL, "--socket", admin_socket, "clients"])
             print(out.stdout.rstrip(), flush=True)

@@ -77,12 +77,21 @@ def test_long_txt():
 
 def test_nxdomain_and_nodata_carry_the_soa():
     """A missing name is NXDOMAIN, a missing type NODATA; both with the SOA (negative TTL)."""
-    for qname, qtype, rcode in (("missing.test", dns.A, 3), ("origin.test", dns.AAAA, 0)):
+    for qname, qtype, rcode in (("missing.test", dns.A, 3), ("big.test", dns.AAAA, 0)):
         _, _, data = _ask(Zone(negative_ttl=11), qname, qtype)
         message = dns.Message()
         message.fromStr(data)
         assert message.rCode == rcode and message.answers == []
         assert [(r.type, r.ttl, r.payload.minimum) for r in message.authority] == [(dns.SOA, 11, 11)]
+
+
+def test_origin_is_dual_stack():
+    """origin.test has an AAAA record too, so the lab's dual-stack clients try IPv6 first."""
+    _, _, data = _ask(Zone(), "origin.test", dns.AAAA)
+    message = dns.Message()
+    message.fromStr(data)
+    assert [(r.type, r.payload.dottedQuad() if r.type == dns.A else socket.inet_ntop(socket.AF_INET6, r.payload.address))
+            for r in message.answers] == [(dns.AAAA, "2001:db8:113::10")]
 
 
 def test_outside_zone_refused_and_drop_unanswered():
