@@ -10,8 +10,6 @@ certificate-only user are admitted by the daemon, and the password user's TCP fe
 reaches the origin through the phone.
 """
 
-import contextlib
-import io
 import ipaddress
 import json
 import os
@@ -19,28 +17,13 @@ import sys
 
 import pytest
 
-from ovpnmgr import ctl
 from tests.lab.daemon import Daemon
 from tests.lab.netns import require_root, require_tools
-from tests.lab.openvpn import OPENVPN, SERVER_PORT, SERVER_UNDERLAY_IP, VPN_SUBNET, Lab
-from tests.lab.world import ORIGIN_IP, PUSH_ROUTE, TINYPROXY, World
-from tests.package.shipped import PEER_CHECK, SOURCE_SERVER_CONF, add_profile_client, install_shipped_server
+from tests.lab.openvpn import OPENVPN, VPN_SUBNET, Lab
+from tests.lab.world import ORIGIN_IP, TINYPROXY, World
+from tests.package.shipped import PEER_CHECK, SOURCE_SERVER_CONF, add_profile_client, client_config, install_shipped_server
 
 NETCLIENT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lab", "netclient.py")
-
-
-def client_config(config_path, user, pki, cert_cn):
-    """``pocketproxyctl client-config`` (in-process) → (exit code, profile text, stderr)."""
-    cert, key = pki.client(cert_cn)
-    out, err = io.StringIO(), io.StringIO()
-    argv = [
-        "--config", str(config_path), "client-config", user,
-        "--remote", "%s:%d" % (SERVER_UNDERLAY_IP, SERVER_PORT),
-        "--ca", pki.ca_cert, "--tls-crypt", pki.tls_crypt_key, "--cert", cert, "--key", key,
-    ]
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = ctl.main(argv)
-    return code, out.getvalue(), err.getvalue()
 
 
 def test_shipped_server_config_admits_generated_profiles(tmp_path):
@@ -48,7 +31,7 @@ def test_shipped_server_config_admits_generated_profiles(tmp_path):
     get addresses pushed by pocketproxy, and the password user's fetch leaves through the phone."""
     require_root()
     require_tools(OPENVPN, TINYPROXY, "openssl")
-    with Lab(tmp_path / "lab", start_server=False) as lab, World(lab.server_ns, tmp_path / "world") as world:
+    with Lab(tmp_path / "lab", start_server=False) as lab, World(lab.server_ns, tmp_path / "world", lab.internet) as world:
         server = install_shipped_server(lab, SOURCE_SERVER_CONF, lab.server.mgmt_socket, drop=PEER_CHECK)
         config_text = open(server.config_path).read()
         assert "server 10.9.0.0 255.255.255.0 nopool" in config_text and "management-client-auth" in config_text
@@ -56,7 +39,7 @@ def test_shipped_server_config_admits_generated_profiles(tmp_path):
         users = {"alice": {"password": "alice-pw"}, "carol": {"cn": "carol"}}
         daemon = Daemon(
             lab.server_ns, tmp_path / "daemon", server.mgmt_socket, users,
-            devices={"phone": phone.url}, openvpn={"push": [PUSH_ROUTE]},
+            devices={"phone": phone.url},
         ).start()
         try:
             daemon.wait_log(r"reconciled with OpenVPN", timeout=30)

@@ -13,9 +13,11 @@ need no change to it: the server replaces ``lab.server`` before it starts
 made, in the same namespace.
 """
 
+import contextlib
+import io
 import os
 
-from tests.lab.openvpn import OpenVPNClient, OpenVPNServer
+from tests.lab.openvpn import SERVER_PORT, SERVER_UNDERLAY_IP, OpenVPNClient, OpenVPNServer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SOURCE_SERVER_CONF = os.path.join(ROOT, "conf", "openvpn", "server.conf")
@@ -124,3 +126,19 @@ def add_profile_client(lab, name, profile, username=None, password=None):
     )
     lab.clients[lab.clients.index(base)] = client
     return client.start()
+
+
+def client_config(config_path, user, pki, cert_cn, remote=SERVER_UNDERLAY_IP, port=SERVER_PORT):
+    """``pocketproxyctl client-config`` (in-process) for ``user`` of the daemon configured by
+    ``config_path``, with the lab's PKI → (exit code, profile text, stderr)."""
+    from ovpnmgr import ctl
+
+    cert, key = pki.client(cert_cn)
+    out, err = io.StringIO(), io.StringIO()
+    argv = [
+        "--config", str(config_path), "client-config", user, "--remote", "%s:%d" % (remote, port),
+        "--ca", pki.ca_cert, "--tls-crypt", pki.tls_crypt_key, "--cert", cert, "--key", key,
+    ]
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = ctl.main(argv)
+    return code, out.getvalue(), err.getvalue()
