@@ -1,15 +1,21 @@
-"""``make demo``: a real OpenVPN client admitted by pocketproxy under twistd, browsing through a phone.
+"""``make demo``: real OpenVPN clients admitted by pocketproxy under twistd, browsing through a phone.
 
-Builds the lab (server namespace with OpenVPN 2.6 and pocketproxy, one
-namespace per customer, a "phone" namespace running tinyproxy and an origin
-reachable only through the phone, with a DNS server for ``origin.test``),
-connects customers (one with a wrong password), resolves ``origin.test`` with
-the pushed DNS server (pocketproxy, which asks through the phone), fetches
-``http://origin.test/whoami`` and an HTTPS page from a customer through
-pocketproxy and the phone, prints what an operator would
-look at — the daemon's log, the kernel ipset and the pocketproxy chains — and
-tears everything down on exit or Ctrl-C. ``--hold`` keeps the lab up until
-Ctrl-C. Every wait is bounded.
+Everything runs as shipped: OpenVPN with ``conf/openvpn/server.conf`` (the lab's paths swapped
+in), pocketproxy with the product's defaults (the lab gives paths, users, the phone, and a
+resolver it can reach instead of 1.1.1.1), customers with profiles from ``pocketproxyctl
+client-config``. And the world is not kind: every customer has her own internet connection
+(IPv4 and IPv6 default routes) and the server an uplink, so a leak would reach the origin.
+
+Builds the lab (server namespace with OpenVPN 2.6 and pocketproxy, one namespace per customer
+on an ISP, a "phone" namespace running tinyproxy, an origin with a DNS server for
+``origin.test``, all on a lab "internet"), connects customers (one with a wrong password),
+prints the routes alice got, resolves ``origin.test`` with the pushed DNS server and with a
+public resolver of her choosing (both answered by pocketproxy through the phone), fetches
+``http://origin.test/whoami`` and an HTTPS page through pocketproxy and the phone, shows that
+IPv6 fails at once, prints what an operator would look at (the daemon's log, the kernel ipset
+and the pocketproxy chains), restarts the daemon, and tears everything down on exit or Ctrl-C.
+``--hold`` keeps the lab up until Ctrl-C. Every wait is bounded. Exits 1 unless the origin saw
+the phone's address and nothing else.
 """
 
 import argparse
@@ -23,8 +29,11 @@ import tempfile
 import time
 
 from tests.lab.daemon import ROOT, Daemon
+from tests.lab.dnsclient import dig
+from tests.lab.internet import customer_address
 from tests.lab.openvpn import Lab
-from tests.lab.world import ORIGIN_IP, ORIGIN_NAME, PUSH_ROUTE, World
+from tests.lab.world import ORIGIN_IP, ORIGIN_IP6, ORIGIN_NAME, RESOLVER_IP, World
+from tests.package.shipped import PEER_CHECK, SOURCE_SERVER_CONF, add_profile_client, client_config, install_shipped_server
 
 USERS = {"alice": {"password": "alice-pw"}, "bob": {"password": "bob-pw", "address": "10.9.0.77"}}
 
@@ -45,8 +54,8 @@ def section(title):
     print("\n=== %s ===" % title, flush=True)
 
 
-def show(lab, *argv):
-    out = lab.server_ns.run(*argv, check=False)
+def show(ns, *argv):
+    out = ns.run(*argv, check=False)
     print("$ %s\n%s" % (" ".join(argv), (out.stdout + out.stderr).rstrip()), flush=True)
 
 
@@ -85,56 +94,67 @@ def pushed_resolver(client, server_ip):
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def run(hold):
-    workdir = tempfile.mkdtemp(prefix="pocketproxy-demo-")
+def profile_client(lab, daemon, user, password):
+    """A customer running the profile ``pocketproxyctl client-config`` prints for ``user``."""
+    code, profile, err = client_config(daemon.config_path, user, lab.pki, user)
+    if code != 0:
+        raise RuntimeError("pocketproxyctl client-config %s failed: %s" % (user, err.strip()))
+    return add_profile_client(lab, user, profile, user, password)
+
+
+def run(hold, workdir):
     with contextlib.ExitStack() as stack:
-        lab = stack.enter_context(Lab(os.path.join(workdir, "lab")))
-        world = stack.enter_context(World(lab.server_ns, os.path.join(workdir, "world")))
+        lab = stack.enter_context(Lab(os.path.join(workdir, "lab"), start_server=False))
+        world = stack.enter_context(World(lab.server_ns, os.path.join(workdir, "world"), lab.internet))
         section("lab")
+        server = install_shipped_server(lab, SOURCE_SERVER_CONF, lab.server.mgmt_socket, drop=PEER_CHECK)
         print(
-            "server namespace %s: OpenVPN 2.6 (pid %s), management socket %s"
-            % (lab.server_ns.name, lab.server.pid, lab.server.mgmt_socket)
+            "server namespace %s: OpenVPN 2.6 (pid %s) running %s (lab paths swapped in), uplink %s"
+            % (lab.server_ns.name, server.pid, os.path.relpath(SOURCE_SERVER_CONF, str(ROOT)), lab.server.address)
         )
         phone = world.add_device("phone", username="dev", password="devpw")
         print(
-            "phone namespace %s: tinyproxy (pid %s) at %s, reaches the origin from %s"
+            "phone namespace %s: tinyproxy (pid %s) at %s, reaches the internet from %s"
             % (phone.ns.name, phone.proc.pid, phone.url.replace(":devpw@", ":***@"), phone.origin_ip)
         )
         print(
-            "origin namespace %s: %s (%s) HTTP :80, HTTPS :443, banner :22; linked only to the phone"
-            % (world.origin.ns.name, ORIGIN_IP, ORIGIN_NAME)
+            "origin namespace %s: %s and %s (%s) HTTP :80, HTTPS :443, banner :22, on the lab internet"
+            % (world.origin.ns.name, ORIGIN_IP, ORIGIN_IP6, ORIGIN_NAME)
         )
         dns = world.start_dns()
-        print("origin DNS server for zone test. on %s:53 (the customers' resolver, reached through the phone)" % dns.address)
-        print("server -> origin directly: %s" % (world.server_route_error() or "ROUTE EXISTS (unexpected)"))
+        print("DNS server for zone test. on %s:53 and on the public resolver %s:53" % (dns.address, RESOLVER_IP))
+        print("customers: each on her own ISP (100.64.0.0/24, 2001:db8:64::/64) with IPv4 and IPv6 default routes")
         admin_socket = os.path.join(workdir, "admin.sock")
         daemon = Daemon(
-            lab.server_ns, os.path.join(workdir, "daemon"), lab.server.mgmt_socket, USERS,
-            devices={"phone": phone.url}, openvpn={"push": [PUSH_ROUTE]}, admin={"socket": admin_socket},
-            dns={"resolver": "%s:53" % ORIGIN_IP},
+            lab.server_ns, os.path.join(workdir, "daemon"), server.mgmt_socket, USERS,
+            devices={"phone": phone.url}, admin={"socket": admin_socket},
+            dns={"resolver": "%s:53" % ORIGIN_IP},  # the lab's stand-in for the default 1.1.1.1:53
         ).start()
         daemon.wait_log(r"reconciled with OpenVPN", timeout=30)
-        print("pocketproxy under twistd (pid %s), config %s" % (daemon.proc.pid, daemon.config_path))
+        print("pocketproxy under twistd (pid %s), config %s (product defaults)" % (daemon.proc.pid, daemon.config_path))
 
-        section("customers connect")
+        section("customers connect with profiles from pocketproxyctl client-config")
         started = time.monotonic()
-        alice = lab.add_client("alice", username="alice", password="alice-pw")
-        bob = lab.add_client("bob", username="bob", password="bob-pw")
-        mallory = lab.add_client("mallory", username="alice", password="guess")
-        alice_ip = alice.wait_connected(timeout=30)
-        bob_ip = bob.wait_connected(timeout=30)
+        alice = profile_client(lab, daemon, "alice", "alice-pw")
+        bob = profile_client(lab, daemon, "bob", "bob-pw")
+        code, profile, _ = client_config(daemon.config_path, "alice", lab.pki, "alice")
+        mallory = add_profile_client(lab, "mallory", profile, "alice", "guess")
+        alice_ip = alice.wait_connected(timeout=40)
+        bob_ip = bob.wait_connected(timeout=40)
         print(
             "alice connected as %s, bob as %s (static), %.1fs after start"
             % (alice_ip, bob_ip, time.monotonic() - started)
         )
-        reason = mallory.wait_auth_failed(timeout=30)
+        reason = mallory.wait_auth_failed(timeout=40)
         print("mallory (wrong password for alice) refused: %s" % reason)
-        print("alice pings the server through the tunnel: %s" % ("ok" if alice.ping(lab.server.vpn_ip) else "FAILED"))
+
+        section("what alice was pushed, and the routes she got")
+        pushed = [line for line in alice.log_text().splitlines() if "PUSH_REPLY" in line][-1]
+        print("PUSH_REPLY: " + pushed.split("PUSH_REPLY,", 1)[-1].rstrip("'"))
+        show(alice.ns, "ip", "route")
+        show(alice.ns, "ip", "-6", "route")
 
         section("alice browses by name: DNS and TCP both go VPN -> pocketproxy -> phone -> origin")
-        pushed = [line for line in alice.log_text().splitlines() if "PUSH_REPLY" in line]
-        print("pushed to alice: %s" % ("dhcp-option DNS %s" % lab.server.vpn_ip if any(
-            "dhcp-option DNS %s" % lab.server.vpn_ip in line for line in pushed) else "NO dhcp-option DNS"))
         stack.enter_context(pushed_resolver(alice, lab.server.vpn_ip))
         mark = phone.log_mark()
         dns_mark = dns.log_mark()
@@ -152,6 +172,21 @@ def run(hold):
             if "Request (" in line:
                 print("  " + line.split(": ", 1)[-1])
 
+        section("no leak: a resolver of alice's choosing, and IPv6")
+        dns_mark = dns.log_mark()
+        got = dig(alice.ns, "choice.bench.test", "udp", server=RESOLVER_IP)
+        sources = sorted({q.source for q in dns.queries(since=dns_mark)})
+        print("alice asks %s herself (UDP): %s; the resolver saw the query from %s (pocketproxy intercepted it)"
+              % (RESOLVER_IP, got.get("answers") or got.get("error"), ", ".join(sources) or "nobody"))
+        v6 = browse(alice, "http://[%s]/whoami" % ORIGIN_IP6, "-6")
+        print("IPv6 to the origin: %s" % ("LEAKED" if v6 else "refused at once by the client's own OpenVPN (block-ipv6)"))
+        alice_isp = set(customer_address(0))
+        sources = world.origin_sources()
+        clean = sources <= world.phone_addresses() and not sources & alice_isp
+        print("every address the origin ever logged: %s (phone: %s)" % (", ".join(sorted(sources)), phone.origin_ip))
+        print("the internet's leak counters: %s" % lab.internet.leaked())
+        clean = clean and lab.internet.leaked() == {"customer": 0, "server": 0}
+
         section("what an operator looks at: pocketproxyctl over the admin socket")
         ctl(admin_socket, "clients")
         ctl(admin_socket, "devices")
@@ -163,10 +198,10 @@ def run(hold):
                 print(line.split("] ", 1)[-1])
 
         section("kernel state an operator checks")
-        show(lab, "ipset", "list", "pocketproxy-clients")
-        show(lab, "iptables", "-t", "nat", "-S", "POCKETPROXY")
-        show(lab, "iptables", "-t", "filter", "-S", "POCKETPROXY")
-        show(lab, "iptables", "-t", "filter", "-S", "POCKETPROXY-IN")
+        show(lab.server_ns, "ipset", "list", "pocketproxy-clients")
+        show(lab.server_ns, "iptables", "-t", "nat", "-S", "POCKETPROXY")
+        show(lab.server_ns, "iptables", "-t", "filter", "-S", "POCKETPROXY")
+        show(lab.server_ns, "iptables", "-t", "filter", "-S", "POCKETPROXY-IN")
 
         section("restart pocketproxy (SIGKILL) — clients stay connected, state rebuilt from status 3")
         mark = daemon.log_mark()
@@ -175,7 +210,7 @@ def run(hold):
         match = daemon.wait_log(r"reconciled with OpenVPN: .*", timeout=30, since=mark)
         print(match.group(0))
         daemon.wait_log(r"transparent proxy listening", timeout=30, since=mark)
-        print("alice still pings: %s" % ("ok" if alice.ping(lab.server.vpn_ip) else "FAILED"))
+        print("alice still pings the server: %s" % ("ok" if alice.ping(lab.server.vpn_ip) else "FAILED"))
         browse(alice, "http://%s/whoami" % ORIGIN_IP)
 
         if hold:
@@ -191,6 +226,9 @@ def run(hold):
     if not through_phone:
         print("FAILED: the origin did not see the phone's address")
         return 1
+    if not clean:
+        print("FAILED: something other than the phone reached the origin or the internet")
+        return 1
     return 0
 
 
@@ -201,11 +239,14 @@ def main(argv=None):
     if os.geteuid() != 0:
         sys.exit("make demo needs root (network namespaces, tun, ipset, iptables)")
     signal.signal(signal.SIGTERM, lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    workdir = tempfile.mkdtemp(prefix="pocketproxy-demo-")
     try:
-        return run(args.hold)
+        return run(args.hold, workdir)
     except KeyboardInterrupt:
         print("interrupted; lab torn down.")
         return 130
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":
