@@ -414,6 +414,9 @@ class AdminProtocol(LineOnlyReceiver, TimeoutMixin):
                     # Relayed by the proxy for this address since admission (up = client to device).
                     "proxied_bytes_up": up,
                     "proxied_bytes_down": down,
+                    # What the client was pushed (ovpnmgr.tunnel): "split" sends all but the pushed
+                    # routes through the customer's own connection.
+                    "tunnel": self.controller.tunnel_mode(s.user) if s.user is not None else None,
                 }
             )
         return rows
@@ -422,7 +425,7 @@ class AdminProtocol(LineOnlyReceiver, TimeoutMixin):
         rows = self._client_rows()
         if as_json:
             return [_json({"clients": rows}), "END"]
-        keys = ("user", "cid", "vpn_ip", "device", "connected_since", "live_connections", "state") + CLIENT_BYTES
+        keys = ("user", "cid", "vpn_ip", "device", "connected_since", "live_connections", "state") + CLIENT_BYTES + ("tunnel",)
         out = ["HEADER\tCLIENT\t" + "\t".join(keys)]
         for row in rows:
             out.append("CLIENT\t" + "\t".join("-" if row[k] is None else str(row[k]) for k in keys))

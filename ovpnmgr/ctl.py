@@ -246,6 +246,7 @@ CLIENT_COLUMNS = [
     ("tunnel_bytes_out", "TUN_OUT"),
     ("proxied_bytes_up", "PROXY_UP"),  # relayed by the proxy: up = client to device
     ("proxied_bytes_down", "PROXY_DOWN"),
+    ("tunnel", "TUNNEL"),  # full, or split (all but the pushed routes through the customer's own connection)
 ]
 
 #: Columns holding byte counts: shown in human units (1023B, 1.5K, 20.0M); --json keeps exact integers.

@@ -54,9 +54,9 @@ def test_ctl_against_the_real_daemon(lab, tmp_path, admin_path):
         assert proc.returncode == 0, proc.stderr
         lines = proc.stdout.splitlines()
         assert lines[0].split()[:7] == ["USER", "CID", "VPN_IP", "DEVICE", "CONNECTED_SINCE", "LIVE", "STATE"]
-        assert lines[0].split()[7:] == ["TUN_IN", "TUN_OUT", "PROXY_UP", "PROXY_DOWN"]
+        assert lines[0].split()[7:] == ["TUN_IN", "TUN_OUT", "PROXY_UP", "PROXY_DOWN", "TUNNEL"]
         row = lines[1].split()
-        assert row[0] == "alice" and row[2] == ip and row[3] == "phone", proc.stdout
+        assert row[0] == "alice" and row[2] == ip and row[3] == "phone" and row[-1] == "full", proc.stdout
 
         proc = ctl("--socket", admin_path, "--json", "clients")
         assert proc.returncode == 0, proc.stderr

@@ -284,9 +284,9 @@ def test_pp_clients_table_and_json():
     a = Admin(w.factory)
     assert a.send("pp clients") == crlf(
         "HEADER\tCLIENT\tuser\tcid\tvpn_ip\tdevice\tconnected_since\tlive_connections\tstate"
-        "\ttunnel_bytes_in\ttunnel_bytes_out\tproxied_bytes_up\tproxied_bytes_down",
-        "CLIENT\talice\t0\t10.9.0.2\tp1\t1970-01-01T00:01:40+00:00\t2\testablished\t-\t-\t0\t0",
-        "CLIENT\tbob\t1\t10.9.0.3\tp2\t-\t0\tauthorized\t-\t-\t0\t0",
+        "\ttunnel_bytes_in\ttunnel_bytes_out\tproxied_bytes_up\tproxied_bytes_down\ttunnel",
+        "CLIENT\talice\t0\t10.9.0.2\tp1\t1970-01-01T00:01:40+00:00\t2\testablished\t-\t-\t0\t0\tfull",
+        "CLIENT\tbob\t1\t10.9.0.3\tp2\t-\t0\tauthorized\t-\t-\t0\t0\tfull",
         "END",
     )
     out = a.send("pp clients --json")
@@ -306,6 +306,7 @@ def test_pp_clients_table_and_json():
                 "tunnel_bytes_out": None,
                 "proxied_bytes_up": 0,
                 "proxied_bytes_down": 0,
+                "tunnel": "full",
             },
             {
                 "user": "bob",
@@ -319,6 +320,7 @@ def test_pp_clients_table_and_json():
                 "tunnel_bytes_out": None,
                 "proxied_bytes_up": 0,
                 "proxied_bytes_down": 0,
+                "tunnel": "full",
             },
         ]
     }
@@ -352,7 +354,7 @@ def test_pp_clients_bytes_from_bytecount_and_the_proxy():
     assert [rows["bob"][k] for k in CLIENT_BYTES] == [10, 20, 0, 0]
     w.script.notify_bytecount(0, 1600, 65000)  # cumulative counters: the latest report wins
     table = a.send("pp clients").split(b"\r\n")
-    assert table[1].endswith(b"\testablished\t1600\t65000\t307\t5011")
+    assert table[1].endswith(b"\testablished\t1600\t65000\t307\t5011\tfull")
 
     # alice leaves: her address's proxied count goes with the mapping; a new session starts from zero.
     w.script.notify_disconnect(0, {"bytes_received": "1700", "bytes_sent": "66000"})

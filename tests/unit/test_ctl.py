@@ -36,6 +36,7 @@ CLIENTS_JSON = json.dumps(
                 "tunnel_bytes_out": 1536,
                 "proxied_bytes_up": 0,
                 "proxied_bytes_down": 21495808,
+                "tunnel": "split",
             },
             {
                 "cid": 17,
@@ -246,12 +247,13 @@ def test_clients_table(admin, capsys):
     assert admin.raw == b"pp clients --json\nquit\n"
     lines = out.splitlines()
     assert lines[0].split() == [
-        "USER", "CID", "VPN_IP", "DEVICE", "CONNECTED_SINCE", "LIVE", "STATE", "TUN_IN", "TUN_OUT", "PROXY_UP", "PROXY_DOWN"
+        "USER", "CID", "VPN_IP", "DEVICE", "CONNECTED_SINCE", "LIVE", "STATE", "TUN_IN", "TUN_OUT", "PROXY_UP", "PROXY_DOWN", "TUNNEL"
     ]
     assert lines[1].split() == [
-        "alice", "4", "10.9.0.2", "phone", "2025-03-01T09:12:44+00:00", "12", "established", "2.1K", "1.5K", "0B", "20.5M"
+        "alice", "4", "10.9.0.2", "phone", "2025-03-01T09:12:44+00:00", "12", "established", "2.1K", "1.5K", "0B", "20.5M",
+        "split",
     ]
-    assert lines[2].split() == ["bob", "17", "-", "tablet-long-name", "-", "0", "pending", "-", "-", "-", "-"]
+    assert lines[2].split() == ["bob", "17", "-", "tablet-long-name", "-", "0", "pending", "-", "-", "-", "-", "-"]
     # aligned: every column starts at the same offset on every row
     for title in ("CID", "VPN_IP", "DEVICE", "LIVE", "STATE"):
         col = lines[0].index(title)
