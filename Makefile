@@ -15,7 +15,7 @@ APT_DEPS  = make openvpn ipset iptables iproute2 openssl procps curl \
 
 export POCKETPROXY_REQUIRE_INTEGRATION ?= 1
 
-.PHONY: deps test test-debian test-pypi unit demo bench-admission bench-proxy bench-scale bench-dns clean package package-test
+.PHONY: deps test test-debian test-pypi unit demo bench-admission bench-proxy bench-scale bench-dns bench-path clean package package-test
 
 deps:
 	@missing=$$(for p in $(APT_DEPS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
@@ -60,6 +60,9 @@ bench-scale: deps
 
 bench-dns: deps
 	$(PY) -m tests.bench.dns
+
+bench-path: deps
+	$(PY) -m tests.bench.path $(ARGS)
 
 # The Debian package: dist/pocketproxy_<version>_all.deb (unit tests run at build time on
 # Debian's libraries). package-test is the CI leg: build, lintian, install, smoke test of the

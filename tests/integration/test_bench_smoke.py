@@ -56,3 +56,13 @@ def test_bench_dns_smoke(tmp_path):
     require_root()
     require_tools("dnsmasq", "tinyproxy")
     _run(tmp_path, "tests.bench.dns", "--quick", "--json", str(tmp_path / "dns.json"))
+
+
+def test_bench_path_smoke(tmp_path):
+    """bench-path with a 5 MiB download and the stock and tuned variants completes and verifies itself
+    (the download hashes right, the origin saw only the phone, the internet counted no leak)."""
+    require_root()
+    require_tools("openvpn", "danted")
+    out = _run(tmp_path, "tests.bench.path", "--mib", "5", "--rounds", "1", "--requests", "3",
+               "--passes", "1", "--variants", "stock", "shipped", "--json", str(tmp_path / "path.json"))
+    assert "shipped" in out and "stock" in out

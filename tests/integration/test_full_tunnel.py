@@ -35,7 +35,8 @@ from tests.lab.internet import ISP_GATEWAY, customer_address
 from tests.lab.netns import NETNS_ETC, read_log, require_root, require_tools, wait_for
 from tests.lab.openvpn import OPENVPN, SERVER_UNDERLAY_IP, Lab
 from tests.lab.world import HERE, ORIGIN_IP, ORIGIN_IP6, ORIGIN_NAME, RESOLVER_IP, TINYPROXY, World
-from tests.package.shipped import PEER_CHECK, SOURCE_SERVER_CONF, add_profile_client, client_config, install_shipped_server
+from tests.package.shipped import PEER_CHECK, SOURCE_SERVER_CONF, add_profile_client, install_shipped_server
+from tests.package.shipped import profiles as shipped_profiles
 
 NETCLIENT = os.path.join(HERE, "netclient.py")
 DNS_IP = "10.9.0.1"  # the pushed resolver (pocketproxy's DNS service)
@@ -141,11 +142,7 @@ def env(tmp_path_factory):
         daemon.start()
         try:
             daemon.wait_log(r"reconciled with OpenVPN", timeout=30)
-            profiles = {}
-            for user in ("alice", "carol"):
-                code, profile, err = client_config(daemon.config_path, user, lab.pki, user)
-                assert code == 0, err
-                profiles[user] = profile
+            profiles = shipped_profiles(daemon.config_path, ("alice", "carol"), lab.pki)
             alice = add_profile_client(lab, "alice", profiles["alice"], "alice", "alice-pw")
             home_resolv_conf(alice.ns, ISP_GATEWAY)
             alice.wait_connected(timeout=40)

@@ -15,13 +15,12 @@ import json
 import os
 import sys
 
-import pytest
-
 from tests.lab.daemon import Daemon
 from tests.lab.netns import require_root, require_tools
 from tests.lab.openvpn import OPENVPN, VPN_SUBNET, Lab
 from tests.lab.world import ORIGIN_IP, TINYPROXY, World
-from tests.package.shipped import PEER_CHECK, SOURCE_SERVER_CONF, add_profile_client, client_config, install_shipped_server
+from tests.package.shipped import PEER_CHECK, SOURCE_SERVER_CONF, add_profile_client, install_shipped_server
+from tests.package.shipped import profiles as shipped_profiles
 
 NETCLIENT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lab", "netclient.py")
 
@@ -43,11 +42,7 @@ def test_shipped_server_config_admits_generated_profiles(tmp_path):
         ).start()
         try:
             daemon.wait_log(r"reconciled with OpenVPN", timeout=30)
-            profiles = {}
-            for user in ("alice", "carol"):
-                code, profile, err = client_config(daemon.config_path, user, lab.pki, user)
-                assert code == 0, err
-                profiles[user] = profile
+            profiles = shipped_profiles(daemon.config_path, ("alice", "carol"), lab.pki)
             assert "auth-user-pass" in profiles["alice"].splitlines()
             assert "auth-user-pass" not in profiles["carol"].splitlines()
 

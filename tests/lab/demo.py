@@ -33,7 +33,8 @@ from tests.lab.dnsclient import dig
 from tests.lab.internet import customer_address
 from tests.lab.openvpn import Lab
 from tests.lab.world import ORIGIN_IP, ORIGIN_IP6, ORIGIN_NAME, RESOLVER_IP, World
-from tests.package.shipped import PEER_CHECK, SOURCE_SERVER_CONF, add_profile_client, client_config, install_shipped_server
+from tests.package.shipped import PEER_CHECK, SOURCE_SERVER_CONF, add_profile_client, install_shipped_server
+from tests.package.shipped import profiles as shipped_profiles
 
 USERS = {"alice": {"password": "alice-pw"}, "bob": {"password": "bob-pw", "address": "10.9.0.77"}}
 
@@ -94,14 +95,6 @@ def pushed_resolver(client, server_ip):
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def profile_client(lab, daemon, user, password):
-    """A customer running the profile ``pocketproxyctl client-config`` prints for ``user``."""
-    code, profile, err = client_config(daemon.config_path, user, lab.pki, user)
-    if code != 0:
-        raise RuntimeError("pocketproxyctl client-config %s failed: %s" % (user, err.strip()))
-    return add_profile_client(lab, user, profile, user, password)
-
-
 def run(hold, workdir):
     with contextlib.ExitStack() as stack:
         lab = stack.enter_context(Lab(os.path.join(workdir, "lab"), start_server=False))
@@ -135,10 +128,10 @@ def run(hold, workdir):
 
         section("customers connect with profiles from pocketproxyctl client-config")
         started = time.monotonic()
-        alice = profile_client(lab, daemon, "alice", "alice-pw")
-        bob = profile_client(lab, daemon, "bob", "bob-pw")
-        code, profile, _ = client_config(daemon.config_path, "alice", lab.pki, "alice")
-        mallory = add_profile_client(lab, "mallory", profile, "alice", "guess")
+        profile = shipped_profiles(daemon.config_path, ("alice", "bob"), lab.pki)
+        alice = add_profile_client(lab, "alice", profile["alice"], "alice", "alice-pw")
+        bob = add_profile_client(lab, "bob", profile["bob"], "bob", "bob-pw")
+        mallory = add_profile_client(lab, "mallory", profile["alice"], "alice", "guess")
         alice_ip = alice.wait_connected(timeout=40)
         bob_ip = bob.wait_connected(timeout=40)
         print(

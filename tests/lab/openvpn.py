@@ -432,7 +432,8 @@ class Lab:
 
     Use as a context manager (or call ``close()``); teardown always runs. Attributes the
     daemon's integration tests need: ``server_ns``, ``server`` (``mgmt_socket``, ``subnet``,
-    ``vpn_ip``, ``pid``), ``customer_ns``, ``tmpdir``, ``pki``, ``clients``.
+    ``vpn_ip``, ``pid``), ``customer_ns``, ``internet`` (:class:`tests.lab.internet.Internet`,
+    for :class:`tests.lab.world.World` and the leak counters), ``tmpdir``, ``pki``, ``clients``.
 
     Timing facts (OpenVPN 2.6.14 here): a client is up 0.05-1.2 s after start when the
     controller answers at once; a stopped client's DISCONNECT arrives 4-6 s later; after a

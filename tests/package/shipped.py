@@ -142,3 +142,15 @@ def client_config(config_path, user, pki, cert_cn, remote=SERVER_UNDERLAY_IP, po
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = ctl.main(argv)
     return code, out.getvalue(), err.getvalue()
+
+
+def profiles(config_path, users, pki):
+    """``{user: profile}`` from ``pocketproxyctl client-config`` for each of ``users`` (their
+    certificate CN is their name); AssertionError with the command's message if one fails."""
+    out = {}
+    for user in users:
+        code, profile, err = client_config(config_path, user, pki, user)
+        if code != 0:
+            raise AssertionError("pocketproxyctl client-config %s failed (%d): %s" % (user, code, err.strip()))
+        out[user] = profile
+    return out

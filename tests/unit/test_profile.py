@@ -107,6 +107,32 @@ def test_shipped_server_config_has_what_pocketproxy_needs():
         assert forbidden not in server
 
 
+def test_shipped_server_config_leaves_the_tunnel_to_pocketproxy_and_is_tuned():
+    """Routes, IPv6 and DNS are pushed by pocketproxy in every client-auth, never by this file (so
+    nothing here can fight or replace them); its throughput lines are the ones make bench-path
+    measures, each explained, and compression stays off."""
+    text = (ROOT / "conf" / "openvpn" / "server.conf").read_text()
+    server = _directives(ROOT / "conf" / "openvpn" / "server.conf")
+    assert "push" not in server and "push-reset" not in server and "push-remove" not in server
+    assert server["data-ciphers"] == [["AES-128-GCM:AES-256-GCM:CHACHA20-POLY1305"]]
+    assert server["sndbuf"] == server["rcvbuf"] == [["4194304"]]
+    assert server["fast-io"] == [[]] and server["txqueuelen"] == [["1000"]]
+    assert server["allow-compression"] == [["no"]] and "compress" not in server and "comp-lzo" not in server
+    for directive in ("data-ciphers", "sndbuf", "fast-io", "txqueuelen", "allow-compression"):
+        before = text.split("\n%s" % directive, 1)[0].rstrip().splitlines()[-1]
+        assert before.startswith("#"), "%s has no comment saying why" % directive
+
+
+def test_template_is_cross_platform_and_keeps_what_the_server_pushes():
+    """Profiles go to Linux, Windows, macOS and phones: only options every OpenVPN 2.6 accepts
+    (txqueuelen, say, is a fatal error outside Linux), and nothing that would drop the full
+    tunnel pocketproxy pushes."""
+    lines = [line.split()[0] for line in profile.TEMPLATE.splitlines() if line.strip() and line[0] not in "#@"]
+    for forbidden in ("txqueuelen", "route-nopull", "pull-filter", "route-noexec", "ignore-unknown-option"):
+        assert forbidden not in lines
+    assert {"sndbuf", "rcvbuf", "fast-io"} <= set(lines)
+
+
 # --- parse_remote ---
 
 
