@@ -130,18 +130,19 @@ class Internet:
     # --- leak counters -------------------------------------------------------------------
 
     def _install_counters(self):
-        """Count (never drop) what crosses the router; see :meth:`leaked`."""
+        """Count (never drop) what crosses the router; see :meth:`leaked`. One ``*-restore`` per family."""
         for tool, customers, server in (
             ("iptables", str(ISP_NET), self.server_address),
             ("ip6tables", str(ISP_NET6), self.server_address6),
         ):
+            icmp = "icmpv6" if tool == "ip6tables" else "icmp"
             rules = [
                 # the tunnel itself, both ways: allowed, and counted so a test can show the watch sees traffic
                 ["-s", customers, "-d", server, "-p", "udp", "--dport", str(self.vpn_port), "tunnel"],
                 ["-s", server, "-d", customers, "-p", "udp", "--sport", str(self.vpn_port), "tunnel"],
                 # ICMP errors about the tunnel, both ways (port unreachable while either OpenVPN restarts)
-                ["-s", server, "-d", customers, "-p", "icmpv6" if tool == "ip6tables" else "icmp", "tunnel"],
-                ["-s", customers, "-d", server, "-p", "icmpv6" if tool == "ip6tables" else "icmp", "tunnel"],
+                ["-s", server, "-d", customers, "-p", icmp, "tunnel"],
+                ["-s", customers, "-d", server, "-p", icmp, "tunnel"],
                 # everything else from a customer's own address, or from the server's segment
                 # (whatever its source: the server's, or a VPN address forwarded raw): a leak
                 # (frames bridged within one segment are not routed anywhere: with br_netfilter
@@ -149,10 +150,11 @@ class Internet:
                 ["-s", customers, "!", "-o", self.bridges["isp"], "customer"],
                 ["-i", self.bridges["dc"], "!", "-o", self.bridges["dc"], "server"],
             ]
+            lines = ["*filter"]
             for *match, name in rules:
-                verdict = ["-j", "RETURN"] if name == "tunnel" else []
-                self.ns.run(tool, "-w", "-A", "FORWARD", *match, "-m", "comment", "--comment",
-                            "%s:%s" % (TAG, name), *verdict)
+                verdict = " -j RETURN" if name == "tunnel" else ""
+                lines.append("-A FORWARD %s -m comment --comment %s:%s%s" % (" ".join(match), TAG, name, verdict))
+            self.ns.run(tool + "-restore", "-w", "--noflush", input="\n".join(lines + ["COMMIT", ""]))
 
     def _count(self, tool, name):
         out = self.ns.run(tool, "-w", "-v", "-x", "-n", "-L", "FORWARD").stdout
