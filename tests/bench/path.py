@@ -81,8 +81,9 @@ def tun_tx_dropped(ns):
     return sum(link.get("stats64", {}).get("tx", {}).get("dropped", 0) for link in links)
 
 
-def drops(lab, client):
-    return udp_rcvbuf_errors(lab.server_ns) + udp_rcvbuf_errors(client.ns), tun_tx_dropped(lab.server_ns)
+def drops(server_ns, client_ns):
+    """``(UDP receive-buffer drops on both ends, the server tun's TX drops)`` so far."""
+    return udp_rcvbuf_errors(server_ns) + udp_rcvbuf_errors(client_ns), tun_tx_dropped(server_ns)
 
 
 def percentile(values, q):
@@ -96,6 +97,7 @@ class Bench:
         self.workdir = Path(workdir)
         self.checks = []
         self.rows = {}
+        self.files = {}  # variant -> its tuning lines, server and client, as run
 
     def check(self, ok, text):
         self.checks.append((bool(ok), text))
@@ -121,7 +123,6 @@ class Bench:
         self.expected_sha = blob_sha256(self.size)
         with Lab(self.workdir / "lab", start_server=False) as lab, \
                 World(lab.server_ns, self.workdir / "world", lab.internet) as world:
-            self.lab = lab
             phone = world.add_device("phone", kind=self.args.device)
             daemon = Daemon(lab.server_ns, self.workdir / "daemon", lab.server.mgmt_socket,
                             {"alice": {"password": "alice-pw"}}, devices={"phone": phone.url}).start()
@@ -129,7 +130,8 @@ class Bench:
                 daemon.wait_log(r"transparent proxy listening", timeout=30)
                 profile = profiles(daemon.config_path, ("alice",), lab.pki)["alice"]
                 base = lab.add_client("alice", username="alice", password="alice-pw", start=False)
-                samples = {v: {"speeds": [], "firsts": [], "cpu": 0.0, "bytes": 0} for v in self.args.variants}
+                samples = {v: {"speeds": [], "firsts": [], "cpu": 0.0, "bytes": 0, "udp_drops": 0, "tun_drops": 0}
+                           for v in self.args.variants}
                 for number in range(self.args.passes):
                     for variant in self.args.variants:
                         client, server = self.start_variant(lab, variant, profile, base, number)
@@ -168,7 +170,6 @@ class Bench:
                                client_profile, port=base.port, username="alice", password="alice-pw", dev=base.dev)
         lab.clients[:] = [client]
         client.start()
-        self.files = getattr(self, "files", {})
         self.files[variant] = {
             "server": [line for line in server.config_lines() if line.split()[0] in TUNING_DIRECTIVES],
             "client": [line for line in client_profile.splitlines() if (line.split() or [""])[0] in TUNING_DIRECTIVES],
@@ -192,7 +193,7 @@ class Bench:
                 return False
             into["firsts"].append(got["first_byte_seconds"] * 1000.0)
         cpu_before = cpu_seconds(server.pid) + cpu_seconds(client.pid)
-        udp_before, tun_before = drops(self.lab, client)
+        udp_before, tun_before = drops(server.ns, client.ns)
         for _ in range(self.args.rounds):
             got = self.netclient(client.ns, "fetch", "http://%s/blob/%d" % (ORIGIN_IP, self.size), timeout=300)
             if not self.check(got.get("sha256") == self.expected_sha and got.get("length") == self.size,
@@ -202,9 +203,9 @@ class Bench:
             into["speeds"].append(got["mb_per_s"])
             into["bytes"] += self.size
         into["cpu"] += cpu_seconds(server.pid) + cpu_seconds(client.pid) - cpu_before
-        udp_after, tun_after = drops(self.lab, client)
-        into["udp_drops"] = into.get("udp_drops", 0) + udp_after - udp_before
-        into["tun_drops"] = into.get("tun_drops", 0) + tun_after - tun_before
+        udp_after, tun_after = drops(server.ns, client.ns)
+        into["udp_drops"] += udp_after - udp_before
+        into["tun_drops"] += tun_after - tun_before
         log = client.log_text()
         buffers = [line.split("Socket Buffers: ", 1)[1] for line in log.splitlines() if "Socket Buffers:" in line]
         cipher = [m.group(1) for m in re.finditer(r"PUSH_REPLY,.*?cipher ([A-Z0-9-]+)", log)]
@@ -218,8 +219,8 @@ class Bench:
         return {
             "variant": variant, "files": self.files.get(variant),
             "mb_per_s": statistics.median(got["speeds"]), "mb_per_s_all": got["speeds"],
-            "udp_rcvbuf_drops_per_gib": got.get("udp_drops", 0) / (got["bytes"] / 2**30),
-            "tun_tx_drops_per_gib": got.get("tun_drops", 0) / (got["bytes"] / 2**30),
+            "udp_rcvbuf_drops_per_gib": got["udp_drops"] / (got["bytes"] / 2**30),
+            "tun_tx_drops_per_gib": got["tun_drops"] / (got["bytes"] / 2**30),
             "ttfb_p50_ms": percentile(got["firsts"], 50), "ttfb_p90_ms": percentile(got["firsts"], 90),
             "openvpn_cpu_s_per_gib": got["cpu"] / (got["bytes"] / 2**30),
             "client_socket_buffers": got.get("buffers"), "cipher": got.get("cipher"),

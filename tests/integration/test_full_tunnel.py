@@ -22,7 +22,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import sys
 from dataclasses import dataclass
 
@@ -32,37 +31,14 @@ from tests.lab.daemon import Daemon
 from tests.lab.dns_origin import bench_address
 from tests.lab.dnsclient import A, NOERROR, dig
 from tests.lab.internet import ISP_GATEWAY, customer_address
-from tests.lab.netns import NETNS_ETC, read_log, require_root, require_tools, wait_for
+from tests.lab.netns import NETNS_ETC, require_root, require_tools
 from tests.lab.openvpn import OPENVPN, SERVER_UNDERLAY_IP, Lab
-from tests.lab.world import HERE, ORIGIN_IP, ORIGIN_IP6, ORIGIN_NAME, RESOLVER_IP, TINYPROXY, World
+from tests.lab.world import HERE, ORIGIN_IP, ORIGIN_IP6, ORIGIN_NAME, RESOLVER_IP, TINYPROXY, World, resolver_at
 from tests.package.shipped import PEER_CHECK, SOURCE_SERVER_CONF, add_profile_client, install_shipped_server
 from tests.package.shipped import profiles as shipped_profiles
 
 NETCLIENT = os.path.join(HERE, "netclient.py")
 DNS_IP = "10.9.0.1"  # the pushed resolver (pocketproxy's DNS service)
-
-
-class RouterResolver:
-    """The customers' ISP router's own resolver on 100.64.0.1:53 (the lab's DNS origin program,
-    zone ``test.``), logging every query's source: a query that reached it is a DNS leak."""
-
-    def __init__(self, internet, directory):
-        self.ns = internet.ns
-        self.log_path = os.path.join(str(directory), "router-dns.log")
-        ready = os.path.join(str(directory), "router-dns.ready")
-        argv = [sys.executable, os.path.join(HERE, "dns_origin.py"), "--address", ISP_GATEWAY,
-                "--log", self.log_path, "--ready", ready]
-        with open(os.path.join(str(directory), "router-dns.err"), "ab") as err:
-            self.proc = self.ns.popen(argv, stdout=err, stderr=subprocess.STDOUT)  # stopped with the lab
-
-        def up():
-            assert self.proc.poll() is None, "router resolver exited"
-            return os.path.exists(ready)
-
-        wait_for(up, 15, what="router resolver on %s:53" % ISP_GATEWAY)
-
-    def sources(self):
-        return {line.split()[0] for line in read_log(self.log_path).splitlines() if line.strip()}
 
 
 @dataclass
@@ -72,7 +48,7 @@ class Env:
     daemon: Daemon
     phone: object
     dns: object
-    router_dns: RouterResolver
+    router_dns: object  # the ISP router's logging resolver (tests.lab.world.resolver_at)
     alice: object
     alice_isp: tuple  # (IPv4, IPv6) of her own internet connection
     profiles: dict
@@ -80,7 +56,7 @@ class Env:
 
     def origin_sources(self):
         """Everything the origin's services and DNS server, and the ISP router's resolver, ever saw."""
-        return self.world.origin_sources() | self.router_dns.sources()
+        return self.world.origin_sources() | self.router_dns.query_sources()
 
 
 def netclient(ns, *args, timeout=15):
@@ -133,7 +109,7 @@ def env(tmp_path_factory):
         server = install_shipped_server(lab, SOURCE_SERVER_CONF, lab.server.mgmt_socket, drop=PEER_CHECK)
         phone = world.add_device("phone", username="dev", password="devpw")
         dns = world.start_dns()
-        router_dns = RouterResolver(lab.internet, base)
+        router_dns = resolver_at(lab.internet.ns, base / "router", ISP_GATEWAY)
         users = {"alice": {"password": "alice-pw"}, "carol": {"password": "carol-pw"}}
         daemon = Daemon(
             lab.server_ns, base / "daemon", server.mgmt_socket, users, devices={"phone": phone.url},
@@ -164,7 +140,7 @@ def assert_nothing_left_but_the_phone(env, also=()):
     forbidden = set(env.alice_isp) | {SERVER_UNDERLAY_IP, "2001:db8:77::1"} | set(also)
     assert not sources & forbidden, "leaked to the origin: %s" % sorted(sources & forbidden)
     assert sources <= env.world.phone_addresses(), sorted(sources)
-    assert env.router_dns.sources() == set(), "the ISP router's resolver was asked: %s" % env.router_dns.sources()
+    assert env.router_dns.query_sources() == set(), "the ISP router's resolver was asked: %s" % env.router_dns.query_sources()
     assert env.lab.internet.leaked() == {"customer": 0, "server": 0}, env.lab.internet.counters()
     assert env.lab.internet.counters()["tunnel"] > 0, "the internet's counters saw no tunnel packet at all"
 
@@ -262,9 +238,9 @@ def test_pocketproxy_killed_traffic_fails_fast_and_nothing_leaves(env):
 
 
 def test_split_tunnel_is_explicit_and_the_lab_sees_what_it_lets_out(env):
-    """Honesty: a user with ``tunnel: split`` gets no redirect, and her fetch leaves through her
-    own ISP: the origin logs her ISP address and the internet counts it, so the checks above can
-    fail. The daemon said so loudly when the users file was reloaded."""
+    """Honesty: a user with ``tunnel: split`` gets no redirect, and her fetch and her DNS leave
+    through her own ISP: the origin and her router's resolver log her ISP address and the internet
+    counts it, so the checks above can fail. The daemon said so loudly when the users file was reloaded."""
     lab, daemon = env.lab, env.daemon
     text = daemon.users_path.read_text()
     daemon.users_path.write_text(re.sub(r"(\n  carol:\n)", r"\1    tunnel: split\n", text))
@@ -282,5 +258,9 @@ def test_split_tunnel_is_explicit_and_the_lab_sees_what_it_lets_out(env):
     assert connect(carol.ns, ORIGIN_IP6, 80)["errno"] is None, "and her IPv6 reaches the origin directly"
     assert carol_isp[0] in env.world.origin_sources()
     assert lab.internet.counters()["customer"] > before["customer"]
+    # and her home router's resolver, asked directly, logs her: that check can fail too
+    got = dig(carol.ns, "split.bench.test", "udp", server=ISP_GATEWAY)
+    assert got["answers"] == [bench_address("split.bench.test")], got
+    assert env.router_dns.query_sources() == {carol_isp[0]}
     with pytest.raises(AssertionError, match="leaked"):
         assert_nothing_left_but_the_phone(env, also=carol_isp)

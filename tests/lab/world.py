@@ -38,6 +38,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 
 from tests.lab.internet import ORIGIN_SIDE, ORIGIN_SIDE6, route_error
 from tests.lab.netns import Namespace, link, read_log, unique_name, wait_for, wait_log
@@ -300,6 +301,17 @@ class DNSOrigin:
         regex = r"(?m)^(\S+) (udp|tcp|doh) %s (\S+)$" % re.escape(qname.lower().rstrip("."))
         match = wait_log(self.log_path, regex, timeout, since)
         return self.Query(match.group(1), match.group(2), qname.lower().rstrip("."), match.group(3))
+
+
+def resolver_at(ns, directory, *addresses):
+    """A :class:`DNSOrigin` (zone ``test.``, every query's source logged) listening on ``addresses``
+    in namespace ``ns`` instead of the origin, e.g. a customer's ISP router: a query that reaches
+    it did not go through the phone. Stopped with ``ns``."""
+    host = types.SimpleNamespace(ns=ns, directory=str(directory))
+    os.makedirs(host.directory, exist_ok=True)
+    server = DNSOrigin(host)
+    server.addresses = tuple(addresses)
+    return server.start()
 
 
 class Device:
