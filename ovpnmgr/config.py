@@ -131,7 +131,8 @@ class DNSConfig:
     handshake_timeout: float = 10.0  # the device's CONNECT/SOCKS5 reply
     idle_timeout: float = 60.0  # an unused device connection is closed after this
     cache_entries: int = 1000  # per device
-    max_tcp_clients: int = 256
+    max_tcp_clients: int = 4096  # TCP connections in all (fd backstop)
+    max_tcp_per_client: int = 16  # TCP connections per client address
     log_names: bool = False  # query names in logs (privacy: off unless debugging)
 
 
@@ -542,6 +543,7 @@ _SCHEMA = {
             "idle_timeout": (_number(1, 86400), False),
             "cache_entries": (_int(0, 1_000_000), False),
             "max_tcp_clients": (_int(1, 100_000), False),
+            "max_tcp_per_client": (_int(1, 100_000), False),
             "log_names": (_bool, False),
         },
     ),

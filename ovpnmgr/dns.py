@@ -29,6 +29,7 @@ def settings_from(config):
         idle_timeout=d.idle_timeout,
         cache_entries=d.cache_entries,
         max_tcp_clients=d.max_tcp_clients,
+        max_tcp_per_client=d.max_tcp_per_client,
         log_names=d.log_names,
     )
 

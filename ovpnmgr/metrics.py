@@ -61,7 +61,7 @@ CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 ADMISSION_RESULTS = ("admitted", "denied_temporary", "denied_final")
 REFUSED_REASONS = ("unmapped", "loop", "origdst", "limit", "client-limit")
-DNS_RESULTS = ("ok", "nxdomain", "servfail", "refused", "malformed", "timeout", "truncated")
+DNS_RESULTS = ("ok", "nxdomain", "servfail", "refused", "malformed", "timeout", "truncated", "over_share")
 UPSTREAM_KINDS = ("auth", "forbidden", "unreachable", "timeout", "malformed", "closed", "error", "internal")
 
 
@@ -253,6 +253,10 @@ def dns_families(stats):
     f = counter("dns_device_connection_failures_total", "DNS connections through devices that failed, by kind.")
     for kind, n in _seeded(UPSTREAM_KINDS, Counter(snap["upstream"]["failed"])).items():
         f.add(n, kind=kind)
+    families.append(f)
+    f = counter("dns_tcp_refused_total", "DNS TCP connections reset at accept, by limit (per_client or full).")
+    for why, n in _seeded(("per_client", "full"), Counter(snap["tcp"]["refused_by"])).items():
+        f.add(n, limit=why)
     families.append(f)
     return families
 

@@ -13,7 +13,6 @@ an operator CA file. A failure is a SERVFAIL for the client, never a lookup from
 """
 
 import base64
-from collections import deque
 
 from OpenSSL import SSL
 from twisted.internet import defer, ssl
@@ -29,7 +28,8 @@ from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
 from proxy import dnsmessage
-from proxy.dnsupstream import DNSTimeout, DNSUnavailable, Overloaded
+from proxy.dnsupstream import DNSTimeout, DNSUnavailable, FairQueue, Overloaded, OverShare, admit_fairly, similar
+from proxy.logthrottle import LogThrottle
 from proxy.tunnelendpoint import TunnelEndpoint
 from proxy.upstream import UpstreamError, dial
 
@@ -120,10 +120,12 @@ class IdentityMismatch(Exception):
 class _Pending:
     """One client query waiting for, or in, an HTTP exchange."""
 
-    __slots__ = ("wire", "d", "timer", "request")
+    __slots__ = ("wire", "d", "timer", "request", "owner", "held", "flying")
 
-    def __init__(self, wire):
+    def __init__(self, wire, owner=None):
         self.wire = wire
+        self.owner = owner
+        self.held = self.flying = False
         self.d = defer.Deferred()
         self.timer = None
         self.request = None
@@ -136,6 +138,11 @@ class DoHResolver:
     :param tls: client TLS options for ``url.host`` (:func:`tls_options`), shared by devices.
     :param stats: a :class:`proxy.dnsserver.DNSStats` (``upstream_*`` counters), or None.
     :param close_grace: seconds an idle tunnel's TLS close may wait for the resolver's reply.
+    :param log_throttle: a :class:`proxy.logthrottle.LogThrottle` for failure lines (the DNS
+        server shares its own); one on ``reactor`` by default.
+
+    Queries are shared fairly between clients (``owner``) as in
+    :class:`proxy.dnsupstream.DeviceResolver`: the window is ``max_connections`` exchanges.
     """
 
     _log = Logger()
@@ -156,6 +163,7 @@ class DoHResolver:
         log_fields=None,
         close_grace=5.0,
         dial=dial,
+        log_throttle=None,
     ):
         self.reactor = reactor
         self.upstream = upstream
@@ -165,7 +173,8 @@ class DoHResolver:
         self.max_queued = max_queued
         self.stats = stats
         self.log_fields = dict(log_fields or {})
-        self._queue = deque()
+        self.log_throttle = log_throttle if log_throttle is not None else LogThrottle(reactor)
+        self._fair = FairQueue(max_connections)
         self._active = set()
         self._open = 0
         self._closed = False
@@ -188,31 +197,45 @@ class DoHResolver:
 
     def pending(self):
         """Queries waiting or in flight."""
-        return len(self._queue) + len(self._active)
+        return self._fair.queued + len(self._active)
 
-    def query(self, wire):
+    def held(self, owner):
+        """Queries ``owner`` has waiting or in flight here."""
+        return self._fair.held(owner)
+
+    def query(self, wire, owner=None):
         """Resolve a client query; the reply carries ID 0 (the caller restores the client's).
 
+        :param owner: who asks (the client's address): the unit of fairness.
         :returns: Deferred firing with the reply bytes, or failing with :class:`DNSTimeout`,
-            :class:`Overloaded` or :class:`DNSUnavailable`.
+            :class:`Overloaded` (:class:`OverShare`) or :class:`DNSUnavailable`.
         """
         if self._closed:
             return defer.fail(DNSUnavailable("resolver for %s is closed" % (self.upstream,)))
-        if self.pending() >= self.max_connections + self.max_queued:
-            return defer.fail(Overloaded("%d DNS queries pending via %s" % (self.pending(), self.upstream)))
-        p = _Pending(dnsmessage.with_id(bytes(wire), 0))
+        try:
+            victim = admit_fairly(self._fair, owner, self.max_connections + self.max_queued, self.pending(), self.upstream)
+        except Overloaded as e:
+            return defer.fail(e)
+        if victim is not None:
+            self._settle(victim, OverShare("evicted for a client under its fair share via %s" % (self.upstream,)))
+        p = _Pending(dnsmessage.with_id(bytes(wire), 0), owner)
+        self._fair.admit(p)
+        p.d.addBoth(self._release, p)
         p.timer = self.reactor.callLater(self.query_timeout, self._timed_out, p)
-        self._queue.append(p)
+        self._fair.enqueue(p)
         self._pump()
         return p.d
+
+    def _release(self, result, p):
+        self._fair.release(p)
+        return result
 
     def close(self, why="closed"):
         """Fail every pending query and close the tunnels (device removed or server stopping)."""
         self._closed = True
         self._close_why = why
         exc = DNSUnavailable("resolver for %s %s" % (self.upstream, why))
-        queue, self._queue = self._queue, deque()
-        for p in list(queue) + list(self._active):
+        for p in self._fair.clear() + list(self._active):
             self._settle(p, exc)
         d = self._pool.closeCachedConnections()
         self._tunnels.abort_all()  # a silent phone would keep a graceful TLS close waiting
@@ -221,8 +244,11 @@ class DoHResolver:
     # --- exchanges ------------------------------------------------------------------------------
 
     def _pump(self):
-        while self._queue and len(self._active) < self.max_connections and not self._closed:
-            self._start(self._queue.popleft())
+        while len(self._active) < self.max_connections and not self._closed:
+            p = self._fair.take()
+            if p is None:
+                break
+            self._start(p)
 
     def _start(self, p):
         self._active.add(p)
@@ -251,6 +277,7 @@ class DoHResolver:
 
     def _done(self, result, p):
         self._active.discard(p)
+        self._fair.landed(p)
         p.request = None
         if not p.d.called:
             if isinstance(result, bytes):
@@ -266,23 +293,23 @@ class DoHResolver:
         kind, why = _describe(reason, self.url.host)
         if self.stats is not None:
             self.stats.upstream_failed[kind] += 1
-        self._log.warn(
-            "DNS-over-HTTPS via {upstream} to {resolver} failed: {kind}: {reason}",
-            upstream=str(self.upstream),
-            resolver=str(self.url),
-            kind=kind,
-            reason=why,
-            event="dns-upstream-failed",
-            **self.log_fields,
-        )
+        suppressed = self.log_throttle.allow(("dns-upstream-failed", kind, str(self.upstream)))
+        if suppressed is not None:
+            self._log.warn(
+                "DNS-over-HTTPS via {upstream} to {resolver} failed: {kind}: {reason}" + similar(suppressed),
+                upstream=str(self.upstream),
+                resolver=str(self.url),
+                kind=kind,
+                reason=why,
+                event="dns-upstream-failed",
+                suppressed=suppressed,
+                **self.log_fields,
+            )
         return DNSUnavailable("DNS-over-HTTPS via %s failed: %s" % (self.upstream, kind))
 
     def _timed_out(self, p):
         p.timer = None
-        try:
-            self._queue.remove(p)
-        except ValueError:
-            pass
+        self._fair.remove(p)
         p.d.errback(DNSTimeout("no DNS reply via %s within %gs" % (self.upstream, self.query_timeout)))
         if p.request is not None:
             p.request.cancel()  # aborts the tunnel: a stuck exchange must not hold a connection

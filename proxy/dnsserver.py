@@ -9,6 +9,20 @@ answers above the client's limit are truncated so the client retries over TCP.
 
 The sockets are bound with ``IP_FREEBIND`` so the daemon can start before OpenVPN has created
 tun0 and its address. Query names are logged only with ``log_names`` (privacy).
+
+Customers are untrusted and share phones, so no one of them can take the service from others:
+
+- TCP: at most ``max_tcp_per_client`` connections per source address, and
+  ``max_tcp_clients`` in all (a backstop for the process's file descriptors); beyond either a
+  new connection is reset, counted (``tcp.refused_by``) and logged (throttled).
+- Queries: a client may hold only its fair share of its device's queue
+  (:func:`proxy.dnsupstream.fair_share`); its extra queries get SERVFAIL at once
+  (``over_share``), and the device's queue is served round robin between clients
+  (:class:`proxy.dnsupstream.FairQueue`). The ``host`` policy, with no queue of its own, gets
+  the same per-client share of ``max_in_flight + max_queued``.
+- Logs: every per-query and per-connection failure line goes through one
+  :class:`proxy.logthrottle.LogThrottle` (at most one line per kind and client every 10 s);
+  a line says how many similar ones were suppressed before it (field ``suppressed``).
 """
 
 import math
@@ -29,8 +43,9 @@ from proxy import dnsmessage
 from proxy.dnscache import MAX_NEGATIVE_TTL, MAX_TTL, DNSCache
 from proxy.dnsmessage import Malformed
 from proxy.dnsdoh import DoHResolver, tls_options
-from proxy.dnsupstream import DeviceResolver, DNSUnavailable, HostResolver
+from proxy.dnsupstream import DeviceResolver, DNSUnavailable, HostResolver, Overloaded, OverShare, fair_share, similar
 from proxy.dohurl import DoHURL
+from proxy.logthrottle import LogThrottle
 from proxy.origdst import unmap
 from proxy.stats import Histogram
 from proxy.upstream import Upstream, dial
@@ -73,7 +88,11 @@ class DNSSettings:
     handshake_timeout: float = 10.0
     idle_timeout: float = 60.0  # device tunnel
     cache_entries: int = 1000  # per device
-    max_tcp_clients: int = 256
+    # Each client TCP connection costs a file descriptor and a few KiB: 4096 in all is safe
+    # under the daemon's raised RLIMIT_NOFILE, and with 16 per client it takes 256 greedy
+    # customers (not one, as with the former single pool of 256) to fill it.
+    max_tcp_clients: int = 4096
+    max_tcp_per_client: int = 16  # per source address; a stub resolver needs one or two
     log_names: bool = False
     tcp_idle_timeout: float = 30.0  # a client's TCP connection (RFC 7766 §6.2.3)
     max_tcp_pipeline: int = 32  # queries in flight per client TCP connection before we stop reading
@@ -106,6 +125,7 @@ class DNSStats:
         self.upstream_closed = Counter()
         self.tcp_clients = 0
         self.tcp_refused = 0
+        self.tcp_refused_by = Counter()  # "per_client" or "full"
         self.latency_histogram = Histogram(LATENCY_BUCKETS)
 
     def observe(self, seconds):
@@ -130,7 +150,7 @@ class DNSStats:
                 "failed": dict(self.upstream_failed),
                 "closed": dict(self.upstream_closed),
             },
-            "tcp": {"clients": self.tcp_clients, "refused": self.tcp_refused},
+            "tcp": {"clients": self.tcp_clients, "refused": self.tcp_refused, "refused_by": dict(self.tcp_refused_by)},
             "latency": self.latency(),
         }
 
@@ -164,7 +184,10 @@ class DNSServer:
         self._devices = {}
         self._flights = {}  # (route key, query key) -> queries waiting for the one being resolved
         self._tcp = set()
-        self._log_times = {}
+        self._tcp_by_client = Counter()  # source address -> open TCP connections
+        self._host_held = Counter()  # source address -> queries on the host policy's resolver
+        self.log_throttle = LogThrottle(reactor)
+        self._expired_at = reactor.seconds()
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -245,7 +268,7 @@ class DNSServer:
             return d
         self.stats.cache_misses += 1
         self._flights[flight] = []
-        d = defer.maybeDeferred(self._resolve, route, query)  # a raise must not strand the followers
+        d = defer.maybeDeferred(self._resolve, route, query, source)  # a raise must not strand the followers
         d.addCallback(self._resolved, route, query)
         d.addErrback(self._failed, route, query, source)
         d.addBoth(self._landed, flight, query)
@@ -257,7 +280,7 @@ class DNSServer:
         (ID, question casing, EDNS as *it* asked); a failure is the same SERVFAIL for all."""
         followers = self._flights.pop(flight, ())
         if not isinstance(pair, tuple):  # a bug in the chain above: still answer everyone
-            self._log.failure("DNS answer failed internally", pair)
+            self._failure("DNS answer failed internally", pair, ("internal", "answer"))
             pair = (dnsmessage.error_reply(query, dns.ESERVER), "servfail")
         reply, result = pair
         message = dnsmessage.parse_reply(reply) if followers else None
@@ -271,19 +294,41 @@ class DNSServer:
                 else:
                     own = dnsmessage.with_id(reply, follower.id)
             except Exception:
-                self._log.failure("DNS answer for a coalesced query failed")
+                self._failure("DNS answer for a coalesced query failed", None, ("internal", "coalesced"))
                 own, own_result = dnsmessage.error_reply(follower, dns.ESERVER), "servfail"
             d.callback(self._finish(follower, own, own_result, started, udp))
         return pair
 
-    def _resolve(self, route, query):
+    def _resolve(self, route, query, source):
         if route.policy == "host":
-            self.stats.resolved["host"] += 1
-            return self.host.query(query)
+            return self._resolve_host(query, source)
         if route.policy != "via_device" or route.upstream is None:
             return defer.fail(DNSUnavailable("no device to resolve through (policy %r)" % (route.policy,)))
-        self.stats.resolved["device"] += 1
-        return self._device_for(route).query(query.wire)
+        d = self._device_for(route).query(query.wire, owner=source)
+        if not d.called:  # refused at once (over its share, overloaded, closed): not resolved
+            self.stats.resolved["device"] += 1
+        return d
+
+    def _resolve_host(self, query, source):
+        """The host policy: the same per-client fair share as a device, of ``max_in_flight +
+        max_queued`` queries on the server's resolvers (which have no queue of their own)."""
+        capacity = self.settings.max_in_flight + self.settings.max_queued
+        held = self._host_held[source]
+        share = fair_share(capacity, len(self._host_held) + (0 if held else 1))
+        if held >= share:
+            return defer.fail(OverShare("client holds %d DNS queries on the host resolver (its fair share)" % held))
+        if sum(self._host_held.values()) >= capacity:
+            return defer.fail(Overloaded("%d DNS queries pending on the host resolver" % capacity))
+        self.stats.resolved["host"] += 1
+        self._host_held[source] += 1
+
+        def release(result):
+            self._host_held[source] -= 1
+            if self._host_held[source] <= 0:
+                del self._host_held[source]
+            return result
+
+        return defer.maybeDeferred(self.host.query, query).addBoth(release)
 
     def _device_for(self, route):
         """The route's device resolver: DNS over TCP, or DoH when the resolver is a URL."""
@@ -300,6 +345,7 @@ class DNSServer:
             stats=self.stats,
             log_fields=route.log_fields,
             dial=self._dial,
+            log_throttle=self.log_throttle,
         )
         if isinstance(s.resolver, DoHURL):
             resolver = DoHResolver(
@@ -326,7 +372,7 @@ class DNSServer:
             self._warn(kind, source, route, query, "DNS query from {client} failed: {why}", why=reason.value)
         else:
             kind = "servfail"
-            self._log.failure("DNS query from {client} failed internally", reason, client=str(source))
+            self._failure("DNS query from {client} failed internally", reason, ("internal", source), client=str(source))
         return dnsmessage.error_reply(query, dns.ESERVER), kind
 
     def _finish(self, query, reply, result, started, udp):
@@ -336,15 +382,28 @@ class DNSServer:
         self.stats.observe(self.reactor.seconds() - started)
         return reply
 
-    def _warn(self, kind, client, route, query, text, **fields):
-        """One line per failure, at most one per (kind, client) every 10 s; names only on request."""
+    def _allow(self, key):
+        """:meth:`LogThrottle.allow`, forgetting quiet keys once a minute."""
         now = self.reactor.seconds()
-        key = (kind, client)
-        if now - self._log_times.get(key, -1e9) < 10.0:
+        if now - self._expired_at >= 60.0:
+            self._expired_at = now
+            self.log_throttle.expire()
+        return self.log_throttle.allow(key)
+
+    def _failure(self, text, reason, key, **fields):
+        """A traceback line (a bug), throttled like the others."""
+        suppressed = self._allow(key)
+        if suppressed is not None:
+            self._log.failure(text + similar(suppressed), reason, suppressed=suppressed, **fields)
+
+    def _warn(self, kind, client, route, query, text, key=None, **fields):
+        """One line per failure, at most one per ``key`` (default (kind, client)) every 10 s,
+        saying how many like it were suppressed; names only on request."""
+        suppressed = self._allow(key if key is not None else (kind, client))
+        if suppressed is None:
             return
-        if len(self._log_times) > 10000:
-            self._log_times.clear()
-        self._log_times[key] = now
+        fields["suppressed"] = suppressed
+        text += similar(suppressed)
         if route is not None:
             fields.update(route.log_fields)  # user, device name... (the owner's; may be empty)
             fields["upstream"] = str(route.upstream) if route.policy == "via_device" else "host"
@@ -353,6 +412,29 @@ class DNSServer:
             text += " (name {qname})"
         fields["why"] = str(fields.get("why", ""))
         self._log.warn(text, client=str(client), kind=kind, event="dns-" + kind, **fields)
+
+    def _tcp_admit(self, source):
+        """Whether a new TCP connection from ``source`` fits both caps (else counted and logged)."""
+        s = self.settings
+        if len(self._tcp) >= s.max_tcp_clients:
+            why, key = "full", ("tcp-refused", "full")  # one line for everyone: many sources
+            text = "refused a DNS TCP connection from {client}: {open} connections open (dns.max_tcp_clients)"
+        elif self._tcp_by_client[source] >= s.max_tcp_per_client:
+            why, key = "per_client", None
+            text = "refused a DNS TCP connection from {client}: it has {open} open (dns.max_tcp_per_client)"
+        else:
+            self._tcp_by_client[source] += 1
+            return True
+        self.stats.tcp_refused += 1
+        self.stats.tcp_refused_by[why] += 1
+        opened = len(self._tcp) if why == "full" else self._tcp_by_client[source]
+        self._warn("tcp-refused", source, None, None, text, key=key, open=opened, why=why)
+        return False
+
+    def _tcp_closed(self, source):
+        self._tcp_by_client[source] -= 1
+        if self._tcp_by_client[source] <= 0:
+            del self._tcp_by_client[source]
 
 
 def describe_resolver(resolver):
@@ -428,14 +510,13 @@ class _TCPProtocol(Int16StringReceiver, TimeoutMixin):
     def connectionMade(self):
         """IProtocol.connectionMade"""
         s = self.server
-        if len(s._tcp) >= s.settings.max_tcp_clients:
-            s.stats.tcp_refused += 1
+        self.source = unmap(self.transport.getPeer().host)
+        if not s._tcp_admit(self.source):
             self.transport.abortConnection()
             return
         self.accepted = True
         s._tcp.add(self)
         s.stats.tcp_clients = len(s._tcp)
-        self.source = unmap(self.transport.getPeer().host)
         self.setTimeout(s.settings.tcp_idle_timeout)
 
     def stringReceived(self, data):
@@ -475,6 +556,7 @@ class _TCPProtocol(Int16StringReceiver, TimeoutMixin):
         if self.accepted:
             self.accepted = False
             self.server._tcp.discard(self)
+            self.server._tcp_closed(self.source)
             self.server.stats.tcp_clients = len(self.server._tcp)
 
 

@@ -9,12 +9,18 @@ in-flight query one retry on a fresh connection while its time lasts; the dial i
 retried in a loop, and there is no fallback to the host's resolver: a device failure is a
 SERVFAIL, not a leak.
 
+Customers sharing a phone share its resolver, fairly (:class:`FairQueue`): each query carries
+its ``owner`` (the client's address), a client may hold only its :func:`fair_share` of the
+device's queue (beyond it: :class:`OverShare` at once), queued queries are sent round robin
+across clients, and part of the in-flight window is kept for clients with nothing in flight.
+So one customer flooding slow names cannot make a co-tenant's lookups wait or fail.
+
 :class:`HostResolver` is the explicit ``host`` policy: the server's own resolvers, UDP with a
 TCP retry on truncation, through ``twisted.names.client.Resolver``.
 """
 
 import random
-from collections import deque
+from collections import Counter, deque
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -22,18 +28,23 @@ from twisted.names import client, dns
 from twisted.protocols.basic import Int16StringReceiver
 
 from proxy import dnsmessage
+from proxy.logthrottle import LogThrottle
 from proxy.upstream import UpstreamError, dial
 
 __all__ = [
     "DNSUnavailable",
     "DNSTimeout",
     "Overloaded",
+    "OverShare",
+    "FairQueue",
+    "fair_share",
     "DeviceResolver",
     "HostResolver",
     "read_resolv_conf",
 ]
 
 MAX_STALE_IDS = 1024  # timed-out IDs kept reserved on one connection before we give up on it
+MIN_SHARE = 8  # queries any one client may hold on a device, however many share it
 
 
 class DNSUnavailable(Exception):
@@ -54,13 +65,178 @@ class Overloaded(DNSUnavailable):
     kind = "overloaded"
 
 
+class OverShare(Overloaded):
+    """This client already holds its fair share of the device's queue (room stays for others)."""
+
+    kind = "over_share"
+
+
+def fair_share(capacity, owners, floor=MIN_SHARE):
+    """How many queries one client may hold (in flight + queued) on one device.
+
+    ``owners`` counts the clients holding queries there, the asker included. Each may hold
+    ``capacity // (owners + 1)``, i.e. as if one more client were about to arrive: a lone
+    client gets half of the device's queue, two get a third each, and so on, so there is room
+    for a co-tenant who has not asked yet; never less than ``floor`` (a small share that keeps
+    ordinary browsing working when many clients share one phone; the device's ``capacity``
+    still bounds the total). Over its share a client's extra queries fail at once
+    (:class:`OverShare`, a SERVFAIL), and when the device is full, a client under its share
+    takes the place of the newest queued query of the client most over its share
+    (:meth:`FairQueue.evict`).
+    """
+    return max(floor, capacity // (owners + 1))
+
+
+class FairQueue:
+    """The queries of one device resolver, per client (``owner``), served round robin.
+
+    Tracks what each owner holds (queued + in flight) and has in flight. :meth:`take` picks
+    the next query to send: owners take turns, and each may have at most
+    ``(window - reserve) // owners`` in flight, where ``reserve = window // 4`` slots are kept
+    for owners that have nothing in flight. A customer who just asked is therefore sent at
+    once even when another one keeps the window full of names that answer slowly (or never).
+    Pending objects need ``owner``, ``held`` and ``flying`` attributes (managed here).
+    """
+
+    def __init__(self, window):
+        self.window = window
+        self.reserve = window // 4
+        self._queues = {}  # owner -> deque of pending; dict order is the round-robin order
+        self._held = Counter()
+        self._flying = Counter()
+        self.queued = 0
+        self.flying = 0
+
+    def held(self, owner):
+        """Queries ``owner`` has queued or in flight."""
+        return self._held.get(owner, 0)
+
+    def owners(self):
+        """How many owners hold queries."""
+        return len(self._held)
+
+    def admit(self, p):
+        """``p`` is now held by its owner (until :meth:`release`)."""
+        p.held = True
+        self._held[p.owner] += 1
+
+    def release(self, p):
+        """``p`` was answered or failed (idempotent)."""
+        if p.held:
+            p.held = False
+            self._held[p.owner] -= 1
+            if self._held[p.owner] <= 0:
+                del self._held[p.owner]
+
+    def enqueue(self, p, front=False):
+        """Queue ``p`` (a retry goes ``front``, ahead of its owner's other queries)."""
+        q = self._queues.get(p.owner)
+        if q is None:
+            q = self._queues[p.owner] = deque()
+        if front:
+            q.appendleft(p)
+        else:
+            q.append(p)
+        self.queued += 1
+
+    def remove(self, p):
+        """Take a queued ``p`` out (its time ran out); False when it was not queued."""
+        q = self._queues.get(p.owner)
+        if q is None:
+            return False
+        try:
+            q.remove(p)
+        except ValueError:
+            return False
+        self.queued -= 1
+        if not q:
+            del self._queues[p.owner]
+        return True
+
+    def take(self):
+        """The next query to send (now counted in flight), or None when none may go now."""
+        if not self.queued or self.flying >= self.window:
+            return None
+        limit = max(1, (self.window - self.reserve) // max(1, len(self._held)))
+        general = self.flying < self.window - self.reserve
+        for owner in list(self._queues):
+            flying = self._flying.get(owner, 0)
+            if flying == 0 or (general and flying < limit):
+                q = self._queues.pop(owner)
+                p = q.popleft()
+                if q:
+                    self._queues[owner] = q  # to the back of the round
+                self.queued -= 1
+                self.sent(p)
+                return p
+        return None
+
+    def sent(self, p):
+        """``p`` is in flight."""
+        if not p.flying:
+            p.flying = True
+            self.flying += 1
+            self._flying[p.owner] += 1
+
+    def landed(self, p):
+        """``p`` is no longer in flight (answered, timed out, or its connection lost; idempotent)."""
+        if p.flying:
+            p.flying = False
+            self.flying -= 1
+            self._flying[p.owner] -= 1
+            if self._flying[p.owner] <= 0:
+                del self._flying[p.owner]
+
+    def evict(self, share):
+        """The newest queued query of the owner holding most beyond ``share``, dequeued; or None."""
+        over = [o for o in self._queues if self._held.get(o, 0) > share]
+        if not over:
+            return None
+        owner = max(over, key=lambda o: self._held.get(o, 0))
+        q = self._queues[owner]
+        p = q.pop()
+        self.queued -= 1
+        if not q:
+            del self._queues[owner]
+        return p
+
+    def clear(self):
+        """Every queued query, dequeued."""
+        out = [p for q in self._queues.values() for p in q]
+        self._queues = {}
+        self.queued = 0
+        return out
+
+
+def admit_fairly(fair, owner, capacity, pending, where):
+    """Check that ``owner`` may add a query to a device holding ``pending`` of ``capacity``.
+
+    :returns: None, or the queued query evicted to make room (the caller fails it with
+        :class:`OverShare`: its owner holds more than its share).
+    :raises OverShare: ``owner`` holds its fair share already.
+    :raises Overloaded: the device is full and nobody is over their share.
+    """
+    held = fair.held(owner)
+    share = fair_share(capacity, fair.owners() + (0 if held else 1))
+    if held >= share:
+        raise OverShare("client holds %d DNS queries via %s (its fair share of %d)" % (held, where, capacity))
+    if pending < capacity:
+        return None
+    victim = fair.evict(share)
+    if victim is None:
+        raise Overloaded("%d DNS queries pending via %s" % (pending, where))
+    return victim
+
+
 class _Pending:
     """One client query on its way through the device."""
 
-    __slots__ = ("wire", "d", "timer", "deadline", "attempts", "conn", "id", "heard")
+    __slots__ = ("wire", "d", "timer", "deadline", "attempts", "conn", "id", "heard", "owner", "held", "flying")
 
-    def __init__(self, wire, deadline):
+    def __init__(self, wire, deadline, owner=None):
         self.wire = wire
+        self.owner = owner
+        self.held = self.flying = False
         self.d = defer.Deferred()
         self.timer = None
         self.deadline = deadline
@@ -115,6 +291,8 @@ class DeviceResolver:
     :param stats: counts ``upstream_opened``/``upstream_failed[kind]``/``upstream_closed[why]``
         (a :class:`proxy.dnsserver.DNSStats`), or None.
     :param dial: :func:`proxy.upstream.dial`; tests pass a scripted one.
+    :param log_throttle: a :class:`proxy.logthrottle.LogThrottle` for the tunnel's failure
+        lines (the DNS server shares its own); one on ``reactor`` by default.
     """
 
     _log = Logger()
@@ -133,6 +311,7 @@ class DeviceResolver:
         stats=None,
         log_fields=None,
         dial=dial,
+        log_throttle=None,
     ):
         self.reactor = reactor
         self.upstream = upstream
@@ -146,7 +325,8 @@ class DeviceResolver:
         self.stats = stats
         self.log_fields = dict(log_fields or {})
         self._dial = dial
-        self._queue = deque()
+        self.log_throttle = log_throttle if log_throttle is not None else LogThrottle(reactor)
+        self._fair = FairQueue(max_in_flight)
         self._leg = None  # the open connection
         self._connecting = None  # Deferred of a dial + handshake in progress
         self._idle = None
@@ -159,23 +339,39 @@ class DeviceResolver:
 
     def pending(self):
         """Queries waiting or in flight."""
-        return len(self._queue) + (len(self._leg.in_flight) if self._leg is not None else 0)
+        return self._fair.queued + (len(self._leg.in_flight) if self._leg is not None else 0)
 
-    def query(self, wire):
+    def held(self, owner):
+        """Queries ``owner`` has waiting or in flight here."""
+        return self._fair.held(owner)
+
+    def query(self, wire, owner=None):
         """Send a client query (its ID is rewritten on the way and restored by the caller).
 
+        :param owner: who asks (the client's address): the unit of fairness (:class:`FairQueue`).
         :returns: Deferred firing with the resolver's reply bytes (carrying our ID), or failing
-            with :class:`DNSTimeout`, :class:`Overloaded` or :class:`DNSUnavailable`.
+            with :class:`DNSTimeout`, :class:`Overloaded` (:class:`OverShare`) or
+            :class:`DNSUnavailable`.
         """
         if self._closed:
             return defer.fail(DNSUnavailable("resolver for %s is closed" % (self.upstream,)))
-        if self.pending() >= self.max_in_flight + self.max_queued:
-            return defer.fail(Overloaded("%d DNS queries pending via %s" % (self.pending(), self.upstream)))
-        p = _Pending(bytes(wire), self.reactor.seconds() + self.query_timeout)
+        try:
+            victim = admit_fairly(self._fair, owner, self.max_in_flight + self.max_queued, self.pending(), self.upstream)
+        except Overloaded as e:
+            return defer.fail(e)
+        if victim is not None:
+            self._settle(victim, OverShare("evicted for a client under its fair share via %s" % (self.upstream,)))
+        p = _Pending(bytes(wire), self.reactor.seconds() + self.query_timeout, owner)
+        self._fair.admit(p)
+        p.d.addBoth(self._release, p)
         p.timer = self.reactor.callLater(self.query_timeout, self._timed_out, p)
-        self._queue.append(p)
+        self._fair.enqueue(p)
         self._pump()
         return p.d
+
+    def _release(self, result, p):
+        self._fair.release(p)
+        return result
 
     def close(self, why="closed"):
         """Close the connection and fail every pending query (device removed or server stopping)."""
@@ -186,6 +382,7 @@ class DeviceResolver:
         if self._leg is not None:
             in_flight, self._leg.in_flight = list(self._leg.in_flight.values()), {}
             for p in in_flight:
+                self._fair.landed(p)
                 self._settle(p, exc)
         self._drop_leg(why)
         self._fail_all(exc)
@@ -195,17 +392,21 @@ class DeviceResolver:
     def _pump(self):
         leg = self._leg
         if leg is None:
-            if self._queue and self._connecting is None and not self._closed:
+            if self._fair.queued and self._connecting is None and not self._closed:
                 self._connect()
             return
-        while self._queue and len(leg.in_flight) < self.max_in_flight:
-            self._send(leg, self._queue.popleft())
-        if leg.in_flight or self._queue:
+        while len(leg.in_flight) < self.max_in_flight:
+            p = self._fair.take()
+            if p is None:
+                break
+            self._send(leg, p)
+        if leg.in_flight or self._fair.queued:
             self._stop_idle()
         elif self._idle is None:
             self._idle = self.reactor.callLater(self.idle_timeout, self._idle_expired)
 
     def _send(self, leg, p):
+        self._fair.sent(p)
         p.id = leg.allocate()
         p.conn = leg
         p.attempts += 1
@@ -244,16 +445,25 @@ class DeviceResolver:
             kind = reason.value.kind if isinstance(reason.value, UpstreamError) else "internal"
             if self.stats is not None:
                 self.stats.upstream_failed[kind] += 1
-            if kind == "internal":
-                self._log.failure("DNS tunnel via {upstream} failed internally", reason, upstream=str(self.upstream))
+            suppressed = self.log_throttle.allow(("dns-upstream-failed", kind, str(self.upstream)))
+            if suppressed is None:
+                pass
+            elif kind == "internal":
+                self._log.failure(
+                    "DNS tunnel via {upstream} failed internally" + similar(suppressed),
+                    reason,
+                    upstream=str(self.upstream),
+                    suppressed=suppressed,
+                )
             else:
                 self._log.warn(
-                    "DNS tunnel via {upstream} to {resolver} failed: {kind}: {reason}",
+                    "DNS tunnel via {upstream} to {resolver} failed: {kind}: {reason}" + similar(suppressed),
                     upstream=str(self.upstream),
                     resolver="%s:%d" % (host, port),
                     kind=kind,
                     reason=str(reason.value),
                     event="dns-upstream-failed",
+                    suppressed=suppressed,
                     **self.log_fields,
                 )
             self._fail_all(DNSUnavailable("DNS tunnel via %s failed: %s" % (self.upstream, kind)))
@@ -276,6 +486,7 @@ class DeviceResolver:
         if p is None:
             leg.stale.discard(message_id)  # a late reply to a timed-out query: nobody waits
             return
+        self._fair.landed(p)
         p.timer.cancel()
         p.d.callback(frame)
         if self._leg is leg:
@@ -291,19 +502,25 @@ class DeviceResolver:
         retry = []
         for p in leg.in_flight.values():
             p.conn = None
+            self._fair.landed(p)
             if p.attempts < 2 and p.deadline > now and not self._closed:
                 retry.append(p)
             else:
                 self._settle(p, DNSUnavailable("DNS tunnel via %s lost with the query in flight" % (self.upstream,)))
         leg.in_flight.clear()
-        self._queue.extendleft(reversed(retry))  # retries go first, in their original order
+        for p in reversed(retry):  # retries go first, in their original order
+            self._fair.enqueue(p, front=True)
         if leg.closing is None and not self._closed:
-            self._log.info(
-                "DNS tunnel via {upstream} lost ({retried} queries retried)",
-                upstream=str(self.upstream),
-                retried=len(retry),
-                **self.log_fields,
-            )
+            suppressed = self.log_throttle.allow(("dns-upstream-lost", str(self.upstream)))
+            if suppressed is not None:
+                self._log.info(
+                    "DNS tunnel via {upstream} lost ({retried} queries retried)" + similar(suppressed),
+                    upstream=str(self.upstream),
+                    retried=len(retry),
+                    event="dns-upstream-lost",
+                    suppressed=suppressed,
+                    **self.log_fields,
+                )
         self._pump()
 
     def _timed_out(self, p):
@@ -311,12 +528,10 @@ class DeviceResolver:
         leg = p.conn
         if leg is not None and leg.in_flight.get(p.id) is p:
             del leg.in_flight[p.id]
+            self._fair.landed(p)
             leg.stale.add(p.id)
         else:
-            try:
-                self._queue.remove(p)
-            except ValueError:
-                pass
+            self._fair.remove(p)
         p.d.errback(DNSTimeout("no DNS reply via %s within %gs" % (self.upstream, self.query_timeout)))
         if leg is not None and self._leg is leg:
             # Nothing heard on the tunnel since this query went out: it is dead (cellular NAT
@@ -333,8 +548,7 @@ class DeviceResolver:
         p.d.errback(exc)
 
     def _fail_all(self, exc):
-        queue, self._queue = self._queue, deque()
-        for p in queue:
+        for p in self._fair.clear():
             self._settle(p, exc)
 
     def _drop_leg(self, why):
@@ -355,6 +569,11 @@ class DeviceResolver:
         if self._idle is not None and self._idle.active():
             self._idle.cancel()
         self._idle = None
+
+
+def similar(suppressed):
+    """The tail of a throttled log line: how many like it were held back (none: nothing)."""
+    return " (+{suppressed} similar suppressed)" if suppressed else ""
 
 
 def read_resolv_conf(path="/etc/resolv.conf"):

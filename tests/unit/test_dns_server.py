@@ -599,3 +599,101 @@ def test_service_listens_on_udp_and_tcp_for_real():
         if client_port is not None:
             yield client_port.stopListening()
         yield svc.stopService()
+
+
+# --- fairness between customers (issue 14) -----------------------------------------------------
+
+
+def test_tcp_connections_are_capped_per_client_and_others_still_connect():
+    """One client holding its max_tcp_per_client connections is refused more (reset, counted,
+    logged once); another client connects; a closed connection frees its slot."""
+    w = World(max_tcp_per_client=2)
+    held = [w.tcp(CLIENT) for _ in range(2)]
+    refused = [w.tcp(CLIENT)[1] for _ in range(3)]
+    assert all(t.disconnecting for t in refused) and not any(t.disconnecting for _, t in held)
+    proto, other = w.tcp(OTHER)
+    assert not other.disconnecting
+    proto.dataReceived(framed(make_query(qid=5)))
+    assert len(w.device.links) == 1, "bob's TCP query goes to the device"
+    stats = w.server.stats.snapshot()["tcp"]
+    assert stats == {"clients": 3, "refused": 3, "refused_by": {"per_client": 3}}
+    lines = [e for e in w.events if e.get("event") == "dns-tcp-refused"]
+    assert len(lines) == 1 and lines[0]["client"] == CLIENT and lines[0]["why"] == "per_client"
+    held[0][0].connectionLost(None)
+    _, again = w.tcp(CLIENT)
+    assert not again.disconnecting
+
+
+def test_the_global_tcp_cap_still_protects_the_process_with_one_line_for_all():
+    """Past max_tcp_clients every source is refused; the log has one line for all of them."""
+    w = World(max_tcp_clients=2, max_tcp_per_client=2)
+    w.tcp(CLIENT)
+    w.tcp(OTHER)
+    refused = [w.tcp(source)[1] for source in (STRANGER, CLIENT, OTHER)]
+    assert all(t.disconnecting for t in refused)
+    assert w.server.stats.tcp_refused_by == {"full": 3}
+    assert len([e for e in w.events if e.get("event") == "dns-tcp-refused"]) == 1
+
+
+def test_defaults_leave_room_for_many_greedy_clients():
+    """The shipped defaults: 16 per client, 4096 in all (256 greedy clients to fill it)."""
+    s = DNSSettings("10.9.0.1")
+    assert (s.max_tcp_per_client, s.max_tcp_clients) == (16, 4096)
+    assert s.max_tcp_clients // s.max_tcp_per_client >= 256
+
+
+def test_a_client_flooding_slow_names_gets_servfail_beyond_its_share_and_a_co_tenant_is_answered():
+    """alice sends 200 distinct uncached names to the shared phone (none answered): beyond her
+    share (320 // 2 = 160) she gets SERVFAIL at once, counted as over_share; bob, on the same
+    phone, is sent at once and answered."""
+    w = World()
+    for i in range(200):
+        w.ask_udp(make_query(name=b"slow%d.example" % i, qid=i))
+    link = w.link().up()
+    assert len(link.queries()) == 48, "alice alone: the in-flight window minus its reserve"
+    quick = [decode(r) for r in w.udp_replies()]
+    assert len(quick) == 40 and {m.rCode for m in quick} == {dns.ESERVER}
+    assert w.server.stats.queries == {"over_share": 40}
+    lines = [e for e in w.events if e.get("event") == "dns-over_share"]
+    assert len(lines) == 1 and lines[0]["client"] == CLIENT, "one line for 40 refusals"
+    w.ask_udp(make_query(name=b"bob.example", qid=7), source=OTHER)
+    ((_, frame),) = link.queries()
+    assert decode(frame).queries[0].name.name == b"bob.example"
+    link.answer(frame)
+    (reply,) = w.udp_replies()
+    assert (decode(reply).id, decode(reply).rCode, len(decode(reply).answers)) == (7, dns.OK, 1)
+
+
+def test_host_policy_has_the_same_per_client_share():
+    """The host policy's resolver has no queue: alice may still hold only her share of it."""
+    routes = {c: DNSRoute("phone1", None, policy="host") for c in (CLIENT, OTHER)}
+    w = World(routes=routes, max_in_flight=4, max_queued=36)
+    for i in range(25):
+        w.ask_udp(make_query(name=b"h%d.example" % i, qid=i))
+    assert len(w.host.queries) == 20
+    assert len(w.udp_replies()) == 5 and w.server.stats.queries == {"over_share": 5}
+    w.ask_udp(make_query(name=b"bob.example", qid=99), source=OTHER)
+    assert w.host.queries[-1].name == b"bob.example"
+    w.ask_udp(make_query(name=b"h-more.example", qid=100))
+    assert w.host.queries[-1].name == b"bob.example", "with bob active her share is 40 // 3 = 13"
+    for query, d in w.host.pending[:10] + w.host.pending[-1:]:
+        d.callback(make_reply(make_query(name=query.name, qid=1)))
+    w.ask_udp(make_query(name=b"h-again.example", qid=101))
+    assert w.host.queries[-1].name == b"h-again.example", "answered queries free her share"
+
+
+def test_failure_lines_are_throttled_and_say_how_many_were_suppressed():
+    """Five refusals for one client: one line; ten seconds later the next line carries
+    ``suppressed`` = 4 and says so in its text. Another client has its own line."""
+    from twisted.logger import formatEvent
+
+    w = World()
+    for _ in range(5):
+        w.ask_udp(make_query(), source=STRANGER)
+    w.ask_udp(make_query(), source="10.9.0.98")
+    assert [(e["client"], e["suppressed"]) for e in w.events] == [(STRANGER, 0), ("10.9.0.98", 0)]
+    w.reactor.advance(10)
+    w.ask_udp(make_query(), source=STRANGER)
+    assert (w.events[-1]["client"], w.events[-1]["suppressed"]) == (STRANGER, 4)
+    assert "(+4 similar suppressed)" in formatEvent(w.events[-1])
+    assert w.server.stats.queries == {"refused": 7}

@@ -339,3 +339,96 @@ def test_read_resolv_conf(tmp_path):
     path.write_text("search lan\n")
     assert read_resolv_conf(str(path)) == [("127.0.0.1", 53)]
     assert read_resolv_conf(str(tmp_path / "missing")) == [("127.0.0.1", 53)]
+
+
+# --- fairness between the clients of one device (issue 14) -----------------------------------
+
+
+def test_fair_share_leaves_room_for_one_more_client():
+    """A lone client may hold half the device's queue, two a third each...; never under the floor."""
+    from proxy.dnsupstream import MIN_SHARE, fair_share
+
+    assert fair_share(320, 1) == 160 and fair_share(320, 2) == 106 and fair_share(320, 3) == 80
+    assert fair_share(320, 100) == MIN_SHARE
+
+
+def test_a_client_over_its_share_fails_at_once_and_a_co_tenant_still_gets_in():
+    """max_in_flight 4 + max_queued 36 = 40: alice alone may hold 20; her 21st query is
+    OverShare at once (not queued), bob's query is accepted and sent at once."""
+    from proxy.dnsupstream import OverShare
+
+    reactor, device, stats, r = resolver(max_in_flight=4, max_queued=36)
+    alice = [r.query(make_query(name=b"a%d.example" % i), owner="alice") for i in range(20)]
+    link = device.links[0].up()
+    assert len(link.queries()) == 3, "alice alone: window 4 minus the reserve of 1"
+    failure_of(r.query(make_query(name=b"a20.example"), owner="alice"), OverShare)
+    assert r.held("alice") == 20
+    bob = r.query(make_query(name=b"bob.example"), owner="bob")
+    ((_, frame),) = link.queries()
+    assert question(frame) == b"bob.example", "bob is sent at once on the reserved slot"
+    link.answer(frame)
+    assert decode(result_of(bob)).answers
+    assert r.held("bob") == 0 and r.pending() == 20
+    for d in alice:
+        d.addErrback(lambda f: None)
+
+
+def test_queued_queries_are_sent_round_robin_between_clients():
+    """alice queued 10 before bob asked 2: as the window frees, bob's go out before alice's backlog."""
+    reactor, device, stats, r = resolver(max_in_flight=2, max_queued=100)
+    for i in range(10):
+        r.query(make_query(name=b"a%d.example" % i), owner="alice")
+    for i in range(2):
+        r.query(make_query(name=b"b%d.example" % i), owner="bob")
+    link = device.links[0].up()
+    first = link.queries()
+    assert [question(f) for _, f in first] == [b"a0.example", b"b0.example"]
+    order = []
+    for _ in range(4):
+        _, frame = first.pop(0)
+        link.answer(frame)
+        first += link.queries()
+        order += [question(f) for _, f in first[-1:]]
+    assert order[:3] == [b"a1.example", b"b1.example", b"a2.example"], order
+
+
+def test_a_full_device_evicts_the_newest_query_of_the_client_most_over_its_share():
+    """40 slots held by three clients (20 + 13 + 7): a fourth client's query takes the place of
+    the newest queued query of the biggest holder, which fails at once as OverShare."""
+    from proxy.dnsupstream import OverShare
+
+    reactor, device, stats, r = resolver(max_in_flight=2, max_queued=38)
+    held = {}
+    for owner, n in (("a", 20), ("c", 13), ("d", 7)):
+        held[owner] = [r.query(make_query(name=b"%s%d.example" % (owner.encode(), i)), owner=owner) for i in range(n)]
+    assert r.pending() == 40
+    newcomer = r.query(make_query(name=b"new.example"), owner="b")
+    assert not newcomer.called
+    failure_of(held["a"][-1], OverShare)
+    assert [d.called for d in held["a"][:-1]] == [False] * 19
+    assert (r.held("a"), r.held("b"), r.pending()) == (19, 1, 40)
+    for ds in held.values():
+        for d in ds:
+            d.addErrback(lambda f: None)
+    newcomer.addErrback(lambda f: None)
+
+
+def test_dial_failure_lines_are_throttled_with_a_suppressed_count():
+    """A phone that refuses every dial logs one line per 10 s, the next saying how many were held back."""
+    from twisted.logger import Logger, formatEvent
+
+    reactor, device, stats, r = resolver()
+    events = []
+    r._log = Logger(observer=events.append)
+    for _ in range(5):
+        d = r.query(make_query())
+        device.links[-1].d.errback(Unreachable("phone is off"))
+        failure_of(d, DNSUnavailable)
+    assert len(events) == 1 and events[0]["suppressed"] == 0
+    reactor.advance(10)
+    d = r.query(make_query())
+    device.links[-1].d.errback(Unreachable("phone is off"))
+    failure_of(d, DNSUnavailable)
+    assert len(events) == 2 and events[1]["suppressed"] == 4
+    assert "(+4 similar suppressed)" in formatEvent(events[1])
+    assert stats.upstream_failed == {"unreachable": 6}

@@ -175,6 +175,7 @@ def test_metrics_render_the_dns_families():
     stats.cache_hits, stats.cache_misses = 2, 2
     stats.observe(0.003)
     stats.upstream_failed["unreachable"] += 1
+    stats.tcp_refused_by["per_client"] += 284
     text = render(collect(dns_stats=stats))
     for line in (
         'pocketproxy_dns_queries_total{result="ok"} 3',
@@ -187,6 +188,18 @@ def test_metrics_render_the_dns_families():
         'pocketproxy_dns_query_latency_seconds_bucket{le="+Inf"} 1',
         "pocketproxy_dns_query_latency_seconds_count 1",
         'pocketproxy_dns_device_connection_failures_total{kind="unreachable"} 1',
+        'pocketproxy_dns_tcp_refused_total{limit="per_client"} 284',
+        'pocketproxy_dns_tcp_refused_total{limit="full"} 0',
+        'pocketproxy_dns_queries_total{result="over_share"} 0',
     ):
         assert line in text.splitlines(), line
     assert "dns_" not in render(collect())
+
+
+def test_tcp_caps_per_client_and_in_all(tmp_path):
+    """dns.max_tcp_per_client (default 16) and dns.max_tcp_clients (default 4096) reach the server."""
+    s = settings_from(config(tmp_path))
+    assert (s.max_tcp_per_client, s.max_tcp_clients) == (16, 4096)
+    s = settings_from(config(tmp_path, "dns: {max_tcp_per_client: 4, max_tcp_clients: 100}\n"))
+    assert (s.max_tcp_per_client, s.max_tcp_clients) == (4, 100)
+    assert "dns.max_tcp_per_client" in problem(tmp_path, "dns: {max_tcp_per_client: 0}\n")
