@@ -109,6 +109,10 @@ class FirewallConfig:
     tproxy_table: int = 100
     verify_interval: float = 60.0  # seconds between kernel drift checks; 0 = only "pp rules check"
     repair: bool = True  # periodic checks also fix drift (re-add missing members, remove extras)
+    ip6tables: str = "ip6tables"  # IPv6 fail-closed chains (skipped, with a warning, on a host without IPv6)
+    ip6tables_restore: str = "ip6tables-restore"
+    device_networks: tuple = ()  # ip_network, v4 or v6: phones' networks beyond their upstream URLs (DHCP)
+    device_allow: tuple = ()  # ("tcp"|"udp", low, high) or ("icmp", None, None): what phones may open
 
 
 @dataclass(frozen=True)
@@ -253,6 +257,32 @@ def _network(value, ctx):
     if net.num_addresses < 4:
         raise _Bad("network %s is too small for clients" % net)
     return net
+
+
+def _cidr_list(value, ctx):
+    if not isinstance(value, list):
+        raise _Bad("expected a list of networks such as [\"203.0.113.0/24\"], got %r" % (value,))
+    out = []
+    for item in value:
+        try:
+            out.append(ipaddress.ip_network(_str(item, ctx), strict=True))
+        except ValueError as e:
+            raise _Bad("not a network in CIDR form: %s" % e)
+    return tuple(out)
+
+
+def _domain_list(value, ctx):
+    from proxy.sniff import valid_hostname
+
+    if not isinstance(value, list):
+        raise _Bad("expected a list of domains such as [\"corp.example.com\"], got %r" % (value,))
+    out = []
+    for item in value:
+        name = valid_hostname(_str(item, ctx))
+        if name is None:
+            raise _Bad("not a domain name: %r" % (item,))
+        out.append(name)
+    return tuple(out)
 
 
 def _address(value, ctx):
@@ -415,6 +445,27 @@ def _interval(value, ctx):
     return seconds
 
 
+def _device_allow(value, ctx):
+    """``firewall.device_allow``: ``tcp/PORT``, ``udp/PORT``, ``tcp/LOW-HIGH`` or ``icmp`` (echo request)."""
+    if not isinstance(value, list):
+        raise _Bad("expected a list such as [\"tcp/22\", \"udp/123\", \"icmp\"], got %r" % (value,))
+    out = []
+    for item in value:
+        text = _str(item, ctx)
+        match = re.fullmatch(r"(tcp|udp)/(\d{1,5})(?:-(\d{1,5}))?|icmp", text)
+        if match is None:
+            raise _Bad("expected tcp/PORT, udp/PORT, tcp/LOW-HIGH or icmp, got %r" % text)
+        if text == "icmp":
+            out.append(("icmp", None, None))
+            continue
+        low = int(match.group(2))
+        high = int(match.group(3) or low)
+        if not 1 <= low <= high <= 65535:
+            raise _Bad("ports must be 1-65535, low before high, got %r" % text)
+        out.append((match.group(1), low, high))
+    return tuple(out)
+
+
 def _ports(value, ctx):
     if not isinstance(value, list):
         raise _Bad("expected a list of TCP ports, got %r" % (value,))
@@ -492,6 +543,9 @@ _SCHEMA = {
             "max_connections": (_int(0, 10_000_000), False),
             "max_connections_per_client": (_int(1, 10_000_000), False),
             "splice": (_bool, False),
+            "deny_private": (_bool, False),
+            "deny_networks": (_cidr_list, False),
+            "deny_names": (_domain_list, False),
         },
     ),
     "admin": (
@@ -522,6 +576,10 @@ _SCHEMA = {
             "command_timeout": (_number(0.1, 120), False),
             "verify_interval": (_interval, False),
             "repair": (_bool, False),
+            "ip6tables": (_str, False),
+            "ip6tables_restore": (_str, False),
+            "device_networks": (_cidr_list, False),
+            "device_allow": (_device_allow, False),
         },
     ),
     "log": (LogConfig, {"format": (_choice("text", "json"), False), "file": (_path, False)}),

@@ -112,6 +112,7 @@ class Controller:
         self.clock = clock
         self.config = config
         self.directory = directory
+        self.directory_listeners = []  # f(directory) after a reload put a new users file in force
         self.pool = pool
         self.firewall = firewall
         self.mappings = mappings
@@ -354,7 +355,13 @@ class Controller:
         session = self.sessions.get((self.epoch, ev.cid))
         if session is None or not ev.primary:
             return
-        self._confirm(session, ev.address.split("/")[0])
+        address = ev.address.split("/")[0]
+        if ":" in address:
+            # An operator's IPv6 pool makes OpenVPN report the client's IPv6 address as its
+            # primary one. IPv6 is not carried (the ip6tables chains reject it), so only the
+            # IPv4 address we pushed is ours to confirm; killing here would drop every client.
+            return
+        self._confirm(session, address)
 
     def _on_established(self, ev):
         session = self.sessions.get((self.epoch, ev.cid))
@@ -832,6 +839,8 @@ class Controller:
             self._kill(session.cid, why)
             kicked += 1
         self.directory = directory
+        for listener in self.directory_listeners:
+            listener(directory)
         self.warn_split_tunnels()
         summary = {
             "path": directory.path,

@@ -271,6 +271,7 @@ def build(reactor, config, directory, password, ipset=None):
         ProcessRunner(reactor, fw.command_timeout),
         mode=config.proxy.mode,
         dns=config.dns_address,
+        directory=directory,  # its devices' addresses are guarded from the first install on
     )
     controller = Controller(
         reactor,
@@ -282,6 +283,7 @@ def build(reactor, config, directory, password, ipset=None):
         run_blocking=threads.deferToThread,
     )
     controller.warn_split_tunnels()
+    controller.directory_listeners.append(firewall.follow)  # a reload re-installs the device guard
     factory = Factory.forProtocol(lambda: ManagementProtocol(reactor, password, ovpn.command_timeout))
     management = ClientService(
         LoggingEndpoint(clientFromString(reactor, ovpn.management), ovpn.management),

@@ -5,7 +5,11 @@ the integration tests run this script under ``ip netns exec NS`` instead of
 calling the firewall from the pytest process. Usage::
 
     ip netns exec NS python3 fw_driver.py '{"config": {...}, "port": 12345,
-        "subnet": "10.9.0.0/24", "ops": [{"op": "install"}, ...]}'
+        "subnet": "10.9.0.0/24", "devices": {"phone": "http://192.168.255.2:8080"},
+        "ops": [{"op": "install"}, ...]}'
+
+``devices`` (name -> upstream URL) is the users file's device list the underlay guard
+follows; ``{"op": "follow", "devices": {...}}`` is a reload.
 
 Prints one JSON line: a list with one result object per op. A FirewallError
 becomes ``{"error": "..."}`` for that op and the script carries on.
@@ -15,14 +19,16 @@ import json
 import os
 import sys
 import time
-from ipaddress import IPv4Network
+from ipaddress import IPv4Network, ip_network
 
 from twisted.internet import defer, task
 
 from ovpnmgr.config import FirewallConfig
+from ovpnmgr.directory import Device, Directory
 from ovpnmgr.firewall import Firewall, FirewallError
 from ovpnmgr.ipset import NetlinkIPSet
 from ovpnmgr.process import CommandError, ProcessRunner
+from proxy.upstream import Upstream
 
 
 def _drift(d):
@@ -49,6 +55,9 @@ def _children():
 @defer.inlineCallbacks
 def _op(reactor, fw, op):
     kind = op["op"]
+    if kind == "follow":
+        yield fw.follow(_directory(op["devices"]))
+        return {"ok": True}
     if kind == "install":
         yield fw.install()
         return {"ok": True}
@@ -90,10 +99,21 @@ def _op(reactor, fw, op):
     raise ValueError("unknown op %r" % kind)
 
 
+def _directory(devices):
+    return Directory({name: Device(name, Upstream.parse(url)) for name, url in devices.items()}, {})
+
+
+def _config(values):
+    values = dict(values)
+    values["device_networks"] = tuple(ip_network(n) for n in values.get("device_networks", ()))
+    values["device_allow"] = tuple(tuple(rule) for rule in values.get("device_allow", ()))
+    return FirewallConfig(**values)
+
+
 @defer.inlineCallbacks
 def main(reactor, spec_json):
     spec = json.loads(spec_json)
-    config = FirewallConfig(**spec.get("config", {}))
+    config = _config(spec.get("config", {}))
     ipset = NetlinkIPSet(config.ipset, config.maxelem)
     runner = ProcessRunner(reactor, config.command_timeout)
     fw = Firewall(
@@ -104,6 +124,7 @@ def main(reactor, spec_json):
         runner,
         mode=spec.get("mode", "redirect"),
         dns=spec.get("dns"),
+        directory=_directory(spec.get("devices", {})),
     )
     results = []
     try:

@@ -27,6 +27,7 @@ PYTHON = os.environ.get("POCKETPROXY_TEST_PYTHON") or sys.executable or "/usr/bi
 SET = "pocketproxy-clients"
 CHAIN = "POCKETPROXY"
 INPUT_CHAIN = "POCKETPROXY-IN"
+UNDERLAY_CHAIN = "POCKETPROXY-UL"
 DNAT = "-A PREROUTING -p tcp -m tcp --dport 8080 -j DNAT --to-destination 192.168.255.2:8080"
 OTHER_FILTER = "-A FORWARD -o eth9 -p tcp -m tcp --dport 25 -j DROP"
 
@@ -46,6 +47,22 @@ INPUT_RULES = [
     "-A POCKETPROXY-IN -p tcp -j REJECT --reject-with tcp-reset",
     "-A POCKETPROXY-IN -p udp -j REJECT --reject-with icmp-port-unreachable",
     "-A POCKETPROXY-IN -j REJECT --reject-with icmp-admin-prohibited",
+]
+UNDERLAY_RULES = [
+    "-A POCKETPROXY-UL -i lo -j RETURN",
+    "-A POCKETPROXY-UL -s 10.9.0.0/24 -j DROP",
+    "-A POCKETPROXY-UL -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN",
+]
+FILTER6_RULES = [rule.replace("icmp-", "icmp6-").replace("admin-", "adm-") for rule in FILTER_RULES]
+INPUT6_RULES = [
+    "-A POCKETPROXY-IN -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+    "-A POCKETPROXY-IN -p ipv6-icmp -m icmp6 --icmpv6-type 128 -j ACCEPT",
+] + [rule.replace("POCKETPROXY ", "POCKETPROXY-IN ") for rule in FILTER6_RULES]
+UNDERLAY6_RULES = [
+    "-A POCKETPROXY-UL -i lo -j RETURN",
+    "-A POCKETPROXY-UL -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN",
+    "-A POCKETPROXY-UL -p ipv6-icmp -m icmp6 --icmpv6-type 135 -j RETURN",
+    "-A POCKETPROXY-UL -p ipv6-icmp -m icmp6 --icmpv6-type 136 -j RETURN",
 ]
 
 
@@ -108,12 +125,12 @@ def save(ns):
 def ours(line):
     return any(
         line == ":%s - [0:0]" % chain or line.startswith("-A %s " % chain) or line.endswith("-j %s" % chain)
-        for chain in (CHAIN, INPUT_CHAIN)
+        for chain in (CHAIN, INPUT_CHAIN, UNDERLAY_CHAIN)
     )
 
 
-def listing(ns, table):
-    return ns.run("iptables", "-w", "-t", table, "-S").stdout.splitlines()
+def listing(ns, table, tool="iptables"):
+    return ns.run(tool, "-w", "-t", table, "-S").stdout.splitlines()
 
 
 def ipset_members(ns, name=SET):
@@ -122,17 +139,25 @@ def ipset_members(ns, name=SET):
 
 
 def assert_installed_once(ns):
-    """Exactly one jump per built-in chain, at position 1, and chain contents as specified."""
-    for table, builtin, chain, rules in (
-        ("nat", "PREROUTING", CHAIN, NAT_RULES),
-        ("filter", "FORWARD", CHAIN, FILTER_RULES),
-        ("filter", "INPUT", INPUT_CHAIN, INPUT_RULES),
+    """Exactly one jump per built-in chain and ours, at position 1 (the underlay guard at 2), and
+    chain contents as specified, for IPv4 and IPv6."""
+    for tool, table, builtin, chain, rules, position in (
+        ("iptables", "nat", "PREROUTING", CHAIN, NAT_RULES, 1),
+        ("iptables", "filter", "FORWARD", CHAIN, FILTER_RULES, 1),
+        ("iptables", "filter", "INPUT", INPUT_CHAIN, INPUT_RULES, 1),
+        ("iptables", "filter", "FORWARD", UNDERLAY_CHAIN, UNDERLAY_RULES, 2),
+        ("iptables", "filter", "INPUT", UNDERLAY_CHAIN, UNDERLAY_RULES, 2),
+        ("ip6tables", "filter", "FORWARD", CHAIN, FILTER6_RULES, 1),
+        ("ip6tables", "filter", "INPUT", INPUT_CHAIN, INPUT6_RULES, 1),
+        ("ip6tables", "filter", "FORWARD", UNDERLAY_CHAIN, UNDERLAY6_RULES, 2),
+        ("ip6tables", "filter", "INPUT", UNDERLAY_CHAIN, UNDERLAY6_RULES, 2),
     ):
-        lines = listing(ns, table)
+        lines = listing(ns, table, tool)
         builtin_rules = [l for l in lines if l.startswith("-A %s " % builtin)]
         jumps = [l for l in builtin_rules if l.endswith("-j %s" % chain)]
-        assert jumps == ["-A %s -i tun+ -j %s" % (builtin, chain)], lines
-        assert builtin_rules[0] == jumps[0], lines
+        match = "! -i tun+" if chain == UNDERLAY_CHAIN else "-i tun+"
+        assert jumps == ["-A %s %s -j %s" % (builtin, match, chain)], lines
+        assert builtin_rules[position - 1] == jumps[0], lines
         assert [l for l in lines if l.startswith("-A %s " % chain)] == rules
 
 
@@ -260,6 +285,8 @@ def test_check_detects_and_repair_fixes_drift(ns):
     ns.run("ipset", "add", SET, "10.9.0.99")
     ns.run("iptables", "-w", "-t", "nat", "-F", CHAIN)
     ns.run("iptables", "-w", "-t", "filter", "-D", "FORWARD", "-i", "tun+", "-j", CHAIN)
+    ns.run("ip6tables", "-w", "-t", "filter", "-D", "INPUT", "-i", "tun+", "-j", INPUT_CHAIN)
+    ns.run("ip6tables", "-w", "-t", "filter", "-A", UNDERLAY_CHAIN, "-j", "ACCEPT")
     check, repair, after = ok(
         drive(
             ns,
@@ -272,7 +299,12 @@ def test_check_detects_and_repair_fixes_drift(ns):
     )
     assert check["ok"] is False
     assert check["missing_members"] == ["10.9.0.20"] and check["extra_members"] == ["10.9.0.99"]
-    assert check["rule_problems"] == ["filter FORWARD: jump to POCKETPROXY missing", "nat POCKETPROXY: rules differ"]
+    assert check["rule_problems"] == [
+        "filter FORWARD: jump to POCKETPROXY missing",
+        "nat POCKETPROXY: rules differ",
+        "ip6 filter INPUT: jump to POCKETPROXY-IN missing",
+        "ip6 filter POCKETPROXY-UL: rules differ",
+    ]
     assert repair == check
     assert after["ok"] is True, after["describe"]
     assert ipset_members(ns) == expected

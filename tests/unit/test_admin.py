@@ -18,11 +18,10 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from ovpnmgr.admin import BANNER, CLIENT_BYTES, AdminFactory, AdminService, remove_stale_socket
 from ovpnmgr.config import AdminConfig
-from ovpnmgr.process import FakeRunner
 from ovpnmgr.testing import status3_lines
 from proxy.stats import ProxyStats
 from tests.unit.test_controller import World
-from tests.unit.test_firewall import FILTER_S, HEALTHY_FILTER, HEALTHY_NAT, NAT_S
+from tests.unit.test_firewall import NAT_S, healthy_runner
 
 IP = ipaddress.IPv4Address
 NOT_ALLOWED = b"ERROR: command not allowed\r\n"
@@ -437,10 +436,9 @@ def test_pp_drain_denies_new_admissions_with_temp_and_resumes():
 
 def rules_world():
     w = world()
-    runner = FakeRunner()
-    runner.on(FILTER_S, stdout=HEALTHY_FILTER.encode())
-    runner.on(NAT_S, stdout=HEALTHY_NAT.encode())
+    runner = healthy_runner()
     w.firewall._runner = runner
+    w.firewall.ipv6 = True  # the same on a host without IPv6
     return w, runner
 
 

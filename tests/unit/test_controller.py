@@ -271,6 +271,17 @@ def test_address_mismatch_is_killed():
     assert w.commands("client-kill") == ["client-kill 0"]
 
 
+def test_an_ipv6_primary_address_is_not_a_mismatch():
+    """With an operator's IPv6 pool OpenVPN reports the client's IPv6 address as primary: not ours
+    to confirm (IPv6 is not carried; the ip6tables chains reject it), so the client stays."""
+    w = World()
+    w.connect(0)
+    w.script.notify_address(0, "fd00:9::1000")
+    assert w.commands("client-kill") == []
+    w.script.notify_established(0, {"ifconfig_pool_remote_ip": "10.9.0.2"})
+    assert w.commands("client-kill") == [] and w.members() == {IP("10.9.0.2")}
+
+
 def test_reauth_fast_path_and_removed_user():
     """REAUTH of a known user → client-auth-nt; of a user whose credentials fail → client-deny."""
     w = World()

@@ -89,6 +89,7 @@ DNAT = "-A PREROUTING -p tcp -m tcp --dport 8080 -j DNAT --to-destination 192.16
 BARE = {
     "filter": ["-P INPUT ACCEPT", "-P FORWARD ACCEPT", "-P OUTPUT ACCEPT"],
     "nat": ["-P PREROUTING ACCEPT", "-P INPUT ACCEPT", "-P OUTPUT ACCEPT", "-P POSTROUTING ACCEPT", DNAT],
+    "ip6 filter": ["-P INPUT ACCEPT", "-P FORWARD ACCEPT", "-P OUTPUT ACCEPT"],
 }
 
 
@@ -99,12 +100,18 @@ class FakeIptables:
         self.tables = {t: list(lines) for t, lines in BARE.items()}
         self.restores = []
         self.runner = FakeRunner()
-        for table in self.tables:
-            self.runner.on(["iptables", "-w", "-t", table, "-S"], handler=self._list)
+        for key in self.tables:
+            family, _, table = key.rpartition(" ")
+            self.runner.on([family + "tables" if family else "iptables", "-w", "-t", table, "-S"], handler=self._list)
         self.runner.on(["iptables-restore"], handler=self._restore)
+        self.runner.on(["ip6tables-restore"], handler=self._restore)
+
+    @staticmethod
+    def _prefix(argv):
+        return "ip6 " if argv[0].startswith("ip6tables") else ""
 
     def _list(self, argv, stdin):
-        return 0, ("\n".join(self.tables[argv[3]]) + "\n").encode(), b""
+        return 0, ("\n".join(self.tables[self._prefix(argv) + argv[3]]) + "\n").encode(), b""
 
     def _restore(self, argv, stdin):
         text = stdin.decode()
@@ -113,7 +120,7 @@ class FakeIptables:
         table = None
         for line in text.splitlines():
             if line.startswith("*"):
-                table = line[1:]
+                table = self._prefix(argv) + line[1:]
             elif line == "COMMIT":
                 self.tables[table] = work[table]  # each COMMIT is its own transaction
             elif line.startswith(":"):
@@ -130,10 +137,10 @@ class FakeIptables:
                     return 1, b"", b"iptables-restore: line failed: %s\n" % line.encode()
                 work[table].remove(rule)
             elif line.startswith("-I "):
-                _, builtin, _pos, spec = line.split(" ", 3)
+                _, builtin, pos, spec = line.split(" ", 3)
                 lines = work[table]
-                at = next((i for i, x in enumerate(lines) if x.startswith("-A %s " % builtin)), len(lines))
-                lines.insert(at, "-A %s %s" % (builtin, spec))
+                positions = [i for i, x in enumerate(lines) if x.startswith("-A %s " % builtin)] + [len(lines)]
+                lines.insert(positions[int(pos) - 1], "-A %s %s" % (builtin, spec))
             else:
                 return 1, b"", b"unknown line %s\n" % line.encode()
         return 0, b"", b""
@@ -242,7 +249,7 @@ class FaultWorld:
         self.pool = AddressPool(SUBNET, SERVER, static=self.directory.static_addresses())
         self.ipset = FakeIPSet()
         self.iptables = FakeIptables()
-        self.firewall = Firewall(FirewallConfig(), 12345, SUBNET, self.ipset, self.iptables.runner)
+        self.firewall = Firewall(FirewallConfig(), 12345, SUBNET, self.ipset, self.iptables.runner, ipv6=True)
         self.mappings = FlakyMappings()
         self.controller = Controller(self.clock, self.config, self.directory, self.pool, self.firewall, self.mappings)
         installed = []
@@ -527,9 +534,13 @@ class FaultWorld:
         assert drift == [], drift
 
     def _rule_drift(self):
-        from ovpnmgr.firewall import rule_problems
+        from ovpnmgr.firewall import FAMILIES, rule_problems
 
-        return rule_problems(FirewallConfig(), 12345, self.iptables.tables)
+        return [
+            problem
+            for family in FAMILIES
+            for problem in rule_problems(FirewallConfig(), 12345, self.iptables.tables, family=family, subnet=SUBNET)
+        ]
 
     # --- random steps -----------------------------------------------------------------------
 

@@ -14,9 +14,11 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from ovpnmgr.config import FirewallConfig
-from ovpnmgr.firewall import Drift, Firewall, FirewallError, jumps_to, restore_input, rule_problems
+from ovpnmgr.directory import Device, Directory
+from ovpnmgr.firewall import IP6, Devices, Drift, Firewall, FirewallError, jumps_to, restore_input, rule_problems
 from ovpnmgr.ipset import IPSET_ERR_HASH_FULL, FakeIPSet, IPSetError
 from ovpnmgr.process import CommandNotFound, CommandTimeout, FakeRunner, ProcessRunner, command_environment
+from proxy.upstream import Upstream
 
 CONFIG = FirewallConfig()  # ipset pocketproxy-clients, chain POCKETPROXY, interface tun+
 PORT = 12345
@@ -28,11 +30,14 @@ C = IPv4Address("10.9.0.7")
 NAT_S = ["iptables", "-w", "-t", "nat", "-S"]
 FILTER_S = ["iptables", "-w", "-t", "filter", "-S"]
 RESTORE = ["iptables-restore", "-w", "--noflush"]
+FILTER6_S = ["ip6tables", "-w", "-t", "filter", "-S"]
+RESTORE6 = ["ip6tables-restore", "-w", "--noflush"]
 
 GOLDEN = b"""\
 *filter
 :POCKETPROXY - [0:0]
 :POCKETPROXY-IN - [0:0]
+:POCKETPROXY-UL - [0:0]
 -A POCKETPROXY -p tcp -j REJECT --reject-with tcp-reset
 -A POCKETPROXY -p udp -j REJECT --reject-with icmp-port-unreachable
 -A POCKETPROXY -j REJECT --reject-with icmp-admin-prohibited
@@ -42,8 +47,13 @@ GOLDEN = b"""\
 -A POCKETPROXY-IN -p tcp -j REJECT --reject-with tcp-reset
 -A POCKETPROXY-IN -p udp -j REJECT --reject-with icmp-port-unreachable
 -A POCKETPROXY-IN -j REJECT --reject-with icmp-admin-prohibited
+-A POCKETPROXY-UL -i lo -j RETURN
+-A POCKETPROXY-UL -s 10.9.0.0/24 -j DROP
+-A POCKETPROXY-UL -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN
 -I FORWARD 1 -i tun+ -j POCKETPROXY
 -I INPUT 1 -i tun+ -j POCKETPROXY-IN
+-I FORWARD 2 ! -i tun+ -j POCKETPROXY-UL
+-I INPUT 2 ! -i tun+ -j POCKETPROXY-UL
 COMMIT
 *nat
 :POCKETPROXY - [0:0]
@@ -52,6 +62,31 @@ COMMIT
 -I PREROUTING 1 -i tun+ -j POCKETPROXY
 COMMIT
 """
+
+# IPv6: the same fail-closed shape, nothing redirected (pocketproxy carries no IPv6).
+RULES6 = """\
+-A POCKETPROXY -p tcp -j REJECT --reject-with tcp-reset
+-A POCKETPROXY -p udp -j REJECT --reject-with icmp6-port-unreachable
+-A POCKETPROXY -j REJECT --reject-with icmp6-adm-prohibited
+-A POCKETPROXY-IN -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+-A POCKETPROXY-IN -p ipv6-icmp -m icmp6 --icmpv6-type 128 -j ACCEPT
+-A POCKETPROXY-IN -p tcp -j REJECT --reject-with tcp-reset
+-A POCKETPROXY-IN -p udp -j REJECT --reject-with icmp6-port-unreachable
+-A POCKETPROXY-IN -j REJECT --reject-with icmp6-adm-prohibited
+-A POCKETPROXY-UL -i lo -j RETURN
+-A POCKETPROXY-UL -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN
+-A POCKETPROXY-UL -p ipv6-icmp -m icmp6 --icmpv6-type 135 -j RETURN
+-A POCKETPROXY-UL -p ipv6-icmp -m icmp6 --icmpv6-type 136 -j RETURN
+"""
+GOLDEN6 = (
+    "*filter\n:POCKETPROXY - [0:0]\n:POCKETPROXY-IN - [0:0]\n:POCKETPROXY-UL - [0:0]\n"
+    + RULES6
+    + "-I FORWARD 1 -i tun+ -j POCKETPROXY\n"
+    "-I INPUT 1 -i tun+ -j POCKETPROXY-IN\n"
+    "-I FORWARD 2 ! -i tun+ -j POCKETPROXY-UL\n"
+    "-I INPUT 2 ! -i tun+ -j POCKETPROXY-UL\n"
+    "COMMIT\n"
+).encode()
 
 EMPTY_FILTER = "-P INPUT ACCEPT\n-P FORWARD ACCEPT\n-P OUTPUT ACCEPT\n"
 EMPTY_NAT = "-P PREROUTING ACCEPT\n-P INPUT ACCEPT\n-P OUTPUT ACCEPT\n-P POSTROUTING ACCEPT\n"
@@ -66,15 +101,33 @@ INPUT_RULES = """\
 -A POCKETPROXY-IN -p udp -j REJECT --reject-with icmp-port-unreachable
 -A POCKETPROXY-IN -j REJECT --reject-with icmp-admin-prohibited
 """
+UNDERLAY_RULES = """\
+-A POCKETPROXY-UL -i lo -j RETURN
+-A POCKETPROXY-UL -s 10.9.0.0/24 -j DROP
+-A POCKETPROXY-UL -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN
+"""
 HEALTHY_FILTER = EMPTY_FILTER + (
     "-N POCKETPROXY\n"
     "-N POCKETPROXY-IN\n"
+    "-N POCKETPROXY-UL\n"
     "-A INPUT -i tun+ -j POCKETPROXY-IN\n"
+    "-A INPUT ! -i tun+ -j POCKETPROXY-UL\n"
     "-A FORWARD -i tun+ -j POCKETPROXY\n"
+    "-A FORWARD ! -i tun+ -j POCKETPROXY-UL\n"
     "-A POCKETPROXY -p tcp -j REJECT --reject-with tcp-reset\n"
     "-A POCKETPROXY -p udp -j REJECT --reject-with icmp-port-unreachable\n"
     "-A POCKETPROXY -j REJECT --reject-with icmp-admin-prohibited\n"
-) + INPUT_RULES
+) + INPUT_RULES + UNDERLAY_RULES
+# What `ip6tables -S` prints after a correct install (as observed on ip6tables 1.8.9).
+HEALTHY_FILTER6 = (
+    EMPTY_FILTER
+    + "-N POCKETPROXY\n-N POCKETPROXY-IN\n-N POCKETPROXY-UL\n"
+    "-A INPUT -i tun+ -j POCKETPROXY-IN\n"
+    "-A INPUT ! -i tun+ -j POCKETPROXY-UL\n"
+    "-A FORWARD -i tun+ -j POCKETPROXY\n"
+    "-A FORWARD ! -i tun+ -j POCKETPROXY-UL\n"
+    + RULES6
+)
 HEALTHY_NAT = EMPTY_NAT + (
     "-N POCKETPROXY\n"
     "-A PREROUTING -i tun+ -j POCKETPROXY\n" + DNAT + "\n"
@@ -83,12 +136,27 @@ HEALTHY_NAT = EMPTY_NAT + (
 )
 
 
-def make(filter_s=EMPTY_FILTER, nat_s=EMPTY_NAT, ipset=None, config=CONFIG):
+def healthy_runner():
+    """A FakeRunner whose iptables and ip6tables listings show a correct install."""
+    runner = FakeRunner()
+    for argv, listing in ((FILTER_S, HEALTHY_FILTER), (NAT_S, HEALTHY_NAT), (FILTER6_S, HEALTHY_FILTER6)):
+        runner.on(argv, stdout=listing.encode())
+    return runner
+
+
+def make(filter_s=EMPTY_FILTER, nat_s=EMPTY_NAT, ipset=None, config=CONFIG, filter6_s=HEALTHY_FILTER6, **kwargs):
     runner = FakeRunner()
     runner.on(FILTER_S, stdout=filter_s.encode())
     runner.on(NAT_S, stdout=nat_s.encode())
+    runner.on(FILTER6_S, stdout=filter6_s.encode())
     ipset = FakeIPSet() if ipset is None else ipset
-    return Firewall(config, PORT, SUBNET, ipset, runner), runner, ipset
+    kwargs.setdefault("ipv6", True)
+    return Firewall(config, PORT, SUBNET, ipset, runner, **kwargs), runner, ipset
+
+
+def restored(runner, argv=RESTORE):
+    """The stdin of the last ``argv`` (iptables-restore by default) the runner saw."""
+    return [stdin for call, stdin in runner.calls if call == argv][-1]
 
 
 # --- the restore text --------------------------------------------------------
@@ -96,7 +164,23 @@ def make(filter_s=EMPTY_FILTER, nat_s=EMPTY_NAT, ipset=None, config=CONFIG):
 
 def test_golden_restore_text_for_a_fresh_kernel():
     """The exact iptables-restore input for the default config, filter first, one jump insert per table."""
-    assert restore_input(CONFIG, PORT, {"filter": EMPTY_FILTER.splitlines(), "nat": EMPTY_NAT.splitlines()}) == GOLDEN
+    listings = {"filter": EMPTY_FILTER.splitlines(), "nat": EMPTY_NAT.splitlines()}
+    assert restore_input(CONFIG, PORT, listings, subnet=SUBNET) == GOLDEN
+    assert restore_input(CONFIG, PORT, {"ip6 filter": EMPTY_FILTER.splitlines()}, family=IP6, subnet=SUBNET) == GOLDEN6
+
+
+def test_healthy_listing_is_what_a_restore_of_the_golden_text_leaves():
+    """The HEALTHY_* fixtures (iptables -S as observed) check clean; the IPv6 one is keyed 'ip6 filter'."""
+    assert rule_problems(CONFIG, PORT, {"ip6 filter": HEALTHY_FILTER6.splitlines()}, family=IP6) == []
+    assert rule_problems(CONFIG, PORT, {"filter": HEALTHY_FILTER6.splitlines()}, family=IP6) == [
+        "ip6 filter FORWARD: jump to POCKETPROXY missing",
+        "ip6 filter POCKETPROXY: chain missing",
+        "ip6 filter INPUT: jump to POCKETPROXY-IN missing",
+        "ip6 filter POCKETPROXY-IN: chain missing",
+        "ip6 filter FORWARD: jump to POCKETPROXY-UL missing",
+        "ip6 filter POCKETPROXY-UL: chain missing",
+        "ip6 filter INPUT: jump to POCKETPROXY-UL missing",
+    ]
 
 
 def test_golden_restore_text_uses_every_config_name():
@@ -106,6 +190,7 @@ def test_golden_restore_text_uses_every_config_name():
     assert "-A PP2 -p tcp -m set --match-set s1 src -j REDIRECT --to-ports 8000\n" in text
     assert "-I PREROUTING 1 -i ppvb12 -j PP2\n" in text and "-I FORWARD 1 -i ppvb12 -j PP2\n" in text
     assert "-I INPUT 1 -i ppvb12 -j PP2-IN\n" in text and "--dport 8000 -m conntrack --ctstate DNAT" in text
+    assert "-I INPUT 2 ! -i ppvb12 -j PP2-UL\n" in text and "-I FORWARD 2 ! -i ppvb12 -j PP2-UL\n" in text
     assert text.count(":PP2 - [0:0]\n") == 2 and text.count(":PP2-IN - [0:0]\n") == 1 and "POCKETPROXY" not in text
 
 
@@ -153,25 +238,30 @@ class InstallTests(SynchronousTestCase):
     def test_install_ensures_set_then_reads_then_restores(self):
         """install: ipset first (netlink), then iptables -S of both tables, then one restore with the golden text."""
         events = []
-        fw, runner, ipset = make()
+        fw, runner, ipset = make(filter6_s=EMPTY_FILTER)
         ipset_ensure = ipset.ensure
         ipset.ensure = lambda: (events.append("ensure"), ipset_ensure())
         runner.on(RESTORE, handler=lambda argv, stdin: (events.append("restore"), (0, b"", b""))[1])
         self.assertIsNone(self.successResultOf(fw.install()))
         self.assertEqual(events, ["ensure", "restore"])
-        self.assertEqual(runner.argvs(), [FILTER_S, NAT_S, RESTORE])
-        self.assertEqual(runner.calls[-1][1], GOLDEN)
+        self.assertEqual(runner.argvs(), [FILTER_S, NAT_S, RESTORE, FILTER6_S, RESTORE6])
+        self.assertEqual(restored(runner), GOLDEN)
+        self.assertEqual(restored(runner, RESTORE6), GOLDEN6)
         self.assertTrue(ipset.exists)
 
     def test_reinstall_deletes_existing_jumps(self):
         """A second install over a healthy kernel deletes the jump and re-inserts it at position 1."""
         fw, runner, _ = make(HEALTHY_FILTER, HEALTHY_NAT)
         self.successResultOf(fw.install())
-        text = runner.calls[-1][1].decode()
+        for text in (restored(runner).decode(), restored(runner, RESTORE6).decode()):
+            self.assertIn("-D FORWARD -i tun+ -j POCKETPROXY\n-I FORWARD 1 -i tun+ -j POCKETPROXY\n", text)
+            self.assertIn("-D INPUT -i tun+ -j POCKETPROXY-IN\n-I INPUT 1 -i tun+ -j POCKETPROXY-IN\n", text)
+            self.assertIn("-D FORWARD ! -i tun+ -j POCKETPROXY-UL\n-I FORWARD 2 ! -i tun+ -j POCKETPROXY-UL\n", text)
+            self.assertIn("-D INPUT ! -i tun+ -j POCKETPROXY-UL\n-I INPUT 2 ! -i tun+ -j POCKETPROXY-UL\n", text)
+        text = restored(runner).decode()
         self.assertIn("-D PREROUTING -i tun+ -j POCKETPROXY\n-I PREROUTING 1 -i tun+ -j POCKETPROXY\n", text)
-        self.assertIn("-D FORWARD -i tun+ -j POCKETPROXY\n-I FORWARD 1 -i tun+ -j POCKETPROXY\n", text)
-        self.assertIn("-D INPUT -i tun+ -j POCKETPROXY-IN\n-I INPUT 1 -i tun+ -j POCKETPROXY-IN\n", text)
-        self.assertEqual(text.count("-D "), 3)
+        self.assertEqual(text.count("-D "), 5)
+        self.assertEqual(restored(runner, RESTORE6).count(b"-D "), 4)
 
     def test_foreign_bytes_in_a_jump_round_trip_exactly(self):
         """A jump with a non-ASCII (even non-UTF-8) comment is -D'd with exactly the bytes iptables printed."""
@@ -179,7 +269,7 @@ class InstallTests(SynchronousTestCase):
         fw, runner, _ = make()
         runner.on(NAT_S, stdout=nat)
         self.successResultOf(fw.install())
-        self.assertIn(b'-D PREROUTING -m comment --comment "caf\xc3\xa9 \xff" -j POCKETPROXY\n', runner.calls[-1][1])
+        self.assertIn(b'-D PREROUTING -m comment --comment "caf\xc3\xa9 \xff" -j POCKETPROXY\n', restored(runner))
 
     def test_ipset_failure_stops_install_before_iptables(self):
         """If the set cannot be created no iptables command runs (the rule would reference a missing set)."""
@@ -230,7 +320,8 @@ class InstallTests(SynchronousTestCase):
         held.callback((0, b"", b""))
         self.successResultOf(d1)
         self.successResultOf(d2)
-        self.assertEqual(runner.argvs(), [FILTER_S, NAT_S, RESTORE, FILTER_S, NAT_S, RESTORE])
+        once = [FILTER_S, NAT_S, RESTORE, FILTER6_S, RESTORE6]
+        self.assertEqual(runner.argvs(), once + once)
 
 
 # --- membership --------------------------------------------------------------
@@ -315,7 +406,11 @@ class CheckRepairTests(SynchronousTestCase):
         self.assertTrue(drift.missing_chain_rules)
         self.assertEqual(
             drift.rule_problems,
-            ("filter FORWARD: jump to POCKETPROXY is not at position 1", "nat POCKETPROXY: rules differ"),
+            (
+                "filter FORWARD: jump to POCKETPROXY is not at position 1",
+                "nat POCKETPROXY: rules differ",
+                "filter FORWARD: jump to POCKETPROXY-UL is not at position 2",
+            ),
         )
         self.assertFalse(drift.ok)
 
@@ -332,6 +427,9 @@ class CheckRepairTests(SynchronousTestCase):
                 "filter POCKETPROXY-IN: chain missing",
                 "nat PREROUTING: jump to POCKETPROXY missing",
                 "nat POCKETPROXY: chain missing",
+                "filter FORWARD: jump to POCKETPROXY-UL missing",
+                "filter POCKETPROXY-UL: chain missing",
+                "filter INPUT: jump to POCKETPROXY-UL missing",
             ),
         )
         self.assertTrue(drift.set_missing)
@@ -406,15 +504,17 @@ def test_drift_describe_abbreviates_long_lists():
 def test_rule_problems_empty_for_healthy_listing():
     """The healthy listing (as iptables 1.8.9 prints it) matches the rules we generate."""
     listings = {"filter": HEALTHY_FILTER.splitlines(), "nat": HEALTHY_NAT.splitlines()}
-    assert rule_problems(CONFIG, PORT, listings) == []
-    assert rule_problems(CONFIG, PORT + 1, listings) == [
+    assert rule_problems(CONFIG, PORT, listings, subnet=SUBNET) == []
+    assert rule_problems(CONFIG, PORT + 1, listings, subnet=SUBNET) == [
         "filter POCKETPROXY-IN: rules differ",  # accepts the proxy port only when redirected there
         "nat POCKETPROXY: rules differ",
     ]
-    assert rule_problems(CONFIG, PORT, listings, dns=("10.9.0.1", 53)) == [
+    assert rule_problems(CONFIG, PORT, listings, dns=("10.9.0.1", 53), subnet=SUBNET) == [
         "filter POCKETPROXY-IN: rules differ",  # the DNS service is not open
         "nat POCKETPROXY: rules differ",  # members' DNS is not intercepted
+        "filter POCKETPROXY-UL: rules differ",  # nor closed to the underlay
     ]
+    assert rule_problems(CONFIG, PORT, listings) == ["filter POCKETPROXY-UL: rules differ"]  # no anti-spoofing
 
 
 def test_input_chain_admits_dns_only_when_enabled_and_only_from_members():
@@ -463,7 +563,7 @@ def test_tproxy_mode_intercepts_dns_in_a_nat_chain_of_its_own():
         "-A POCKETPROXY -p tcp -m set --match-set pocketproxy-clients src -m tcp --dport 53 -j DNAT --to-destination 10.9.0.1:53",
     ]
     assert "-I PREROUTING 1 -i tun+ -j POCKETPROXY" in nat
-    assert rule_problems(config, PORT, {}, mode="tproxy", dns=dns)[-2:] == [
+    assert rule_problems(config, PORT, {}, mode="tproxy", dns=dns)[-5:-3] == [
         "nat PREROUTING: jump to POCKETPROXY missing",
         "nat POCKETPROXY: chain missing",
     ]
@@ -607,7 +707,7 @@ def test_fake_runner_records_and_answers_by_longest_prefix():
 def test_golden_restore_text_in_tproxy_mode():
     """TPROXY mode owns a mangle chain (not nat) with the mark the policy rule matches."""
     config = FirewallConfig(tproxy_mark=0x20)
-    text = restore_input(config, PORT, {}, mode="tproxy").decode()
+    text = restore_input(config, PORT, {}, mode="tproxy", subnet=SUBNET).decode()
     assert text == (
         GOLDEN.decode()
         .split("*nat")[0]
@@ -630,4 +730,164 @@ def test_golden_restore_text_in_tproxy_mode():
         "filter POCKETPROXY-IN: chain missing",
         "mangle PREROUTING: jump to POCKETPROXY missing",
         "mangle POCKETPROXY: chain missing",
+        "filter FORWARD: jump to POCKETPROXY-UL missing",
+        "filter POCKETPROXY-UL: chain missing",
+        "filter INPUT: jump to POCKETPROXY-UL missing",
     ]
+
+
+# --- IPv6 fail closed, the underlay guard, devices (issue 14) ---------------------------------
+
+
+def directory(**upstreams):
+    return Directory({name: Device(name, Upstream.parse(url)) for name, url in upstreams.items()}, {})
+
+
+def test_devices_are_the_ip_literal_upstream_hosts_plus_the_configured_networks():
+    """/32 and /128 per IP-literal host, the operator's networks, sorted v4 first; names are reported."""
+    d = directory(
+        a="http://u:p@192.168.255.2:8080", b="socks5://[2001:db8:7::2]:1080", c="http://phone.example:8080",
+        d="http://192.168.255.2:3128",
+    )
+    devices = Devices.of(d, (IPv4Network("192.168.42.0/24"),))
+    assert [str(n) for n in devices.networks] == ["192.168.42.0/24", "192.168.255.2/32", "2001:db8:7::2/128"]
+    assert devices.unresolved == ("c",)
+    assert Devices.of(None) == Devices()
+
+
+UNDERLAY_GUARDED = [
+    "-A POCKETPROXY-UL -i lo -j RETURN",
+    "-A POCKETPROXY-UL -s 10.9.0.0/24 -j DROP",
+    "-A POCKETPROXY-UL -d 10.9.0.1/32 -p udp -m udp --dport 53 -j REJECT --reject-with icmp-port-unreachable",
+    "-A POCKETPROXY-UL -d 10.9.0.1/32 -p tcp -m tcp --dport 53 -j REJECT --reject-with tcp-reset",
+    "-A POCKETPROXY-UL -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN",
+    "-A POCKETPROXY-UL -p tcp -m tcp --dport 22 -j RETURN",
+    "-A POCKETPROXY-UL -p udp -m udp --dport 60000:61000 -j RETURN",
+    "-A POCKETPROXY-UL -p icmp -m icmp --icmp-type 8 -j RETURN",
+    "-A POCKETPROXY-UL -s 192.168.42.0/24 -j POCKETPROXY",
+    "-A POCKETPROXY-UL -s 192.168.255.2/32 -j POCKETPROXY",
+]
+
+
+def test_underlay_guard_text_with_dns_devices_and_allowed_ports():
+    """Anti-spoofing and the DNS service first (absolute), then replies, the operator's allowances,
+    and every device network sent to the reject chain; IPv6 gets its devices, ND and ping."""
+    config = FirewallConfig(
+        device_allow=(("tcp", 22, 22), ("udp", 60000, 61000), ("icmp", None, None)),
+        device_networks=(IPv4Network("192.168.42.0/24"),),
+    )
+    devices = Devices.of(directory(a="http://192.168.255.2:8080", b="http://[2001:db8:7::2]:8080"), config.device_networks)
+    text = restore_input(config, PORT, {}, dns=("10.9.0.1", 53), subnet=SUBNET, devices=devices).decode()
+    assert [line for line in text.splitlines() if line.startswith("-A POCKETPROXY-UL ")] == UNDERLAY_GUARDED
+    text6 = restore_input(config, PORT, {}, dns=("10.9.0.1", 53), family=IP6, subnet=SUBNET, devices=devices).decode()
+    assert [line for line in text6.splitlines() if line.startswith("-A POCKETPROXY-UL ")] == [
+        "-A POCKETPROXY-UL -i lo -j RETURN",
+        "-A POCKETPROXY-UL -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN",
+        "-A POCKETPROXY-UL -p ipv6-icmp -m icmp6 --icmpv6-type 135 -j RETURN",
+        "-A POCKETPROXY-UL -p ipv6-icmp -m icmp6 --icmpv6-type 136 -j RETURN",
+        "-A POCKETPROXY-UL -p tcp -m tcp --dport 22 -j RETURN",
+        "-A POCKETPROXY-UL -p udp -m udp --dport 60000:61000 -j RETURN",
+        "-A POCKETPROXY-UL -p ipv6-icmp -m icmp6 --icmpv6-type 128 -j RETURN",
+        "-A POCKETPROXY-UL -s 2001:db8:7::2/128 -j POCKETPROXY",
+    ]
+    assert "DNAT" not in text6 and "10.9.0" not in text6 and "*nat" not in text6
+
+
+class IPv6AndDeviceTests(SynchronousTestCase):
+    def test_ip6_drift_is_reported_and_repaired(self):
+        """A deleted ip6 jump is drift worded 'ip6 filter ...'; repair runs ip6tables-restore only where needed."""
+        fw, runner, _ = make(
+            HEALTHY_FILTER, HEALTHY_NAT, filter6_s=HEALTHY_FILTER6.replace("-A FORWARD -i tun+ -j POCKETPROXY\n", "")
+        )
+        drift = self.successResultOf(fw.repair(set()))
+        self.assertEqual(drift.rule_problems, ("ip6 filter FORWARD: jump to POCKETPROXY missing",))
+        self.assertIn(b"-I FORWARD 1 -i tun+ -j POCKETPROXY\n", restored(runner, RESTORE6))
+        fw, _, _ = make(HEALTHY_FILTER, HEALTHY_NAT)
+        self.assertTrue(self.successResultOf(fw.check(set())).ok)
+
+    def test_ip6tables_restore_failure_fails_the_install(self):
+        """Fail closed: IPv6 rules that cannot be installed are a FirewallError like IPv4's."""
+        fw, runner, _ = make()
+        runner.on(RESTORE6, exit_code=2, stderr=b"ip6tables-restore: unable to initialize table 'filter'\n")
+        failure = self.failureResultOf(fw.install(), FirewallError)
+        self.assertIn("ip6tables-restore -w --noflush exited 2", str(failure.value))
+
+    def test_host_without_ipv6_warns_once_and_runs_no_ip6tables(self):
+        """No /proc/net/if_inet6: one warning, IPv4 only, and check() does not ask ip6tables."""
+        events = []
+        from twisted.logger import globalLogPublisher
+
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.assertEqual(make(ipv6=None)[0].ipv6, os.path.exists("/proc/net/if_inet6"))
+        self.patch(Firewall, "IF_INET6", os.path.join(tempfile.mkdtemp(prefix="pp-no-ipv6-"), "if_inet6"))
+        fw, runner, _ = make(ipv6=None)
+        self.assertFalse(fw.ipv6)
+        self.successResultOf(fw.install())
+        self.successResultOf(fw.install())
+        self.successResultOf(fw.check(set()))
+        self.assertNotIn(FILTER6_S, runner.argvs())
+        self.assertNotIn(RESTORE6, runner.argvs())
+        warnings = [e for e in events if "no IPv6" in e.get("log_format", "")]
+        self.assertEqual(len(warnings), 1)
+
+    def test_follow_reinstalls_only_after_install_and_only_on_change(self):
+        """Before the first install a reloaded device list is just kept; afterwards a change re-installs,
+        an unchanged list does not; devices named by a DNS name are named in a warning."""
+        events = []
+        from twisted.logger import globalLogPublisher
+
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        fw, runner, _ = make(directory=directory(a="http://192.168.255.2:8080"))
+        self.successResultOf(fw.follow(directory(a="http://192.168.255.3:8080", n="http://phone.example:1")))
+        self.assertEqual(runner.calls, [])
+        self.successResultOf(fw.install())
+        self.assertIn(b"-A POCKETPROXY-UL -s 192.168.255.3/32 -j POCKETPROXY\n", restored(runner))
+        self.assertEqual([e["names"] for e in events if "names" in e], ["n"])
+        before = len(runner.calls)
+        self.successResultOf(fw.follow(directory(a="http://192.168.255.3:8080", n="http://phone.example:1")))
+        self.assertEqual(len(runner.calls), before)
+        self.successResultOf(fw.follow(directory(b="http://192.168.255.4:8080")))
+        text = restored(runner)
+        self.assertIn(b"-s 192.168.255.4/32", text)
+        self.assertNotIn(b"192.168.255.3", text)
+
+    def test_follow_failure_is_logged_not_raised(self):
+        """A failed re-install after a reload is logged; the periodic check repairs it later."""
+        fw, runner, _ = make()
+        self.successResultOf(fw.install())
+        runner.on(RESTORE, exit_code=1, stderr=b"boom\n")
+        self.assertIsNone(self.successResultOf(fw.follow(directory(a="http://192.168.255.9:8080"))))
+        self.assertEqual(fw.devices.networks, (IPv4Network("192.168.255.9/32"),))
+
+
+def test_device_keys_config(tmp_path):
+    """firewall.device_allow parses to (proto, low, high); device_networks to v4/v6 networks."""
+    from tests.unit.test_dns_wiring import config
+
+    fw = config(
+        tmp_path,
+        "firewall: {device_allow: [tcp/22, udp/123, tcp/8000-8100, icmp], device_networks: [192.168.42.0/24, '2001:db8::/64']}\n",
+    ).firewall
+    assert fw.device_allow == (("tcp", 22, 22), ("udp", 123, 123), ("tcp", 8000, 8100), ("icmp", None, None))
+    assert [str(n) for n in fw.device_networks] == ["192.168.42.0/24", "2001:db8::/64"]
+    assert config(tmp_path).firewall.device_allow == () == config(tmp_path).firewall.device_networks
+
+
+@pytest.mark.parametrize(
+    "key, value, words",
+    [
+        ("device_allow", "[ssh]", "expected tcp/PORT, udp/PORT, tcp/LOW-HIGH or icmp, got 'ssh'"),
+        ("device_allow", "[tcp/0]", "ports must be 1-65535, low before high, got 'tcp/0'"),
+        ("device_allow", "[udp/9-3]", "ports must be 1-65535, low before high, got 'udp/9-3'"),
+        ("device_allow", "tcp/22", "expected a list such as"),
+        ("device_networks", "[192.168.1.5/24]", "has host bits set"),
+    ],
+)
+def test_device_keys_are_validated_at_load(tmp_path, key, value, words):
+    """Bad values name the file, the key and the problem."""
+    from tests.unit.test_dns_wiring import problem
+
+    text = problem(tmp_path, "firewall: {%s: %s}\n" % (key, value))
+    assert "pocketproxy.yaml: firewall.%s: " % key in text and words in text, text

@@ -12,7 +12,7 @@ from twisted.logger import globalLogPublisher
 from ovpnmgr.metrics import collect, render
 from ovpnmgr.verify import FirewallVerifier
 from tests.unit.test_admin import admit, rules_world
-from tests.unit.test_firewall import NAT_S
+from tests.unit.test_firewall import FILTER6_S, NAT_S
 from tests.unit.test_metrics import parse, value
 
 IP = ipaddress.IPv4Address
@@ -94,6 +94,22 @@ def test_missing_chain_is_reinstalled():
     w.clock.advance(30)
     assert v.repairs["rules_reinstalled"] == 1
     assert any(argv[0] == "iptables-restore" for argv, _ in runner.calls)
+
+
+def test_missing_ipv6_chains_are_reinstalled():
+    """IPv6 rule drift (the ip6 filter chains flushed away) is found and re-installed like IPv4's."""
+    w, runner, v = verifier_world()
+    admit(w, 0, at=0)
+    runner.on(FILTER6_S, stdout=b"-P INPUT ACCEPT\n-P FORWARD ACCEPT\n-P OUTPUT ACCEPT\n")
+    events, stop = captured()
+    try:
+        w.clock.advance(30)
+    finally:
+        stop()
+    [drift] = [e for e in events if e.get("event") == "drift"]
+    assert "ip6 filter FORWARD: jump to POCKETPROXY missing" in drift["rule_problems"]
+    assert v.repairs["rules_reinstalled"] == 1
+    assert any(argv[0] == "ip6tables-restore" for argv, _ in runner.calls)
 
 
 def test_nothing_is_checked_before_the_first_reconciliation():
