@@ -65,6 +65,11 @@ class ProxyConfig(ProxySettings):
     listen: int = 12345
     bind: tuple = ("0.0.0.0", "::")
     mode: str = "redirect"
+    # Destinations beyond the public internet (proxy.destinations): private ranges refused
+    # unless a user has private_networks: allow; extra ranges and domains always refused.
+    deny_private: bool = True
+    deny_networks: tuple = ()
+    deny_names: tuple = ()
 
 
 @dataclass(frozen=True)

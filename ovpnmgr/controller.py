@@ -30,6 +30,7 @@ from ovpnmgr.metrics import LATENCY_BUCKETS, Histogram
 from ovpnmgr.pool import AddressInUse, PoolExhausted
 from ovpnmgr.protocol import CommandFailed, ManagementDisconnected, ManagementError
 from ovpnmgr.verify import fresh_members
+from proxy.destinations import DEFAULT_CLIENT, ClientPolicy
 from proxy.mappings import MappingConflict
 
 AUTHENTICATING = "authenticating"
@@ -83,6 +84,16 @@ class Session:
             "vpn_ip": str(self.address) if self.address is not None else None,
             "device": self.user.device.name if self.user is not None else None,
         }
+
+    @property
+    def proxy_policy(self):
+        """What the proxy lets this client reach, and its phone's capacity (read per connection,
+        so a reload that changes the user or the device applies to the next connection)."""
+        if self.user is None:
+            return DEFAULT_CLIENT
+        return ClientPolicy(
+            allow_private=self.user.private_networks == "allow", device_limit=self.user.device.max_clients
+        )
 
     def __repr__(self):
         return "<Session epoch=%d cid=%d user=%s ip=%s %s>" % (

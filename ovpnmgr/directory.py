@@ -43,6 +43,7 @@ class Device:
     name: str
     upstream: Upstream
     dns: str | None = None  # "via_device" or "host"; None: the daemon's dns.policy
+    max_clients: int | None = None  # the phone proxy's own client limit; its users share it fairly
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ class User:
     common_name: str | None = None
     address: ipaddress.IPv4Address | None = None
     tunnel: str | None = None  # "full" or "split"; None: the daemon's openvpn.tunnel
+    private_networks: str = "deny"  # "allow": this user may reach private ranges through the phone
 
 
 def hash_password(password, salt=None, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P):
@@ -133,7 +135,7 @@ class Directory:
         devices = {}
         for name, spec in _mapping(path, "devices", raw.get("devices")).items():
             key = "devices.%s" % name
-            spec = _fields(path, key, spec, {"upstream", "dns"}, {"upstream"})
+            spec = _fields(path, key, spec, {"upstream", "dns", "max_clients"}, {"upstream"})
             try:
                 upstream = Upstream.parse(spec["upstream"])
             except ValueError as e:
@@ -141,13 +143,22 @@ class Directory:
             dns = spec.get("dns")
             if dns not in (None, "via_device", "host"):
                 raise ConfigError(path, key + ".dns", "expected via_device or host, got %r" % (dns,))
-            devices[name] = Device(str(name), upstream, dns)
+            max_clients = spec.get("max_clients")
+            if max_clients is not None and (
+                isinstance(max_clients, bool) or not isinstance(max_clients, int) or not 1 <= max_clients <= 1_000_000
+            ):
+                raise ConfigError(
+                    path, key + ".max_clients", "expected the phone proxy's client limit (1-1000000), got %r" % (max_clients,)
+                )
+            devices[name] = Device(str(name), upstream, dns, max_clients)
         users, cns, addresses = {}, {}, {}
         for name, spec in _mapping(path, "users", raw.get("users")).items():
             key = "users.%s" % name
             if not isinstance(name, str) or not _USER_NAME.match(name):
                 raise ConfigError(path, key, "user names are 1-64 characters of letters, digits and _.@+-")
-            spec = _fields(path, key, spec, {"password", "common_name", "device", "address", "tunnel"}, {"device"})
+            spec = _fields(
+                path, key, spec, {"password", "common_name", "device", "address", "tunnel", "private_networks"}, {"device"}
+            )
             device = spec.get("device")
             try:
                 known = device in devices
@@ -187,7 +198,10 @@ class Directory:
             tunnel = spec.get("tunnel")
             if tunnel not in (None,) + TUNNEL_MODES:
                 raise ConfigError(path, key + ".tunnel", "expected %s, got %r" % (" or ".join(TUNNEL_MODES), tunnel))
-            users[name] = User(name, devices[spec["device"]], password_hash, cn, address, tunnel)
+            private = spec.get("private_networks", "deny")
+            if private not in ("allow", "deny"):
+                raise ConfigError(path, key + ".private_networks", "expected allow or deny, got %r" % (private,))
+            users[name] = User(name, devices[spec["device"]], password_hash, cn, address, tunnel, private)
         return cls(devices, users, path)
 
     # --- queries ---

@@ -24,7 +24,9 @@ Families (prefix ``pocketproxy_``):
 * ``proxy_connections_total{result}`` (counter): how accepted connections
   ended their setup: ``relayed`` (a tunnel was obtained; counted when the relay
   starts, so it includes active relays), ``refused_<reason>`` (refused before
-  dialling: ``unmapped``, ``loop``, ``origdst``, ``limit``, ``client-limit``) or
+  dialling: ``unmapped``, ``loop``, ``origdst``, ``destination`` (not the
+  public internet), ``limit``, ``client-limit``, ``device-share`` (the client's
+  fair share of its phone); ``destination-name`` after sniffing a special-use name) or
   ``upstream_<kind>`` (the device handshake failed: ``auth``, ``forbidden``,
   ``unreachable``, ``timeout``, ``malformed``, ``closed``, ``error``, ``internal``).
   Connections the client closed during setup are in none of these.
@@ -60,7 +62,7 @@ PREFIX = "pocketproxy_"
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 ADMISSION_RESULTS = ("admitted", "denied_temporary", "denied_final")
-REFUSED_REASONS = ("unmapped", "loop", "origdst", "limit", "client-limit")
+REFUSED_REASONS = ("unmapped", "loop", "origdst", "destination", "destination-name", "limit", "client-limit", "device-share")
 DNS_RESULTS = ("ok", "nxdomain", "servfail", "refused", "malformed", "timeout", "truncated", "over_share")
 UPSTREAM_KINDS = ("auth", "forbidden", "unreachable", "timeout", "malformed", "closed", "error", "internal")
 

@@ -6,6 +6,7 @@ reported as one line naming file, key and problem, and twistd exits non-zero
 before anything starts.
 """
 
+import ipaddress
 import signal
 import sys
 
@@ -208,7 +209,39 @@ def proxy_settings(config):
     return ProxySettings(**{f.name: getattr(config.proxy, f.name) for f in fields(ProxySettings)})
 
 
-def build_proxy(reactor, config, mappings):
+def device_networks(directory, connected):
+    """Every device's upstream address and the on-link network of the server it sits on
+    (``connected``: the server's interface networks); devices named by a hostname are
+    covered only by the private ranges and ``firewall``'s device networks."""
+    out = []
+    for device in directory.devices.values():
+        try:
+            ip = ipaddress.ip_address(device.upstream.host)
+        except ValueError:
+            continue
+        out.append(ipaddress.ip_network(ip))
+        out.extend(net for net in connected if net.version == ip.version and ip in net)
+    return out
+
+
+def destination_policy(config, directory, connected):
+    """The proxy's :class:`~proxy.destinations.DestinationPolicy` for ``config`` and the devices
+    of ``directory``, and ``rewire(directory)`` that refreshes its device networks after a reload."""
+    from proxy.destinations import DestinationPolicy
+
+    p = config.proxy
+    policy = DestinationPolicy(deny_private=p.deny_private, deny_names=p.deny_names)
+    fixed = (config.openvpn.subnet,) + p.deny_networks
+    extra = config.firewall.device_networks
+
+    def rewire(directory):
+        policy.set_networks(fixed=fixed, devices=device_networks(directory, connected()) + list(extra))
+
+    rewire(directory)
+    return policy, rewire
+
+
+def build_proxy(reactor, config, mappings, destinations=None):
     """The transparent proxy service for ``config.proxy`` over ``mappings``."""
     from proxy.server import ProxyFactory, fd_derived_limit, raise_nofile_limit
     from proxy.service import ProxyService
@@ -227,7 +260,9 @@ def build_proxy(reactor, config, mappings):
             Logger().warn("splice(2) is not available here; using the plain relay")
             splice = None
     transparent = p.mode == "tproxy"
-    factory = ProxyFactory(reactor, mappings, proxy_settings(config), splice=splice, transparent=transparent)
+    factory = ProxyFactory(
+        reactor, mappings, proxy_settings(config), splice=splice, transparent=transparent, destinations=destinations
+    )
     Logger().info("open-file limit {nofile}; proxy connection cap {cap}", nofile=nofile, cap=factory.max_connections)
     default_bind = p.bind == type(p)().bind
     optional = ("::",) if default_bind else ()
@@ -294,7 +329,11 @@ def build(reactor, config, directory, password, ipset=None):
     )
     top = PocketproxyService()
     top.log_observer = observer_for(config.log)
-    proxy_service, proxy_factory = build_proxy(reactor, config, mappings)
+    from proxy.localaddr import connected_networks
+
+    destinations, rewire = destination_policy(config, directory, connected_networks)
+    controller.directory_listeners.append(rewire)
+    proxy_service, proxy_factory = build_proxy(reactor, config, mappings, destinations)
     proxy_service.setServiceParent(top)  # listening before any client can be admitted
     dns_service, dns_server = build_dns(reactor, config, mappings)
     if dns_service is not None:

@@ -33,6 +33,22 @@ def netlink_addresses():
     return out
 
 
+def connected_networks():
+    """The networks of this namespace's interface addresses (``10.0.0.1/24`` → ``10.0.0.0/24``),
+    host routes (/32, /128) left out: what the server reaches on-link."""
+    from pyroute2 import IPRoute
+
+    out = set()
+    with IPRoute() as ipr:
+        for msg in ipr.get_addr():
+            value = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
+            if value:
+                net = ipaddress.ip_network("%s/%d" % (value.split("%", 1)[0], msg["prefixlen"]), strict=False)
+                if net.prefixlen < net.max_prefixlen:
+                    out.add(net)
+    return out
+
+
 class LocalAddresses:
     """A cached set of local addresses; ``refresh()`` re-reads it (cheap, netlink)."""
 

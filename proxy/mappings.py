@@ -14,6 +14,8 @@ import ipaddress
 
 from twisted.logger import Logger
 
+from proxy.destinations import DEFAULT_CLIENT, ClientPolicy
+
 
 class MappingConflict(Exception):
     """The address is already mapped for another owner."""
@@ -33,6 +35,7 @@ class MappingTable:
         self._entries = {}
         self._live = {}
         self._bytes = {}  # ip -> [up, down] of finished connections, for the current owner
+        self._by_upstream = {}  # upstream -> set of ips mapped to it (co-tenants of one phone)
 
     @staticmethod
     def _key(ip):
@@ -51,7 +54,7 @@ class MappingTable:
             self._close_live(key, "mapping changed")
         if current is None:
             self._bytes[key] = [0, 0]
-        self._entries[key] = (upstream, owner)
+        self._set(key, upstream, owner)
 
     def transfer(self, ip, upstream, owner):
         """Give ``ip`` to a new owner whatever the previous one (same user reconnecting)."""
@@ -61,7 +64,21 @@ class MappingTable:
             self._close_live(key, "mapping changed")
         if current is None or current[1] != owner:
             self._bytes[key] = [0, 0]
+        self._set(key, upstream, owner)
+
+    def _set(self, key, upstream, owner):
+        current = self._entries.get(key)
+        if current is not None:
+            self._unindex(key, current[0])
         self._entries[key] = (upstream, owner)
+        self._by_upstream.setdefault(upstream, set()).add(key)
+
+    def _unindex(self, key, upstream):
+        ips = self._by_upstream.get(upstream)
+        if ips is not None:
+            ips.discard(key)
+            if not ips:
+                del self._by_upstream[upstream]
 
     def remove(self, ip, owner=None):
         """Drop the mapping of ``ip`` if ``owner`` (when given) still owns it; close its connections.
@@ -73,6 +90,7 @@ class MappingTable:
         if current is None or (owner is not None and current[1] != owner):
             return False
         del self._entries[key]
+        self._unindex(key, current[0])
         self._bytes.pop(key, None)
         self._close_live(key, "mapping removed")
         return True
@@ -94,6 +112,16 @@ class MappingTable:
         """
         fields = getattr(self.owner(ip), "log_fields", None)
         return dict(fields) if isinstance(fields, dict) else {}
+
+    def policy(self, ip):
+        """The owner's :class:`~proxy.destinations.ClientPolicy` for ``ip`` (its
+        ``proxy_policy``), or the default: the public internet only, device capacity unknown."""
+        policy = getattr(self.owner(ip), "proxy_policy", None)
+        return policy if isinstance(policy, ClientPolicy) else DEFAULT_CLIENT
+
+    def co_tenants(self, upstream):
+        """The addresses mapped to ``upstream`` (every client sharing that phone)."""
+        return frozenset(self._by_upstream.get(upstream, ()))
 
     def add_bytes(self, ip, up, down):
         """Count a finished connection's relayed bytes for ``ip``'s current mapping (ignored if unmapped)."""

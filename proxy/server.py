@@ -4,11 +4,15 @@
 Every accepted connection is identified by its source address (the VPN
 client) and its original destination. It is refused with an RST, and
 counted, when the source has no mapping (never an open proxy), when the
-destination is this host (loop guard) or when a limit is reached. Otherwise
+destination is this host (loop guard) or not the public internet
+(:mod:`proxy.destinations`), or when a limit is reached: the global one, the
+client's own, or its fair share of its phone (:mod:`proxy.fairshare`). Otherwise
 the client's device proxy is dialled at once while, on client-first ports
 only, the first bytes are sniffed for a TLS SNI or HTTP Host name within a
-short budget; the CONNECT goes out when both are ready. Any upstream failure
-reaches the client as an RST, logged once.
+short budget; the CONNECT goes out when both are ready, unless the name is one
+no public host has (refused like an address). Any upstream failure reaches the
+client as an RST. Every per-connection log line is throttled per (what, client)
+with a count of the lines held back (:mod:`proxy.logthrottle`).
 """
 
 import collections
@@ -24,8 +28,10 @@ from twisted.logger import Logger
 from twisted.python import failure
 from zope.interface import implementer
 
-from proxy import origdst, sniff
+from proxy import fairshare, origdst, sniff
+from proxy.destinations import DestinationPolicy
 from proxy.localaddr import LocalAddresses
+from proxy.logthrottle import LogThrottle
 from proxy.relay import Relay
 from proxy.settings import ProxySettings
 from proxy.stats import ProxyStats
@@ -52,11 +58,13 @@ def raise_nofile_limit():
 
 
 class SniffSkipList:
-    """(destination, port) pairs where the client stayed silent: stop sniffing them.
+    """(client, destination, port) triples where the client stayed silent: stop sniffing them.
 
     Some client-first-looking ports carry server-first protocols; after
     ``threshold`` silent budgets in a row a destination is skipped for ``ttl``
-    seconds (mihomo's rule), so its banner stops waiting on us.
+    seconds (mihomo's rule), so its banner stops waiting on us. What one client
+    teaches applies to that client only: another's TLS to the same destination
+    is still sent to its phone by name.
     """
 
     def __init__(self, clock, threshold=5, ttl=600.0, size=4096):
@@ -194,12 +202,19 @@ class ProxyConnection(Protocol):
         upstream = f.mappings.lookup(self.client_ip)
         if upstream is None:
             return self._refuse("unmapped", "source has no device mapping")
+        policy = f.mappings.policy(self.client_ip)
+        why = f.destinations.address_refusal(dst_ip, policy)
+        if why is not None:
+            return self._refuse("destination", why)
         if f.stats.active >= f.max_connections:
             return self._refuse("limit", "global connection limit %d reached" % f.max_connections)
         if f.mappings.live_count(self.client_ip) >= f.settings.max_connections_per_client:
             return self._refuse(
                 "client-limit", "per-client limit %d reached" % f.settings.max_connections_per_client
             )
+        why = fairshare.refusal(f.mappings, self.client_ip, upstream, policy.device_limit)
+        if why is not None:
+            return self._refuse("device-share", why)
         self.upstream = upstream
         f.mappings.register(self.client_ip, self)
         self._registered = True
@@ -207,7 +222,7 @@ class ProxyConnection(Protocol):
         f.connections.add(self)
         tune_socket(self.transport, f.settings.keepalive)
 
-        key = (dst_ip, dst_port)
+        key = self._skip_key()
         if dst_port not in f.settings.sniff_ports:
             self._end_sniff(None, "skipped")
         elif f.skiplist.skip(key):
@@ -218,19 +233,24 @@ class ProxyConnection(Protocol):
         if not self._done:
             self._dial()
 
+    def _skip_key(self):
+        return (self.client_ip,) + self.destination
+
     def _refuse(self, reason, why):
-        """RST an unacceptable connection, count it, log it (throttled per source)."""
+        """RST an unacceptable connection, count it, log it (throttled per reason and source)."""
         self.factory.stats.refused[reason] += 1
-        if self.factory.should_log(reason, self.client_ip):
+        suppressed = self.factory.log_throttle.allow((reason, self.client_ip))
+        if suppressed is not None:
             self._log.warn(
-                "refused connection from {client} to {dest}: {why}",
+                "refused connection from {client} to {dest}: {why}" + _held_back(suppressed),
                 client=str(self.client_ip),
                 dest=self._dest(),
                 why=why,
                 reason=reason,
                 event="proxy-refused",
+                suppressed=suppressed,
             )
-        self._done = True
+        self._close_setup()
         self.transport.abortConnection()
 
     def _dest(self):
@@ -256,7 +276,7 @@ class ProxyConnection(Protocol):
         try:
             if self._sniffing:
                 if not self._buffer:
-                    self.factory.skiplist.silent(self.destination)
+                    self.factory.skiplist.silent(self._skip_key())
                 self._end_sniff(None, "timeout")
         except Exception:
             self._internal_error(failure.Failure())
@@ -268,7 +288,7 @@ class ProxyConnection(Protocol):
             self._sniff_timer.cancel()
         self._sniff_timer = None
         if self._buffer and self.destination is not None:
-            self.factory.skiplist.spoke(self.destination)
+            self.factory.skiplist.spoke(self._skip_key())
         if name is not None:
             valid = sniff.valid_hostname(name)
             if valid is None:
@@ -277,6 +297,10 @@ class ProxyConnection(Protocol):
         elif how in ("sni", "host"):
             how = "none"
         self.factory.stats.sniffed[how] += 1
+        if self.sniffed_name is not None:
+            why = self.factory.destinations.name_refusal(self.sniffed_name)
+            if why is not None:
+                return self._refuse("destination-name", why)
         self.transport.pauseProducing()
         self._maybe_handshake()
 
@@ -328,25 +352,36 @@ class ProxyConnection(Protocol):
         if not isinstance(err, UpstreamError):
             self._log.failure("unexpected error while connecting through the device", reason)
         self.factory.stats.upstream_errors[kind] += 1
-        fields = {"device": str(self.upstream)}  # Upstream.__str__ never shows credentials
-        fields.update(self.factory.mappings.log_fields(self.client_ip))  # the owner's user, device name, ...
-        self._log.warn(
-            "upstream failed for {client} via {upstream} to {dest}: {kind}: {reason}",
-            client=str(self.client_ip),
-            upstream=str(self.upstream),
-            dest=self._dest() if not self.sniffed_name else "%s (%s)" % (self.sniffed_name, self._dest()),
-            kind=kind,
-            reason=str(err),
-            event="upstream-failed",
-            **fields,
-        )
+        suppressed = self.factory.log_throttle.allow(("upstream-" + kind, self.client_ip))
+        if suppressed is not None:
+            fields = {"device": str(self.upstream)}  # Upstream.__str__ never shows credentials
+            fields.update(self.factory.mappings.log_fields(self.client_ip))  # the owner's user, device name, ...
+            self._log.warn(
+                "upstream failed for {client} via {upstream} to {dest}: {kind}: {reason}" + _held_back(suppressed),
+                client=str(self.client_ip),
+                upstream=str(self.upstream),
+                dest=self._dest() if not self.sniffed_name else "%s (%s)" % (self.sniffed_name, self._dest()),
+                kind=kind,
+                reason=str(err),
+                event="upstream-failed",
+                suppressed=suppressed,
+                **fields,
+            )
         self._close_setup()
         self.transport.abortConnection()
         return None
 
     def _internal_error(self, reason):
-        """A bug in our own setup code: log it, RST both sides, release the slot."""
-        self._log.failure("proxy connection from {client} failed internally", reason, client=str(self.client_ip))
+        """A bug in our own setup code: log it (throttled: a bug hit by every connection must
+        not flood the log either), RST both sides, release the slot."""
+        suppressed = self.factory.log_throttle.allow(("internal", self.client_ip))
+        if suppressed is not None:
+            self._log.failure(
+                "proxy connection from {client} failed internally" + _held_back(suppressed),
+                reason,
+                client=str(self.client_ip),
+                suppressed=suppressed,
+            )
         self.factory.stats.upstream_errors["internal"] += 1
         relay, self.relay = self.relay, None
         if relay is not None:
@@ -395,6 +430,10 @@ class ProxyConnection(Protocol):
             f.connections.discard(self)
 
 
+def _held_back(suppressed):
+    return " ({suppressed} similar lines held back)" if suppressed else ""
+
+
 class ProxyFactory(Factory):
     """Builds :class:`ProxyConnection` s sharing mappings, settings, stats and limits.
 
@@ -404,6 +443,8 @@ class ProxyFactory(Factory):
     :param splice: a :class:`proxy.splice.SplicePolicy`, or None for the plain relay.
     :param transparent: TPROXY mode (the accepted socket's address is the destination).
     :param dial: :func:`proxy.upstream.dial` (tests pass a scripted one).
+    :param destinations: the :class:`~proxy.destinations.DestinationPolicy`; by default
+        special and private addresses and special-use names are refused.
     """
 
     _log = Logger()
@@ -419,6 +460,7 @@ class ProxyFactory(Factory):
         splice=None,
         transparent=False,
         dial=dial,
+        destinations=None,
     ):
         self.reactor = reactor
         self.mappings = mappings
@@ -433,11 +475,12 @@ class ProxyFactory(Factory):
         self.local = local if local is not None else LocalAddresses()
         self.splice = splice
         self.max_connections = settings.max_connections or fd_derived_limit(splice is not None)
+        self.destinations = destinations if destinations is not None else DestinationPolicy()
         self.skiplist = SniffSkipList(reactor)
         self.connections = set()
         self.listening = set()  # (ip, port) pairs of our own listeners
         self.listening_ports = set()
-        self._log_throttle = {}
+        self.log_throttle = LogThrottle(reactor)
 
     def buildProtocol(self, addr):
         p = ProxyConnection(self)
@@ -464,18 +507,6 @@ class ProxyFactory(Factory):
                 return ip in self.local
         return (ip, port) in self.listening
 
-    def should_log(self, reason, ip, interval=10.0):
-        """At most one refusal line per (reason, source) every ``interval`` seconds."""
-        now = self.reactor.seconds()
-        key = (reason, ip)
-        last = self._log_throttle.get(key)
-        if last is not None and now - last < interval:
-            return False
-        if len(self._log_throttle) > 10000:
-            self._log_throttle.clear()
-        self._log_throttle[key] = now
-        return True
-
     def sweep(self):
         """Enforce idle and half-closed timeouts (a coarse pass every few seconds)."""
         now = self.reactor.seconds()
@@ -496,7 +527,7 @@ class ProxyFactory(Factory):
                 conn.abortConnection()
         if expired:
             self._log.info("closed {count} proxied connections on timeout", count=expired)
-        self._log_throttle = {k: t for k, t in self._log_throttle.items() if now - t < 60}
+        self.log_throttle.expire()
         refresh = getattr(self.local, "refresh", None)
         if refresh is not None:
             refresh()

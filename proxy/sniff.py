@@ -339,8 +339,8 @@ def valid_hostname(name):
 
     The result is lowercase ASCII (IDNA A-labels), so it cannot carry CR/LF, spaces,
     ``:``/``/``/``@`` or anything else that would change the meaning of the request.
-    ``localhost`` names are refused (they would reach the device's own services).
-    IP literals are refused too (including inet_aton's numeric forms such as
+    Whether a name may be asked for at all (``localhost``, ``.local``...) is
+    :mod:`proxy.destinations`' call, not a syntax question. IP literals are refused too (including inet_aton's numeric forms such as
     ``0x7f.1``): the caller already has the IP, and a sniffed IP is not a name.
     """
     if not isinstance(name, str) or not name or len(name) > _MAX_INPUT:
@@ -360,6 +360,4 @@ def valid_hostname(name):
         return None
     if _NUMERIC.fullmatch(labels[-1]):
         return None
-    if labels[-1] == "localhost":
-        return None  # would point the device proxy at its own loopback
     return name

@@ -401,16 +401,23 @@ def test_another_clients_vpn_address_is_unreachable(healthy):
 
 def test_names_cannot_steer_the_device_to_server_local_services(healthy):
     """Host/SNI naming localhost or 127.0.0.1 never reaches a listener on the server's 127.0.0.1:
-    the device is asked for the original IP, and the server-local listener sees nothing."""
+    an IP literal is not a name, so the device is asked for the original IP; ``localhost`` is a
+    name no public host has, so the connection is reset before the device is asked
+    (tests/integration/test_destinations.py has the other loopback names). The server-local
+    listener sees nothing."""
     env = healthy
     phone = env.world.devices["phone"]
     listener = Listener(env.lab.server_ns, "127.0.0.1", 7002, env.tmp)
     try:
-        for host in ("localhost:7002", "127.0.0.1:7002", "[::1]:7002", "0x7f.1:7002"):
+        for host in ("127.0.0.1:7002", "[::1]:7002", "0x7f.1:7002"):
             mark = phone.log_mark()
             probe(env.clients["alice"].ns, ORIGIN_IP, 80, "GET / HTTP/1.1\r\nHost: %s\r\n\r\n" % host)
             phone.wait_log(r"CONNECT %s:80 HTTP/1\.1" % re.escape(ORIGIN_IP), since=mark, timeout=5)
             assert "CONNECT %s" % host.split(":")[0] not in phone.log_text()[mark:]
+        mark = phone.log_mark()
+        result = probe(env.clients["alice"].ns, ORIGIN_IP, 80, "GET / HTTP/1.1\r\nHost: localhost:7002\r\n\r\n")
+        assert result["outcome"] == "reset", result
+        assert not re.search(r"Request .*: CONNECT ", phone.log_text()[mark:])
         assert listener.accepted() == []
     finally:
         listener.stop()

@@ -25,7 +25,8 @@ DEFAULT_DEVICES = {"phone": "http://dev:devpw@192.168.255.2:8080"}
 
 
 def users_yaml(users, devices=None):
-    """users: {name: {"password": pw | None, "cn": cn | None, "device": name, "address": ip}};
+    """users: {name: {"password": pw | None, "cn": cn | None, "device": name, "address": ip,
+    "private_networks": "allow", "tunnel": "split"}} (the last two optional);
     devices: {name: upstream URL, or the device's whole entry such as {"upstream": url, "dns": "host"}}
     (default :data:`DEFAULT_DEVICES`)."""
     devices = devices or DEFAULT_DEVICES
@@ -39,6 +40,9 @@ def users_yaml(users, devices=None):
             entry["common_name"] = spec["cn"]
         if spec.get("address"):
             entry["address"] = spec["address"]
+        for key in ("private_networks", "tunnel"):
+            if spec.get(key):
+                entry[key] = spec[key]
         out["users"][name] = entry
     return yaml.safe_dump(out)
 

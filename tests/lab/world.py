@@ -317,7 +317,9 @@ def resolver_at(ns, directory, *addresses):
 class Device:
     """One phone: a namespace linked to the server and the origin, running a real proxy."""
 
-    def __init__(self, world, name, index, kind="http", username=None, password=None, link_with=None):
+    def __init__(
+        self, world, name, index, kind="http", username=None, password=None, link_with=None, max_clients=200, hosts=None
+    ):
         if kind not in PORTS:
             raise ValueError("device kind must be one of %s" % sorted(PORTS))
         if kind == "socks5" and username:
@@ -327,6 +329,7 @@ class Device:
         self.kind = kind
         self.username = username
         self.password = password
+        self.max_clients = max_clients  # tinyproxy's MaxClients: beyond it, connections wait in its backlog
         self.port = PORTS[kind]
         net = 255 - index
         self.server_ip = "192.168.%d.1" % net
@@ -338,7 +341,7 @@ class Device:
         self.log_path = os.path.join(self.directory, "%s.log" % ("tinyproxy" if kind == "http" else "danted"))
         self.stdout_path = os.path.join(self.directory, "stdout.txt")
         self.proc = None
-        self.ns = Namespace("dev", hosts={ORIGIN_NAME: ORIGIN_IP})
+        self.ns = Namespace("dev", hosts={ORIGIN_NAME: ORIGIN_IP, **(hosts or {})})
         try:
             self.ns.run("sysctl", "-qw", "net.ipv4.ip_forward=0")
             # ``link_with``: same signature as netns.link, e.g. tests.lab.wan.WanLink.link (emulated WAN)
@@ -366,7 +369,7 @@ class Device:
                 "Timeout 600",
                 'LogFile "%s"' % self.log_path,
                 "LogLevel Info",
-                "MaxClients 200",
+                "MaxClients %d" % self.max_clients,
                 "Allow %s" % self.server_ip,
                 "DisableViaHeader Yes",
             ]
@@ -445,13 +448,15 @@ class World:
             self.close()
             raise
 
-    def add_device(self, name, kind="http", username=None, password=None, start=True, link_with=None):
+    def add_device(self, name, kind="http", username=None, password=None, start=True, link_with=None, **options):
         """A new device namespace (next free subnet) running its proxy unless ``start=False``.
 
-        ``link_with``: how the server reaches the device, ``netns.link`` (a veth) by default."""
+        ``link_with``: how the server reaches the device, ``netns.link`` (a veth) by default;
+        ``options``: ``max_clients`` (tinyproxy's MaxClients, 200), ``hosts`` (extra
+        ``{name: address}`` lines for the phone's /etc/hosts, i.e. what the phone resolves)."""
         if len(self.devices) >= 8:
             raise ValueError("too many lab devices")
-        device = Device(self, name, len(self.devices), kind, username, password, link_with)
+        device = Device(self, name, len(self.devices), kind, username, password, link_with, **options)
         self.devices[name] = device
         if start:
             device.start()

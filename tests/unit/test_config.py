@@ -70,6 +70,23 @@ def test_push_may_not_carry_what_pocketproxy_pushes(cfgdir, option):
     assert repr(option) in err.problem and "openvpn.tunnel" in err.problem
 
 
+def test_destination_policy_keys(cfgdir):
+    """Private ranges are denied by default; extra networks and domains are validated."""
+    p = _parse(cfgdir, GOOD).proxy
+    assert p.deny_private is True and p.deny_networks == () and p.deny_names == ()
+    p = _parse(
+        cfgdir,
+        GOOD.replace("listen: 12345", 'listen: 12345\n  deny_networks: ["203.0.113.0/25", "2001:db8::/32"]\n'
+                     '  deny_names: ["Corp.Example.com"]\n  deny_private: false'),
+    ).proxy
+    assert [str(n) for n in p.deny_networks] == ["203.0.113.0/25", "2001:db8::/32"]
+    assert p.deny_names == ("corp.example.com",) and p.deny_private is False
+    for bad, problem in (('deny_networks: ["10.0.0.1/8"]', "host bits set"), ('deny_names: ["a b"]', "not a domain"),
+                         ("deny_networks: 10.0.0.0/8", "expected a list")):
+        err = _error(cfgdir, GOOD.replace("listen: 12345", "listen: 12345\n  " + bad))
+        assert err.key == "proxy." + bad.split(":")[0] and problem in err.problem, err
+
+
 def test_unknown_key_names_file_and_key(cfgdir):
     """A typo is an error that names the file and the dotted key."""
     err = _error(cfgdir, GOOD.replace("listen: 12345", "lisen: 12345"))

@@ -98,6 +98,10 @@ def test_verified_password_is_cached_but_wrong_one_is_not():
         ("{common_name: bob-laptop, device: phone2}", "{device: phone2}", "users.bob"),
         ("{common_name: bob-laptop, device: phone2}", "{common_name: x, device: phone2, colour: red}", "users.bob.colour"),
         ("{common_name: bob-laptop, device: phone2}", "{common_name: bob-laptop, device: phone2, tunnel: half}", "users.bob.tunnel"),
+        ("{common_name: bob-laptop, device: phone2}", "{common_name: bob-laptop, device: phone2, private_networks: yes}", "users.bob.private_networks"),
+        ('1080"}', '1080", max_clients: 0}', "devices.phone2.max_clients"),
+        ('1080"}', '1080", max_clients: many}', "devices.phone2.max_clients"),
+        ('1080"}', '1080", max_clients: true}', "devices.phone2.max_clients"),
     ],
 )
 def test_users_file_errors_name_the_key(old, new, key):
@@ -113,6 +117,17 @@ def test_tunnel_per_user():
     """A user may opt into (or out of) the split tunnel; unset means the daemon's openvpn.tunnel."""
     d = _dir(USERS.replace("{common_name: bob-laptop, device: phone2}", "{common_name: bob-laptop, device: phone2, tunnel: split}"))
     assert d.users["bob"].tunnel == "split" and d.users["alice"].tunnel is None
+
+
+def test_private_networks_and_device_capacity():
+    """Private ranges are denied unless a user opts in; a device may state its proxy's client limit."""
+    d = _dir(
+        USERS.replace('1080"}', '1080", max_clients: 50}').replace(
+            "{common_name: bob-laptop, device: phone2}", "{common_name: bob-laptop, device: phone2, private_networks: allow}"
+        )
+    )
+    assert d.users["bob"].private_networks == "allow" and d.users["alice"].private_networks == "deny"
+    assert d.devices["phone2"].max_clients == 50 and d.devices["phone1"].max_clients is None
 
 
 def test_bad_hash_refused():

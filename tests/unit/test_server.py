@@ -457,3 +457,88 @@ def test_local_addresses_unmap_v4_mapped():
     """::ffff:10.9.0.1 is the local 10.9.0.1."""
     local = LocalAddresses(read=lambda: {ipaddress.ip_address("10.9.0.1")})
     assert "::ffff:10.9.0.1" in local and "10.9.0.2" not in local
+
+
+# --- issue 14: destinations, fair share, per-client sniff learning, throttled failures ---------
+
+
+def test_private_and_special_destinations_are_refused_before_any_dial(logs):
+    """A customer's connection to a private, loopback or link-local address never reaches a phone."""
+    w = World()
+    for address in ("192.168.255.2", "10.0.0.1", "169.254.169.254", "127.0.0.1", "100.64.0.1"):
+        w.destination = (ipaddress.ip_address(address), 22)
+        t = w.accept(port=22)[1]
+        assert t.aborted
+    assert w.dials == []
+    assert w.factory.stats.refused in ({"destination": 5}, {"destination": 4, "loop": 1})
+    assert "192.168.255.2 is a private address" in text(logs)
+
+
+def test_a_client_allowed_private_networks_reaches_them_but_never_a_device():
+    from proxy.destinations import ClientPolicy
+
+    class Owner:
+        proxy_policy = ClientPolicy(allow_private=True)
+
+    w = World()
+    w.mappings.remove(CLIENT)
+    w.mappings.add(CLIENT, DEVICE, owner=Owner())
+    w.factory.destinations.set_networks(devices=["192.168.255.0/24"])
+    w.destination = (ipaddress.ip_address("10.20.0.1"), 22)
+    assert not w.accept(port=22)[1].aborted and len(w.dials) == 1
+    w.destination = (ipaddress.ip_address("192.168.255.2"), 22)
+    assert w.accept(port=22)[1].aborted and len(w.dials) == 1
+    assert w.factory.stats.refused == {"destination": 1}
+
+
+@pytest.mark.parametrize("host", ["localhost", "ip6-localhost", "printer.local", "localhost.localdomain"])
+def test_special_use_sniffed_names_reset_the_connection_and_cancel_the_dial(host):
+    w = World()
+    proto, t = w.accept(port=80)
+    proto.dataReceived(b"GET / HTTP/1.1\r\nHost: " + host.encode() + b"\r\n\r\n")
+    assert t.aborted and w.dials[0][1].called  # cancelled
+    assert w.factory.stats.refused == {"destination-name": 1}
+    proto.connectionLost(None)
+    assert w.factory.stats.active == 0 and w.mappings.live_count(CLIENT) == 0
+
+
+def test_device_fair_share_refuses_the_greedy_co_tenant():
+    from proxy.destinations import ClientPolicy
+
+    class Owner:
+        proxy_policy = ClientPolicy(device_limit=4)
+
+    w = World()
+    w.mappings.remove(CLIENT)
+    w.mappings.add(CLIENT, DEVICE, owner=Owner())
+    w.mappings.add("10.9.0.6", DEVICE, owner=Owner())
+    held = [w.accept(port=22)[1] for _ in range(3)]
+    assert [t.aborted for t in held] == [False, False, True]
+    assert w.factory.stats.refused == {"device-share": 1}
+    assert not any(w.accept(source="10.9.0.6", port=22)[1].aborted for _ in range(2))
+
+
+def test_silence_learned_for_one_client_does_not_change_another_clients_sniffing():
+    w = World(sniff_budget=0.2)
+    w.mappings.add("10.9.0.6", DEVICE, owner="s2")
+    for _ in range(6):
+        w.accept(port=8443)
+        w.reactor.advance(0.3)
+    assert w.factory.stats.sniffed == {"timeout": 5, "learned": 1}
+    _, t = w.accept(source="10.9.0.6", port=8443)
+    assert t.producerState == "producing"  # still sniffing for the other client
+    assert w.factory.stats.sniffed == {"timeout": 5, "learned": 1}
+
+
+def test_upstream_failure_lines_are_throttled_with_a_count_of_what_was_held_back(logs):
+    w = World()
+    for _ in range(50):
+        w.accept(port=22)
+        w.dials[-1][1].errback(Failure(Forbidden("403 Forbidden")))
+    assert w.factory.stats.upstream_errors == {"forbidden": 50}
+    assert text(logs).count("upstream failed for 10.9.0.5") == 1
+    w.reactor.advance(10)
+    w.accept(port=22)
+    w.dials[-1][1].errback(Failure(Forbidden("403 Forbidden")))
+    assert "(49 similar lines held back)" in text(logs)
+    assert [e.get("suppressed") for e in logs if e.get("event") == "upstream-failed"] == [0, 49]
