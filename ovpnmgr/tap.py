@@ -6,7 +6,6 @@ reported as one line naming file, key and problem, and twistd exits non-zero
 before anything starts.
 """
 
-import ipaddress
 import signal
 import sys
 
@@ -209,19 +208,15 @@ def proxy_settings(config):
     return ProxySettings(**{f.name: getattr(config.proxy, f.name) for f in fields(ProxySettings)})
 
 
-def device_networks(directory, connected):
-    """Every device's upstream address and the on-link network of the server it sits on
-    (``connected``: the server's interface networks); devices named by a hostname are
-    covered only by the private ranges and ``firewall``'s device networks."""
-    out = []
-    for device in directory.devices.values():
-        try:
-            ip = ipaddress.ip_address(device.upstream.host)
-        except ValueError:
-            continue
-        out.append(ipaddress.ip_network(ip))
-        out.extend(net for net in connected if net.version == ip.version and ip in net)
-    return out
+def device_networks(directory, extra, connected):
+    """What the proxy refuses as "device": the firewall's device networks (every device's
+    IP-literal upstream host plus ``extra``, :class:`~ovpnmgr.firewall.Devices`) and the
+    server's on-link networks (``connected``) that hold one of them."""
+    from ovpnmgr.firewall import Devices
+
+    guarded = Devices.of(directory, extra).networks
+    on_link = {net for net in connected for dev in guarded if net.version == dev.version and dev.subnet_of(net)}
+    return list(guarded) + sorted(on_link, key=lambda n: (n.version, n))
 
 
 def destination_policy(config, directory, connected):
@@ -232,10 +227,9 @@ def destination_policy(config, directory, connected):
     p = config.proxy
     policy = DestinationPolicy(deny_private=p.deny_private, deny_names=p.deny_names)
     fixed = (config.openvpn.subnet,) + p.deny_networks
-    extra = config.firewall.device_networks
 
     def rewire(directory):
-        policy.set_networks(fixed=fixed, devices=device_networks(directory, connected()) + list(extra))
+        policy.set_networks(fixed=fixed, devices=device_networks(directory, config.firewall.device_networks, connected()))
 
     rewire(directory)
     return policy, rewire
