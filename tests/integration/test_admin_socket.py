@@ -61,6 +61,17 @@ class AdminClient:
         self.sock.close()
 
 
+def pp_stats(admin_path):
+    """``pp stats --json`` from the admin socket, parsed."""
+    admin = AdminClient(admin_path)
+    try:
+        lines = admin.multi("pp stats --json")
+    finally:
+        admin.close()
+    assert lines[-1] == "END", lines
+    return json.loads(lines[0])
+
+
 @pytest.fixture
 def lab(tmp_path):
     require_root()

@@ -15,7 +15,6 @@ arrives came through the phone. Queries are sent by a small stdlib client (:data
 in a namespace; every wait is bounded.
 """
 
-import json
 import os
 import shutil
 import sys
@@ -25,7 +24,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.integration.test_admin_socket import NETCLIENT, AdminClient, run_json, sample, scrape
+from tests.integration.test_admin_socket import NETCLIENT, pp_stats, run_json, sample, scrape
 from tests.lab.daemon import Daemon
 from tests.lab.dnsclient import A, NOERROR, NXDOMAIN, REFUSED, SERVFAIL, dig  # noqa: F401 (others import them here)
 from tests.lab.netns import NETNS_ETC, require_root, require_tools
@@ -50,13 +49,7 @@ class Env:
 
     def stats(self):
         """``pp stats --json`` ["dns"] from the admin socket."""
-        admin = AdminClient(self.admin_path)
-        try:
-            lines = admin.multi("pp stats --json")
-        finally:
-            admin.close()
-        assert lines[-1] == "END", lines
-        return json.loads(lines[0])["dns"]
+        return pp_stats(self.admin_path)["dns"]
 
 
 @pytest.fixture(scope="module")

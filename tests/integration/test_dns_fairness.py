@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.integration.test_admin_socket import AdminClient
+from tests.integration.test_admin_socket import pp_stats
 from tests.lab.daemon import Daemon
 from tests.lab.dnsclient import NOERROR, dig
 from tests.lab.netns import require_root, require_tools
@@ -137,13 +137,7 @@ class Env:
 
     def stats(self):
         """``pp stats --json`` ["dns"] from the admin socket."""
-        admin = AdminClient(self.admin_path)
-        try:
-            lines = admin.multi("pp stats --json")
-        finally:
-            admin.close()
-        assert lines[-1] == "END", lines
-        return json.loads(lines[0])["dns"]
+        return pp_stats(self.admin_path)["dns"]
 
 
 @pytest.fixture(scope="module")
