@@ -37,8 +37,9 @@ def settings_from(config):
 def route_lookup(mappings, default_policy):
     """``route_for(ip)`` over a :class:`~proxy.mappings.MappingTable` whose owners are sessions.
 
-    The route key is (device name, upstream): a device whose proxy URL changed on reload gets
-    a fresh connection and cache, and two devices never share either.
+    The route key is the device's name: two devices never share a connection or a cache, and
+    a device whose proxy URL changed on reload gets fresh ones (the server sees the key's
+    upstream change). :func:`build_dns` also forgets an upstream no client maps to any more.
     """
 
     def route_for(ip):
@@ -48,7 +49,7 @@ def route_lookup(mappings, default_policy):
         device = getattr(getattr(mappings.owner(ip), "user", None), "device", None)
         name = getattr(device, "name", None)
         policy = getattr(device, "dns", None) or default_policy
-        return DNSRoute(key=(name, upstream), upstream=upstream, policy=policy, log_fields=mappings.log_fields(ip))
+        return DNSRoute(key=name if name is not None else upstream, upstream=upstream, policy=policy, log_fields=mappings.log_fields(ip))
 
     return route_for
 
@@ -61,4 +62,12 @@ def build_dns(reactor, config, mappings):
         server = DNSServer(reactor, settings_from(config), route_lookup(mappings, config.dns.policy))
     except ValueError as e:  # the CA file changed since the configuration was checked
         raise ConfigError(config.path, "dns.ca_file", str(e)) from None
+    mappings.released.append(lambda ip, upstream: _release(mappings, server, upstream))
     return DNSService(server), server
+
+
+def _release(mappings, server, upstream):
+    """A client stopped mapping to ``upstream``: once nobody does, close its DNS tunnels and
+    drop its cache (a removed device, or the old URL of a remapped one)."""
+    if not mappings.co_tenants(upstream):
+        server.forget_upstream(upstream)

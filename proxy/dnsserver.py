@@ -182,6 +182,7 @@ class DNSServer:
         if isinstance(settings.resolver, DoHURL):
             self._doh_tls = tls_options(settings.resolver.host, settings.ca_file or None)
         self._devices = {}
+        self._route_upstreams = {}  # route key -> the upstream it was last served through
         self._flights = {}  # (route key, query key) -> queries waiting for the one being resolved
         self._tcp = set()
         self._tcp_by_client = Counter()  # source address -> open TCP connections
@@ -227,9 +228,17 @@ class DNSServer:
     def forget(self, key):
         """Drop the cache and close the tunnel of a route key (device removed or changed)."""
         self.cache.forget(key)
+        self._route_upstreams.pop(key, None)
         resolver = self._devices.pop(key, None)
         if resolver is not None:
             resolver.close("forgotten")
+
+    def forget_upstream(self, upstream):
+        """Forget every route key served through ``upstream`` (no client maps to that proxy any
+        more: its device was removed or its URL changed), closing its tunnels now rather than
+        at stop."""
+        for key in [k for k, u in self._route_upstreams.items() if u == upstream]:
+            self.forget(key)
 
     # --- answering ------------------------------------------------------------------------------
 
@@ -251,9 +260,9 @@ class DNSServer:
             self._warn("refused", source, None, query, "refused DNS query from {client}: source has no device mapping")
             refused = dnsmessage.error_reply(query, dns.EREFUSED)
             return defer.succeed(self._finish(query, refused, "refused", started, udp))
-        current = self._devices.get(route.key)
-        if current is not None and current.upstream != route.upstream:
+        if self._route_upstreams.get(route.key, route.upstream) != route.upstream:
             self.forget(route.key)  # the device's proxy changed: neither its tunnel nor its cache is reused
+        self._route_upstreams[route.key] = route.upstream
         hit = self.cache.get(route.key, query.key)
         if hit is not None:
             self.stats.cache_hits += 1

@@ -36,6 +36,9 @@ class MappingTable:
         self._live = {}
         self._bytes = {}  # ip -> [up, down] of finished connections, for the current owner
         self._by_upstream = {}  # upstream -> set of ips mapped to it (co-tenants of one phone)
+        #: ``f(ip, upstream)`` after ``ip`` stopped mapping to ``upstream`` (removed or remapped), so
+        #: whoever keeps per-device state (the DNS service's tunnels and caches) can let it go.
+        self.released = []
 
     @staticmethod
     def _key(ip):
@@ -72,6 +75,15 @@ class MappingTable:
             self._unindex(key, current[0])
         self._entries[key] = (upstream, owner)
         self._by_upstream.setdefault(upstream, set()).add(key)
+        if current is not None and current[0] != upstream:
+            self._released(key, current[0])
+
+    def _released(self, key, upstream):
+        for listener in self.released:
+            try:
+                listener(key, upstream)
+            except Exception:
+                self._log.failure("mapping listener failed for {ip}", ip=str(key))
 
     def _unindex(self, key, upstream):
         ips = self._by_upstream.get(upstream)
@@ -93,6 +105,7 @@ class MappingTable:
         self._unindex(key, current[0])
         self._bytes.pop(key, None)
         self._close_live(key, "mapping removed")
+        self._released(key, current[0])
         return True
 
     def lookup(self, ip):

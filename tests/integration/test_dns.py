@@ -17,17 +17,19 @@ in a namespace; every wait is bounded.
 
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 
 import pytest
+import yaml
 
 from tests.integration.test_admin_socket import NETCLIENT, pp_stats, run_json, sample, scrape
 from tests.lab.daemon import Daemon
 from tests.lab.dnsclient import A, NOERROR, NXDOMAIN, REFUSED, SERVFAIL, dig  # noqa: F401 (others import them here)
-from tests.lab.netns import NETNS_ETC, require_root, require_tools
+from tests.lab.netns import NETNS_ETC, require_root, require_tools, wait_for
 from tests.lab.openvpn import OPENVPN, SERVER_UNDERLAY_IP, Lab
 from tests.lab.world import ORIGIN_IP, TINYPROXY, World
 
@@ -287,3 +289,28 @@ def test_daemon_log_has_no_errors(env):
     text = env.daemon.log_text()
     bad = [line for line in text.splitlines() if "Unhandled Error" in line or "Traceback" in line or "#critical]" in line]
     assert not bad, "errors in the daemon log:\n%s" % "\n".join(bad)
+
+
+def test_a_remapped_device_loses_its_dns_tunnel_and_the_next_query_uses_the_new_proxy(env):
+    """A reload that gives device "phone" another proxy URL closes the DNS tunnel through the
+    old proxy at once (before: it lived until the daemon stopped, its route key held the old URL)
+    and the next query is resolved through the new one. Runs last: it moves alice's device."""
+    phone2 = env.world.add_device("phone2")
+
+    def tunnels_to(device):
+        out = env.lab.server_ns.run("ss", "-Htn", "state", "established", "dst", "%s:%d" % (device.ip, device.port)).stdout
+        return len(out.splitlines())
+
+    assert dig(env.alice.ns, "remap-before.bench.test").get("rcode") == NOERROR
+    assert tunnels_to(env.phone) >= 1  # the DNS tunnel through the phone stays open (idle timeout 60 s)
+    users = yaml.safe_load(env.daemon.users_path.read_text())
+    users["devices"]["phone"]["upstream"] = phone2.url
+    env.daemon.users_path.write_text(yaml.safe_dump(users))
+    mark = env.daemon.log_mark()
+    os.kill(env.daemon.proc.pid, signal.SIGHUP)
+    env.daemon.wait_log(r"reloaded users file .*remapped 1\)", timeout=20, since=mark)
+    wait_for(lambda: tunnels_to(env.phone) == 0, 5, what="the DNS tunnel through the old proxy to close")
+    mark = env.dns.log_mark()
+    got = dig(env.alice.ns, "remap-after.bench.test")
+    assert got.get("rcode") == NOERROR, "%s\n%s" % (got, env.daemon.tail())
+    assert [q.source for q in env.dns.queries(since=mark, qname="remap-after.bench.test")] == [phone2.origin_ip]

@@ -415,6 +415,17 @@ def test_changed_upstream_for_the_same_key_redials_the_new_device():
     assert w.link().upstream.scheme == "socks5"
 
 
+def test_forget_upstream_closes_every_key_served_through_it():
+    """forget_upstream: what no client maps to any more is closed now, not at stop; others stay."""
+    w = World()
+    _resolve_once(w, make_query())
+    link = w.link()
+    w.server.forget_upstream(Upstream.parse("socks5://192.0.2.30:1080"))
+    assert not link.transport.aborted and w.server.cache.size() == 1
+    w.server.forget_upstream(HTTP_DEVICE)
+    assert link.transport.aborted and w.server.cache.size() == 0
+
+
 # --- truncation --------------------------------------------------------------------------------------
 
 

@@ -131,16 +131,39 @@ def test_routes_follow_the_mapping_table_and_device_policy():
     assert route_for(ip) is None  # unmapped: REFUSED by the server
     table.add(ip, PHONE, session("phone"))
     route = route_for(ip)
-    assert (route.upstream, route.policy, route.key) == (PHONE, "via_device", ("phone", PHONE))
+    assert (route.upstream, route.policy, route.key) == (PHONE, "via_device", "phone")
     assert route.log_fields == {"user": "alice", "device": "phone"}
     table.transfer(ip, PHONE, session("phone", dns="host"))
     assert route_for(ip).policy == "host"
     assert route_lookup(table, "host")(ip).policy == "host"
     other = Upstream.parse("socks5://192.0.2.9:1080")
     table.transfer(ip, other, session("phone", upstream=other))
-    assert route_for(ip).key == ("phone", other)  # a changed proxy URL never shares a tunnel or cache
+    assert (route_for(ip).key, route_for(ip).upstream) == ("phone", other)  # the server sees the URL change
     table.remove(ip)
     assert route_for(ip) is None
+
+
+def test_a_device_nobody_maps_to_any_more_is_forgotten_by_the_dns_service(tmp_path):
+    """build_dns listens to the mapping table: when the last client of an upstream is remapped or
+    removed, the DNS service forgets that upstream (its tunnels closed now, not at stop)."""
+    from ovpnmgr.dns import build_dns
+
+    table = MappingTable()
+    _, server = build_dns(MemoryReactorClock(), config(tmp_path), table)
+    forgotten = []
+    server.forget_upstream = forgotten.append
+    other = Upstream.parse("socks5://192.0.2.9:1080")
+    a, b = ipaddress.ip_address("10.9.0.2"), ipaddress.ip_address("10.9.0.3")
+    table.add(a, PHONE, session("phone"))
+    table.add(b, PHONE, session("phone"))
+    table.transfer(a, other, session("phone", upstream=other))
+    assert forgotten == []  # b still maps to PHONE
+    table.transfer(b, other, session("phone", upstream=other))
+    assert forgotten == [PHONE]
+    table.remove(a)
+    assert forgotten == [PHONE]
+    table.remove(b)
+    assert forgotten == [PHONE, other]
 
 
 # --- the daemon's wiring --------------------------------------------------------------------
