@@ -400,7 +400,7 @@ class AdminProtocol(LineOnlyReceiver, TimeoutMixin):
             up, down = mappings.client_bytes(s.address) if s.address is not None else (None, None)
             rows.append(
                 {
-                    "user": s.user.name if s.user is not None else s.username,
+                    "user": s.name,
                     "cid": s.cid,
                     "vpn_ip": str(s.address) if s.address is not None else None,
                     "device": s.user.device.name if s.user is not None else None,

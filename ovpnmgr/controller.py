@@ -76,10 +76,16 @@ class Session:
         return (self.epoch, self.cid)
 
     @property
+    def name(self):
+        """Who this is, the one way logs and tables name it: the users-file name once known,
+        else the username sent, else the certificate CN (a certificate-only client)."""
+        return self.user.name if self.user is not None else (self.username or self.common_name)
+
+    @property
     def log_fields(self):
         """Who this is, as structured log fields (the proxy adds them to its events for this client)."""
         return {
-            "user": self.user.name if self.user is not None else (self.username or self.common_name),
+            "user": self.name,
             "cid": self.cid,
             "vpn_ip": str(self.address) if self.address is not None else None,
             "device": self.user.device.name if self.user is not None else None,
@@ -99,7 +105,7 @@ class Session:
         return "<Session epoch=%d cid=%d user=%s ip=%s %s>" % (
             self.epoch,
             self.cid,
-            self.user.name if self.user else self.username,
+            self.name,
             self.address,
             self.state,
         )
@@ -348,7 +354,7 @@ class Controller:
         self._log.info(
             "denied cid {cid} user {user}: {reason} ({kind})",
             cid=session.cid,
-            user=session.username or session.common_name,
+            user=session.name,
             vpn_ip=None,  # a denied client never keeps an address
             device=session.user.device.name if session.user is not None else None,
             reason=reason,
@@ -471,7 +477,7 @@ class Controller:
             return
         self._log.info(
             "disconnected user {user} cid {cid} vpn_ip {vpn_ip}",
-            user=session.user.name if session.user else session.username,
+            user=session.name,
             cid=session.cid,
             vpn_ip=str(session.address),
             device=session.user.device.name if session.user else None,
@@ -703,7 +709,7 @@ class Controller:
 
     def sessions_of(self, name):
         """The current sessions of user ``name`` (by directory name, else by the username sent)."""
-        return [s for s in self.client_list() if (s.user.name if s.user is not None else s.username) == name]
+        return [s for s in self.client_list() if s.name == name]
 
     def expected_members(self):
         """The addresses the controller believes are in the kernel set."""

@@ -810,3 +810,17 @@ def test_read_password_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError) as info:
         read_password(tmp_path / "missing.pw")
     assert info.value.key == "admin.password_file" and "cannot read" in str(info.value)
+
+
+def test_a_certificate_only_client_waiting_for_authentication_is_named_by_its_cn():
+    """pp clients names a session the way the logs do (Session.name): before it was empty for a
+    certificate-only client (no username) until authentication finished."""
+    from ovpnmgr.controller import Session
+
+    w = world()
+    s = Session(w.controller.epoch, 5, 1, {"common_name": "carol-laptop"}, 0.0)
+    w.controller.sessions[s.key] = s
+    out = Admin(w.factory).send("pp clients")
+    assert b"CLIENT\tcarol-laptop\t5\t" in out, out
+    assert s.log_fields["user"] == "carol-laptop"
+    assert Session(0, 6, 1, {"username": "bob", "common_name": "bob-cert"}, 0.0).name == "bob"
