@@ -72,6 +72,7 @@ from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.protocols.policies import TimeoutMixin
 
+from ovpnmgr.adminwire import CLIENT_BYTES, PASSWORD_PROMPT, flatten
 from ovpnmgr.config import ConfigError, read_secret_file
 from ovpnmgr.firewall import FirewallError
 from ovpnmgr.protocol import MULTI, SINGLE, CommandFailed, InvalidArgument, ManagementDisconnected, ManagementError
@@ -82,7 +83,6 @@ __all__ = ["BANNER", "PASSWORD_PROMPT", "PASSWORD_OK", "PASSWORD_TRIES", "MAX_LI
 BANNER = ">INFO:pocketproxy admin interface version 1 -- type 'help' for more info"
 
 #: Sent instead of the banner when a password is configured: no CR/LF, as OpenVPN.
-PASSWORD_PROMPT = b"ENTER PASSWORD:"
 
 #: The reply to the right password; the banner follows.
 PASSWORD_OK = "SUCCESS: password is correct"
@@ -156,7 +156,6 @@ PP_HELP = [
 
 
 #: Byte columns of ``pp clients`` (after the original seven, so column-positional scripts keep working).
-CLIENT_BYTES = ("tunnel_bytes_in", "tunnel_bytes_out", "proxied_bytes_up", "proxied_bytes_down")
 
 
 def _iso(t):
@@ -169,15 +168,9 @@ def _json(obj):
     return json.dumps(obj, sort_keys=True, separators=(",", ":"))
 
 
-def _flatten(prefix, value, out):
-    if isinstance(value, dict):
-        for key in sorted(value):
-            _flatten("%s.%s" % (prefix, key) if prefix else str(key), value[key], out)
-    else:
-        if isinstance(value, bool):
-            value = int(value)
-        out.append("%s=%s" % (prefix, value))
-    return out
+def _key_values(snapshot):
+    """``pp stats`` lines: dotted ``key=value``, booleans as 0/1."""
+    return ["%s=%s" % (key, int(value) if isinstance(value, bool) else value) for key, value in flatten(snapshot)]
 
 
 class AdminProtocol(LineOnlyReceiver, TimeoutMixin):
@@ -535,7 +528,7 @@ class AdminProtocol(LineOnlyReceiver, TimeoutMixin):
             snapshot["dns"] = self.dns_stats.snapshot()
         if as_json:
             return [_json(snapshot), "END"]
-        return _flatten("", snapshot, []) + ["END"]
+        return _key_values(snapshot) + ["END"]
 
 
 class AdminFactory(Factory):

@@ -29,12 +29,13 @@ import socket
 import sys
 import time
 
+from ovpnmgr.adminwire import CLIENT_BYTES, PASSWORD_PROMPT, flatten
+
 __all__ = ["main", "AdminSession", "CtlError", "DEFAULT_SOCKET", "parse_status"]
 
 PROG = "pocketproxyctl"
 DEFAULT_SOCKET = "/run/pocketproxy/admin.sock"
 DEFAULT_TIMEOUT = 10.0
-PASSWORD_PROMPT = b"ENTER PASSWORD:"
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -250,7 +251,7 @@ CLIENT_COLUMNS = [
 ]
 
 #: Columns holding byte counts: shown in human units (1023B, 1.5K, 20.0M); --json keeps exact integers.
-BYTE_KEYS = frozenset({"tunnel_bytes_in", "tunnel_bytes_out", "proxied_bytes_up", "proxied_bytes_down"})
+BYTE_KEYS = frozenset(CLIENT_BYTES)
 
 
 def human_bytes(n):
@@ -288,17 +289,8 @@ def _format_devices(data):
     return table(["DEVICE", "UPSTREAM", "USERS", "CONNECTED"], rows)
 
 
-def _flatten(prefix, value, out):
-    if isinstance(value, dict):
-        for key in sorted(value):
-            _flatten("%s.%s" % (prefix, key) if prefix else str(key), value[key], out)
-    else:
-        out.append((prefix, value))
-    return out
-
-
 def _format_stats(data):
-    return table(["COUNTER", "VALUE"], _flatten("", data, []))
+    return table(["COUNTER", "VALUE"], flatten(data))
 
 
 def _format_drift(data):
