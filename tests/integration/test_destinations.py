@@ -16,11 +16,13 @@ private address on the internet) so a bypass is seen, not inferred from an error
 
 import json
 import re
+import subprocess
 import sys
 from dataclasses import dataclass
 
 import pytest
 
+from tests.integration.test_admin_socket import NETCLIENT, run_json
 from tests.integration.test_hostile import Listener, probe
 from tests.lab.daemon import Daemon
 from tests.lab.internet import ISP_GATEWAY
@@ -138,7 +140,7 @@ def many(env, client, host, port, count, parallel=32, hold=0.0, limit=60.0):
     """Run :data:`_MANY` in a client's namespace; returns (Popen, read_report)."""
     proc = env.clients[client].ns.popen(
         [sys.executable, "-c", _MANY, host, str(port), str(count), str(parallel), str(hold), str(limit)],
-        stdout=__import__("subprocess").PIPE,
+        stdout=subprocess.PIPE,
         text=True,
     )
 
@@ -151,12 +153,8 @@ def many(env, client, host, port, count, parallel=32, hold=0.0, limit=60.0):
 
 
 def netclient(env, client, *args, timeout=10):
-    import os
-
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lab", "netclient.py")
-    out = env.clients[client].ns.run(sys.executable, path, "--timeout", str(timeout), *args, check=False,
-                                     timeout=timeout + 30)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    """One run of tests/lab/netclient.py in a client's namespace, its JSON report."""
+    return run_json(env.clients[client].ns, sys.executable, NETCLIENT, "--timeout", str(timeout), *args, timeout=timeout)
 
 
 def test_a_name_the_phone_resolves_to_the_server_finds_nothing(healthy):
