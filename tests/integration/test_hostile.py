@@ -146,11 +146,12 @@ def finish(proc, timeout):
     return _json(R, "slow client")
 
 
-def probe(ns, host, port, send="", timeout=10):
-    """One connection attempt from ``ns``: reset / eof / data / connect-failed / timeout (tests/lab/netclient.py)."""
+def probe(ns, host, port, send="", timeout=10, until_eof=False):
+    """One connection attempt from ``ns``: reset / eof / data / connect-failed / timeout (tests/lab/netclient.py);
+    ``until_eof`` returns the whole reply rather than its first segment."""
     netclient = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lab", "netclient.py")
     out = ns.run(sys.executable, netclient, "--timeout", str(timeout), "probe", host, str(port), "--send", send,
-                 check=False, timeout=timeout + 30)
+                 *(["--until-eof"] if until_eof else []), check=False, timeout=timeout + 30)
     return _json(out, "netclient probe")
 
 

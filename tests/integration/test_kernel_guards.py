@@ -192,7 +192,8 @@ def test_the_phone_cannot_open_connections_to_the_server_or_through_it(env):
         assert reached_mallory() == 0
         assert probe(phone.ns, phone.server_ip, ALLOWED_PORT)["outcome"] in ("eof", "reset")
         assert server_allowed.accepted() and server_allowed.accepted()[0].startswith(phone.ip + ":")
-        fetched = probe(mallory.ns, ORIGIN_IP, 80, "GET /whoami HTTP/1.0\r\nHost: %s\r\n\r\n" % ORIGIN_NAME)
+        fetched = probe(mallory.ns, ORIGIN_IP, 80, "GET /whoami HTTP/1.0\r\nHost: %s\r\n\r\n" % ORIGIN_NAME,
+                        until_eof=True)
         assert fetched["outcome"] in ("data", "eof") and phone.origin_ip in fetched.get("data", ""), fetched
 
         with without(lab.server_ns, "iptables", "INPUT", *UNDERLAY_JUMP, position=2), \

@@ -143,7 +143,9 @@ def halfclose(host, port, size, timeout):
         }
 
 
-def probe(host, port, send, timeout):
+def probe(host, port, send, timeout, until_eof=False):
+    """One connection: its outcome and the first chunk, or with ``until_eof`` everything the peer sent
+    before closing (a reply written in several segments, e.g. headers then body, arrives whole)."""
     started = time.monotonic()
     result = {"outcome": None, "error": None}
     try:
@@ -161,7 +163,12 @@ def probe(host, port, send, timeout):
                 conn.sendall(send.encode())
             data = conn.recv(65536)
             result["outcome"] = "data" if data else "eof"
-            result["data"] = data[:200].decode("latin-1")
+            while until_eof and data and len(data) < 65536:
+                more = conn.recv(65536)
+                if not more:
+                    break
+                data += more
+            result["data"] = data[: 4096 if until_eof else 200].decode("latin-1")
         except ConnectionResetError as e:
             result["outcome"], result["error"] = "reset", repr(e)
         except socket.timeout as e:
@@ -194,6 +201,7 @@ def main(argv=None):
     p.add_argument("host")
     p.add_argument("port", type=int)
     p.add_argument("--send", default="")
+    p.add_argument("--until-eof", action="store_true", help="read the whole reply, not only its first chunk")
     args = parser.parse_args(argv)
     try:
         if args.mode == "fetch":
@@ -205,7 +213,7 @@ def main(argv=None):
         elif args.mode == "halfclose":
             out = halfclose(args.host, args.port, args.size, args.timeout)
         else:
-            out = probe(args.host, args.port, args.send, args.timeout)
+            out = probe(args.host, args.port, args.send, args.timeout, args.until_eof)
     except Exception as e:  # reported, not raised: the caller asserts on the JSON
         out = {"exception": "%s: %s" % (type(e).__name__, e)}
     print(json.dumps(out))
