@@ -188,15 +188,15 @@ class AdminProtocol(LineOnlyReceiver, TimeoutMixin):
 
     _log = Logger()
 
-    def __init__(self, controller, proxy_stats=None, password=None, login_timeout=30.0, idle_timeout=900.0):
+    def __init__(self, operations, proxy_stats=None, password=None, login_timeout=30.0, idle_timeout=900.0):
         """
-        :param controller: the :class:`~ovpnmgr.controller.Controller`.
+        :param operations: the :class:`~ovpnmgr.operations.Operations` of the controller.
         :param proxy_stats: the proxy's :class:`~proxy.stats.ProxyStats`, or None.
         :param password: bytes every connection must send first, or None (no prompt).
         :param login_timeout: seconds to give the right password (with ``password``).
         :param idle_timeout: seconds without a complete line before the connection is closed; 0 = never.
         """
-        self.controller = controller
+        self.operations = operations
         self.proxy_stats = proxy_stats
         self._login_timeout = login_timeout
         self._idle_timeout = idle_timeout or None
@@ -337,7 +337,7 @@ class AdminProtocol(LineOnlyReceiver, TimeoutMixin):
 
     def _passthrough(self, text, shape):
         try:
-            d = self.controller.management_command(text, shape)
+            d = self.operations.management_command(text, shape)
         except ManagementDisconnected:
             return [NOT_CONNECTED]
         except InvalidArgument as e:
@@ -387,10 +387,9 @@ class AdminProtocol(LineOnlyReceiver, TimeoutMixin):
         return [UNKNOWN]
 
     def _client_rows(self):
-        mappings = self.controller.mappings
         rows = []
-        for s in self.controller.client_list():
-            up, down = mappings.client_bytes(s.address) if s.address is not None else (None, None)
+        for s in self.operations.client_list():
+            up, down, live = self.operations.client_traffic(s.address) if s.address is not None else (None, None, 0)
             rows.append(
                 {
                     "user": s.name,
@@ -398,8 +397,8 @@ class AdminProtocol(LineOnlyReceiver, TimeoutMixin):
                     "vpn_ip": str(s.address) if s.address is not None else None,
                     "device": s.user.device.name if s.user is not None else None,
                     "connected_since": _iso(s.connected_since),
-                    "live_connections": mappings.live_count(s.address) if s.address is not None else 0,
-                    "state": s.state,
+                    "live_connections": live,
+                    "state": s.state.value,
                     # OpenVPN's tunnel counters (>BYTECOUNT_CLI, every openvpn.bytecount_interval s):
                     # in = from the client, out = to the client; None until the first report.
                     "tunnel_bytes_in": s.bytes_in,
@@ -409,7 +408,7 @@ class AdminProtocol(LineOnlyReceiver, TimeoutMixin):
                     "proxied_bytes_down": down,
                     # What the client was pushed (ovpnmgr.tunnel): "split" sends all but the pushed
                     # routes through the customer's own connection.
-                    "tunnel": self.controller.tunnel_mode(s.user) if s.user is not None else None,
+                    "tunnel": self.operations.tunnel_mode(s.user) if s.user is not None else None,
                 }
             )
         return rows
@@ -430,7 +429,7 @@ class AdminProtocol(LineOnlyReceiver, TimeoutMixin):
             if row["device"] is not None:
                 connected.setdefault(row["device"], []).append(row)
         devices = []
-        directory = self.controller.directory
+        directory = self.operations.directory
         for name in sorted(directory.devices):
             device = directory.devices[name]
             devices.append(
@@ -453,10 +452,10 @@ class AdminProtocol(LineOnlyReceiver, TimeoutMixin):
         return out + ["END"]
 
     def _kick(self, name, as_json):
-        if not self.controller.sessions_of(name) and name not in self.controller.directory.users:
+        if not self.operations.sessions_of(name) and name not in self.operations.directory.users:
             return ["ERROR: unknown user %s" % name]
         try:
-            d = self.controller.kick(name)
+            d = self.operations.kick(name)
         except ManagementDisconnected:
             return [NOT_CONNECTED]
 
@@ -472,10 +471,10 @@ class AdminProtocol(LineOnlyReceiver, TimeoutMixin):
 
     def _drain(self, value, as_json):
         if value is not None:
-            self.controller.set_draining(value == "on")
-        state = "on" if self.controller.draining else "off"
+            self.operations.set_draining(value == "on")
+        state = "on" if self.operations.draining else "off"
         if as_json:
-            return [_json({"draining": self.controller.draining}), "END"]
+            return [_json({"draining": self.operations.draining}), "END"]
         return ["SUCCESS: drain=%s" % state]
 
     def _rules_check(self, as_json):
@@ -503,11 +502,11 @@ class AdminProtocol(LineOnlyReceiver, TimeoutMixin):
             failure.trap(FirewallError)
             return ["ERROR: %s" % failure.value]
 
-        return self.controller.check_rules().addCallbacks(done, failed)
+        return self.operations.check_rules().addCallbacks(done, failed)
 
     def _reload(self, as_json):
         try:
-            summary = self.controller.reload_file()
+            summary = self.operations.reload_file()
         except ConfigError as e:
             error = " ".join(str(e).split("\n"))  # one reply line whatever the message
             if as_json:
@@ -521,7 +520,7 @@ class AdminProtocol(LineOnlyReceiver, TimeoutMixin):
         ]
 
     def _stats(self, as_json):
-        snapshot = {"admission": self.controller.counts()}
+        snapshot = {"admission": self.operations.counts()}
         if self.proxy_stats is not None:
             snapshot["proxy"] = self.proxy_stats.snapshot()
         if self.dns_stats is not None:
@@ -536,7 +535,7 @@ class AdminFactory(Factory):
 
     def __init__(
         self,
-        controller,
+        operations,
         proxy_stats=None,
         password=None,
         clock=None,
@@ -545,7 +544,7 @@ class AdminFactory(Factory):
         dns_stats=None,
     ):
         """:param clock: the ``IReactorTime`` behind the connections' timeouts (default: the global reactor)."""
-        self.controller = controller
+        self.operations = operations
         self.proxy_stats = proxy_stats
         self.dns_stats = dns_stats
         self.password = password
@@ -557,7 +556,7 @@ class AdminFactory(Factory):
     def buildProtocol(self, addr):
         """``IProtocolFactory.buildProtocol``."""
         protocol = _TrackedAdminProtocol(
-            self.controller, self.proxy_stats, self.password, self.login_timeout, self.idle_timeout
+            self.operations, self.proxy_stats, self.password, self.login_timeout, self.idle_timeout
         )
         if self.clock is not None:
             protocol.callLater = self.clock.callLater
@@ -623,11 +622,11 @@ class AdminService(service.Service):
 
     _log = Logger()
 
-    def __init__(self, reactor, config, controller, proxy_stats=None, dns_stats=None):
+    def __init__(self, reactor, config, operations, proxy_stats=None, dns_stats=None):
         """
         :param reactor: an ``IReactorUNIX``.
         :param config: the :class:`~ovpnmgr.config.AdminConfig` (``socket`` set).
-        :param controller: the :class:`~ovpnmgr.controller.Controller`.
+        :param operations: the :class:`~ovpnmgr.operations.Operations` of the controller.
         :param proxy_stats: the proxy's :class:`~proxy.stats.ProxyStats`, or None.
         :param dns_stats: the DNS service's :class:`~proxy.dnsserver.DNSStats`, or None.
         """
@@ -637,7 +636,7 @@ class AdminService(service.Service):
         # Read now (at build time, before any privilege drop), like the management password.
         password = read_password(password_file) if password_file is not None else None
         self.factory = AdminFactory(
-            controller,
+            operations,
             proxy_stats,
             password,
             clock=reactor,

@@ -16,7 +16,9 @@ import yaml
 from ovpnmgr.tunnel import MODES as TUNNEL_MODES
 from ovpnmgr.tunnel import RESERVED_OPTIONS
 from proxy.dohurl import is_doh, parse_doh_url
-from proxy.settings import ProxySettings
+from proxy.settings import DNSSettings, ProxySettings
+
+_DNS = DNSSettings(listen_host="")  # the DNS service's defaults, written once in proxy.settings
 
 DEFAULT_CONFIG_PATH = "/etc/pocketproxy/pocketproxy.yaml"
 
@@ -130,19 +132,19 @@ class DNSConfig:
     listen: ipaddress.IPv4Address | None = None  # None: openvpn.server_address
     port: int = 53
     push: bool = True  # push "dhcp-option DNS <listen>" in every client-auth
-    resolver: object = ("1.1.1.1", 53)  # (host, port): DNS over TCP; or a DoHURL: DNS over HTTPS
+    resolver: object = _DNS.resolver  # (host, port): DNS over TCP; or a DoHURL: DNS over HTTPS
     ca_file: Path | None = None  # DoH: CAs to verify the resolver with (default: system store)
-    doh_connections: int = 4  # DoH: keep-alive connections per device
+    doh_connections: int = _DNS.max_doh_connections  # DoH: keep-alive connections per device
     policy: str = "via_device"  # default for devices without their own "dns:" ("host": server's resolver)
-    host_servers: tuple = ()  # ((ip, port), ...) for policy "host"; () = /etc/resolv.conf
-    query_timeout: float = 5.0  # a client's query gets SERVFAIL after this
-    connect_timeout: float = 10.0  # reaching the device (cellular WAN)
-    handshake_timeout: float = 10.0  # the device's CONNECT/SOCKS5 reply
-    idle_timeout: float = 60.0  # an unused device connection is closed after this
-    cache_entries: int = 1000  # per device
-    max_tcp_clients: int = 4096  # TCP connections in all (fd backstop)
-    max_tcp_per_client: int = 16  # TCP connections per client address
-    log_names: bool = False  # query names in logs (privacy: off unless debugging)
+    host_servers: tuple = _DNS.host_servers  # ((ip, port), ...) for policy "host"; () = /etc/resolv.conf
+    query_timeout: float = _DNS.query_timeout  # a client's query gets SERVFAIL after this
+    connect_timeout: float = _DNS.connect_timeout  # reaching the device (cellular WAN)
+    handshake_timeout: float = _DNS.handshake_timeout  # the device's CONNECT/SOCKS5 reply
+    idle_timeout: float = _DNS.idle_timeout  # an unused device connection is closed after this
+    cache_entries: int = _DNS.cache_entries  # per device
+    max_tcp_clients: int = _DNS.max_tcp_clients  # TCP connections in all (fd backstop)
+    max_tcp_per_client: int = _DNS.max_tcp_per_client  # TCP connections per client address
+    log_names: bool = _DNS.log_names  # query names in logs (privacy: off unless debugging)
 
 
 @dataclass(frozen=True)

@@ -35,21 +35,19 @@ def settings_from(config):
 
 
 def route_lookup(mappings, default_policy):
-    """``route_for(ip)`` over a :class:`~proxy.mappings.MappingTable` whose owners are sessions.
+    """``route_for(ip)`` over a :class:`~proxy.mappings.MappingTable`: the client's
+    :class:`~proxy.mappings.Route` as the DNS service's :class:`DNSRoute`.
 
     The route key is the device's name: two devices never share a connection or a cache, and
     a device whose proxy URL changed on reload gets fresh ones (the server sees the key's
-    upstream change). :func:`build_dns` also forgets an upstream no client maps to any more.
+    upstream change). :func:`build_dns` also forgets a device no client maps to any more.
     """
 
     def route_for(ip):
-        upstream = mappings.lookup(ip)
-        if upstream is None:
+        route = mappings.route(ip)
+        if route is None:
             return None
-        device = getattr(getattr(mappings.owner(ip), "user", None), "device", None)
-        name = getattr(device, "name", None)
-        policy = getattr(device, "dns", None) or default_policy
-        return DNSRoute(key=name if name is not None else upstream, upstream=upstream, policy=policy, log_fields=mappings.log_fields(ip))
+        return DNSRoute(key=route.key, upstream=route.upstream, policy=route.dns or default_policy, log_fields=route.log_fields)
 
     return route_for
 
@@ -62,12 +60,15 @@ def build_dns(reactor, config, mappings):
         server = DNSServer(reactor, settings_from(config), route_lookup(mappings, config.dns.policy))
     except ValueError as e:  # the CA file changed since the configuration was checked
         raise ConfigError(config.path, "dns.ca_file", str(e)) from None
-    mappings.released.append(lambda ip, upstream: _release(mappings, server, upstream))
+    mappings.released.append(lambda ip, route: _release(mappings, server, route))
     return DNSService(server), server
 
 
-def _release(mappings, server, upstream):
-    """A client stopped mapping to ``upstream``: once nobody does, close its DNS tunnels and
-    drop its cache (a removed device, or the old URL of a remapped one)."""
-    if not mappings.co_tenants(upstream):
-        server.forget_upstream(upstream)
+def _release(mappings, server, route):
+    """A client stopped mapping to ``route``'s device: once nobody does, close its DNS tunnels
+    and drop its cache (a removed or renamed device); once nobody uses its proxy URL either,
+    forget every key served through it (the old URL of a remapped device)."""
+    if not mappings.routed_to(route.key):
+        server.forget(route.key)
+    if not mappings.co_tenants(route.upstream):
+        server.forget_upstream(route.upstream)

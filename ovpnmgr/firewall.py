@@ -107,8 +107,9 @@ IPv4's, and admission waits (fail closed).
   fails, VPN traffic is rejected rather than forwarded. IPv6 follows IPv4.
 - Membership (:meth:`~Firewall.add_member`, :meth:`~Firewall.remove_member`)
   is synchronous netlink through the ipset adapter: no fork, microseconds.
-- :meth:`~Firewall.check` and :meth:`~Firewall.repair` compare the kernel with
-  what should be there and return a :class:`Drift`.
+- :meth:`~Firewall.check` compares the kernel with what should be there and
+  returns a :class:`Drift`; :meth:`~Firewall.sync_members` makes the members
+  what they should be (the ledger decides what that is, and when).
 """
 
 import errno
@@ -232,18 +233,15 @@ class FirewallError(Exception):
     """A firewall operation failed; ``str()`` names the operation, the
     address (if any) and the kernel's or command's reason.
 
-    :ivar operation: ``"install"``, ``"add"``, ``"remove"``, ``"members"``,
-        ``"check"`` or ``"repair"``.
+    :ivar operation: ``"install"``, ``"add"``, ``"remove"``, ``"members"`` or ``"check"``.
     :ivar ip: the IPv4Address involved, or ``None``.
-    :ivar drift: for ``"repair"``: the :class:`Drift` that was being fixed.
     """
 
-    def __init__(self, message, operation=None, ip=None, drift=None):
+    def __init__(self, message, operation=None, ip=None):
         super().__init__(message)
         self.message = message
         self.operation = operation
         self.ip = ip
-        self.drift = drift
 
     def __str__(self):
         return self.message
@@ -294,6 +292,22 @@ class Drift:
         if self.extra_members:
             parts.append("%d extra member(s): %s" % (len(self.extra_members), _abbrev(self.extra_members)))
         return "; ".join(parts)
+
+
+@dataclass(frozen=True)
+class MemberSync:
+    """What :meth:`Firewall.sync_members` did.
+
+    :ivar added: members added (``unreadable``: every expected member, present or not).
+    :ivar removed: members removed.
+    :ivar failed: ``(ip, error)`` of every add or remove that failed.
+    :ivar unreadable: why the set could not be read (then nothing was removed), or None.
+    """
+
+    added: tuple = ()
+    removed: tuple = ()
+    failed: tuple = ()
+    unreadable: str | None = None
 
 
 # --- the rules as text (pure functions; unit-tested byte for byte) ---
@@ -547,7 +561,7 @@ class Firewall:
         self._ipset = ipset
         self._runner = runner
         self._installed = False
-        # install/check/repair read-then-write iptables; never interleave them.
+        # install/check read-then-write iptables; never interleave them.
         self._lock = defer.DeferredLock()
 
     @property
@@ -745,19 +759,55 @@ class Firewall:
                 "cannot list ipset %r: %s (error %s)" % (self.config.ipset, e.message, e.errno), operation="members"
             )
 
-    # -- verify / repair --------------------------------------------------
+    def member_diff(self, expected):
+        """``(missing, extra)``: ``expected`` members not in the set, and members not expected,
+        from one netlink read now. The one member comparison; raises :class:`IPSetError`."""
+        expected = frozenset(ipaddress.IPv4Address(ip) for ip in expected)
+        actual = frozenset(self._ipset.members())
+        return expected - actual, actual - expected
+
+    def sync_members(self, expected):
+        """Make the set's members exactly ``expected`` now: one netlink read, then the adds and
+        removes. The one place members are repaired (reconciliation and the periodic verifier).
+
+        Never raises; a set that cannot be read gets every expected member (re-)added and none
+        removed. Returns a :class:`MemberSync`.
+        """
+        try:
+            missing, extra = self.member_diff(expected)
+            unreadable = None
+        except IPSetError as e:
+            missing, extra = frozenset(ipaddress.IPv4Address(ip) for ip in expected), frozenset()  # re-add, never remove
+            unreadable = "cannot list ipset %r: %s (error %s)" % (self.config.ipset, e.message, e.errno)
+        added, removed, failed = [], [], []
+        for ip in sorted(missing):
+            try:
+                self.add_member(ip)
+                added.append(ip)
+            except FirewallError as e:
+                failed.append((ip, str(e)))
+        for ip in sorted(extra):
+            try:
+                self.remove_member(ip)
+                removed.append(ip)
+            except FirewallError as e:
+                failed.append((ip, str(e)))
+        return MemberSync(tuple(added), tuple(removed), tuple(failed), unreadable)
+
+    # -- verify ------------------------------------------------------------
 
     def check(self, expected):
         """Compare the kernel with the wanted rules and ``expected`` members.
 
-        Fires a :class:`Drift`; fails with :class:`FirewallError` only if the
-        state cannot be read.
+        ``expected`` may be a callable: it is then read at the instant the set is read, after
+        the (asynchronous) rule listings, so an admission or a disconnect while ``iptables -S``
+        runs never looks like drift. Fires a :class:`Drift`; fails with :class:`FirewallError`
+        only if the state cannot be read.
         """
         return self._lock.run(self._check, expected)
 
     @defer.inlineCallbacks
     def _check(self, expected):
-        expected = frozenset(ipaddress.IPv4Address(ip) for ip in expected)
         problems = []
         for family in self.families:
             listings = yield self._listings("check firewall", family)
@@ -765,8 +815,9 @@ class Firewall:
         if self.mode == "tproxy":
             problems += yield self._policy_routing_problems()
         set_missing = False
+        expected = frozenset(ipaddress.IPv4Address(ip) for ip in (expected() if callable(expected) else expected))
         try:
-            actual = frozenset(self._ipset.members())
+            missing, extra = self.member_diff(expected)
         except IPSetError as e:
             if e.errno != errno.ENOENT:
                 raise FirewallError(
@@ -775,46 +826,11 @@ class Firewall:
                     operation="check",
                 )
             set_missing = True
-            actual = frozenset()
+            missing, extra = expected, frozenset()
         return Drift(
             missing_chain_rules=bool(problems),
             rule_problems=tuple(problems),
             set_missing=set_missing,
-            missing_members=expected - actual,
-            extra_members=actual - expected,
+            missing_members=missing,
+            extra_members=extra,
         )
-
-    def repair(self, expected):
-        """Fix what :meth:`check` finds: re-install the chains if anything
-        about them is wrong, add missing members, remove extra ones.
-
-        Fires the :class:`Drift` that was found (and fixed); fails with
-        :class:`FirewallError` (its ``drift`` attribute set) if a fix failed.
-        """
-        return self._lock.run(self._repair, expected)
-
-    @defer.inlineCallbacks
-    def _repair(self, expected):
-        drift = yield self._check(expected)
-        if drift.ok:
-            return drift
-        self._log.warn("firewall drift, repairing: {drift}", drift=drift.describe())
-        if drift.missing_chain_rules or drift.set_missing:
-            try:
-                yield self._install()
-            except FirewallError as e:
-                raise FirewallError("cannot repair firewall: %s" % e, operation="repair", drift=drift)
-        failures = []
-        for ip in sorted(drift.missing_members):
-            try:
-                self.add_member(ip)
-            except FirewallError as e:
-                failures.append(str(e))
-        for ip in sorted(drift.extra_members):
-            try:
-                self.remove_member(ip)
-            except FirewallError as e:
-                failures.append(str(e))
-        if failures:
-            raise FirewallError("cannot repair firewall: %s" % "; ".join(failures), operation="repair", drift=drift)
-        return drift

@@ -3,7 +3,7 @@
 
 Every ``twisted.logger`` event becomes one JSON object on one line::
 
-    {"time": "2026-01-02T03:04:05.678901Z", "level": "info", "namespace": "ovpnmgr.controller.Controller",
+    {"time": "2026-01-02T03:04:05.678901Z", "level": "info", "namespace": "ovpnmgr.admission.Admission",
      "message": "admitted user alice cid 0 ...", "event": "admitted", "user": "alice", "cid": 0, ...}
 
 ``time`` is ISO 8601 UTC, ``message`` the formatted text, and every other

@@ -152,7 +152,7 @@ def _seeded(known, counter_):
     return out
 
 
-def collect(controller=None, proxy_stats=None, splice=None, verifier=None, dns_stats=None):
+def collect(operations=None, proxy_stats=None, splice=None, verifier=None, dns_stats=None):
     """The metric families, read now from the live objects (any may be None)."""
     families = []
     if dns_stats is not None:
@@ -165,19 +165,19 @@ def collect(controller=None, proxy_stats=None, splice=None, verifier=None, dns_s
         for action, n in _seeded(REPAIR_ACTIONS, verifier.repairs).items():
             f.add(n, action=action)
         families.append(f)
-    if controller is not None:
+    if operations is not None:
         f = counter("admissions_total", "Answered OpenVPN CONNECTs by result.")
         for result in ADMISSION_RESULTS:
-            f.add(controller.admissions.get(result, 0), result=result)
+            f.add(operations.admissions.get(result, 0), result=result)
         families.append(f)
         families.append(
             histogram(
                 "admission_latency_seconds",
                 "Time from CONNECT to client-auth sent, for admitted clients.",
-                controller.admission_latency,
+                operations.admission_latency,
             )
         )
-        counts = controller.counts()
+        counts = operations.counts()
         families.append(gauge("connected_clients", "OpenVPN client sessions established.", counts["established"]))
         families.append(gauge("pending_clients", "OpenVPN client sessions being admitted.", counts["pending"]))
         families.append(
@@ -187,13 +187,13 @@ def collect(controller=None, proxy_stats=None, splice=None, verifier=None, dns_s
             counter(
                 "management_reconnects_total",
                 "OpenVPN management connections taken over after the first one.",
-                controller.management_reconnects,
+                operations.management_reconnects,
             )
         )
-        drift = getattr(controller, "last_drift", None)
+        drift = operations.last_drift
         if drift is not None:
             families.append(
-                gauge("ipset_drift", "ipset members differing from the controller's view at the last rules check.")
+                gauge("ipset_drift", "ipset members differing from the operations's view at the last rules check.")
                 .add(len(drift.missing_members), kind="missing")
                 .add(len(drift.extra_members), kind="extra")
             )
@@ -268,16 +268,16 @@ class MetricsResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, controller=None, proxy_stats=None, splice=None, verifier=None, dns_stats=None):
+    def __init__(self, operations=None, proxy_stats=None, splice=None, verifier=None, dns_stats=None):
         super().__init__()
         self.dns_stats = dns_stats
-        self.controller = controller
+        self.operations = operations
         self.proxy_stats = proxy_stats
         self.splice = splice
         self.verifier = verifier
 
     def render_GET(self, request):
-        body = render(collect(self.controller, self.proxy_stats, self.splice, self.verifier, self.dns_stats))
+        body = render(collect(self.operations, self.proxy_stats, self.splice, self.verifier, self.dns_stats))
         body = body.encode("utf-8")
         request.setHeader(b"content-type", CONTENT_TYPE)
         return body

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.unit.test_tap -*-
+# -*- test-case-name: tests.unit.test_plugin,tests.unit.test_config -*-
 """twistd entry point: options and the composition root.
 
 This is the only module that touches the global reactor. Bad configuration is
@@ -141,9 +141,9 @@ class ReloadOnSignal(service.Service):
 
     _log = Logger()
 
-    def __init__(self, reactor, controller, signum=signal.SIGHUP):
+    def __init__(self, reactor, operations, signum=signal.SIGHUP):
         self.reactor = reactor
-        self.controller = controller
+        self.operations = operations
         self.signum = signum
         self._previous = None
 
@@ -167,7 +167,7 @@ class ReloadOnSignal(service.Service):
         """Reload now; a bad file is logged (by the controller) and the old one stays."""
         self._log.info("SIGHUP: reloading the users file", event="sighup")
         try:
-            return self.controller.reload_file()
+            return self.operations.reload_file()
         except ConfigError:
             return None
         except Exception:
@@ -270,6 +270,7 @@ def build(reactor, config, directory, password, ipset=None):
         for ``config.firewall.ipset`` (benchmarks pass an alternative).
     """
     from ovpnmgr.controller import Controller
+    from ovpnmgr.operations import Operations
     from ovpnmgr.firewall import Firewall
     from ovpnmgr.ipset import NetlinkIPSet
     from ovpnmgr.logs import observer_for
@@ -311,8 +312,9 @@ def build(reactor, config, directory, password, ipset=None):
         mappings,
         run_blocking=threads.deferToThread,
     )
+    operations = Operations(controller)
     controller.warn_split_tunnels()
-    controller.directory_listeners.append(firewall.follow)  # a reload re-installs the device guard
+    operations.directory_listeners.append(firewall.follow)  # a reload re-installs the device guard
     factory = Factory.forProtocol(lambda: ManagementProtocol(reactor, password, ovpn.command_timeout))
     management = ClientService(
         LoggingEndpoint(clientFromString(reactor, ovpn.management), ovpn.management),
@@ -326,7 +328,7 @@ def build(reactor, config, directory, password, ipset=None):
     from proxy.localaddr import connected_networks
 
     destinations, rewire = destination_policy(config, directory, connected_networks)
-    controller.directory_listeners.append(rewire)
+    operations.directory_listeners.append(rewire)
     proxy_service, proxy_factory = build_proxy(reactor, config, mappings, destinations)
     proxy_service.setServiceParent(top)  # listening before any client can be admitted
     dns_service, dns_server = build_dns(reactor, config, mappings)
@@ -337,21 +339,21 @@ def build(reactor, config, directory, password, ipset=None):
         from ovpnmgr.admin import AdminService
 
         AdminService(
-            reactor, config.admin, controller, proxy_stats=proxy_factory.stats, dns_stats=dns_stats
+            reactor, config.admin, operations, proxy_stats=proxy_factory.stats, dns_stats=dns_stats
         ).setServiceParent(top)
     verifier = None
     if fw.verify_interval:
-        verifier = FirewallVerifier(reactor, controller, fw.verify_interval, repair=fw.repair)
+        verifier = FirewallVerifier(reactor, operations, fw.verify_interval, repair=fw.repair)
         verifier.setServiceParent(top)
     if config.metrics.listen is not None:
         from ovpnmgr.metrics import MetricsResource, MetricsService
 
         resource = MetricsResource(
-            controller, proxy_stats=proxy_factory.stats, splice=proxy_factory.splice, verifier=verifier, dns_stats=dns_stats
+            operations, proxy_stats=proxy_factory.stats, splice=proxy_factory.splice, verifier=verifier, dns_stats=dns_stats
         )
         MetricsService(reactor, config.metrics.listen, resource).setServiceParent(top)
     AdmissionService(reactor, firewall, management).setServiceParent(top)
-    ReloadOnSignal(reactor, controller).setServiceParent(top)
+    ReloadOnSignal(reactor, operations).setServiceParent(top)
     return top, controller
 
 

@@ -12,36 +12,21 @@ are re-added and members that belong to no client are removed. Each repair is
 logged and counted (``firewall_repairs_total{action}``).
 
 Members are compared from one synchronous netlink read against the
-controller's view at the same instant, never against a snapshot taken before
+ledger's view at the same instant, never against a snapshot taken before
 the (asynchronous) ``iptables -S`` listing: an admission or a disconnect while
-the listing runs must not look like drift, let alone be "repaired".
+the listing runs must not look like drift, let alone be "repaired". The
+ledger does the check and the repair; this service only paces, logs and counts.
 """
 
 from collections import Counter
-from dataclasses import replace
 
 from twisted.application import service
-from twisted.internet import defer, task
+from twisted.internet import task
 from twisted.logger import Logger
 
 from ovpnmgr.firewall import FirewallError
 
 REPAIR_ACTIONS = ("rules_reinstalled", "member_added", "member_removed")
-
-
-def fresh_members(controller, drift):
-    """``drift`` with its member differences recomputed now (kernel read vs the controller's view).
-
-    If the set cannot be read (or is missing), ``drift`` is returned unchanged.
-    """
-    if drift.set_missing:
-        return drift
-    try:
-        actual = frozenset(controller.firewall.members())
-    except FirewallError:
-        return drift
-    expected = frozenset(controller.expected_members())
-    return replace(drift, missing_members=expected - actual, extra_members=actual - expected)
 
 
 class FirewallVerifier(service.Service):
@@ -53,16 +38,16 @@ class FirewallVerifier(service.Service):
 
     _log = Logger()
 
-    def __init__(self, clock, controller, interval, repair=True):
+    def __init__(self, clock, operations, interval, repair=True):
         """
         :param clock: an ``IReactorTime`` driving the loop.
-        :param controller: the :class:`~ovpnmgr.controller.Controller` (its
-            ``firewall``, ``expected_members()``, ``last_drift`` and ``reconciled``).
+        :param operations: the :class:`~ovpnmgr.operations.Operations` (its
+            ``check_rules()``, ``repair_rules()``, ``holder()`` and ``reconciled``).
         :param interval: seconds between checks (> 0).
         :param repair: fix drift as well as report it.
         """
         self.clock = clock
-        self.controller = controller
+        self.operations = operations
         self.interval = interval
         self.repair = repair
         self.repairs = Counter()
@@ -91,9 +76,9 @@ class FirewallVerifier(service.Service):
 
         The LoopingCall waits for the returned Deferred, so a slow ``iptables`` never stacks checks.
         """
-        if not self.controller.reconciled:
+        if not self.operations.reconciled:
             return None
-        d = self.controller.check_rules()
+        d = self.operations.check_rules()
         d.addCallback(self._checked)
         d.addErrback(self._failed)
         return d
@@ -121,40 +106,31 @@ class FirewallVerifier(service.Service):
             return drift
         return self._repair(drift)
 
-    @defer.inlineCallbacks
     def _repair(self, drift):
-        c = self.controller
-        if drift.missing_chain_rules or drift.set_missing:
-            yield c.firewall.install()  # FirewallError → logged by _failed
+        return self.operations.repair_rules(drift).addCallback(self._report, drift)
+
+    def _report(self, result, drift):
+        reinstalled, sync = result
+        if reinstalled:
             self._repaired("rules_reinstalled", "reinstalled chains and ipset: {summary}", summary=drift.describe())
-            # The rule problems are fixed now; a recreated set is empty: the member pass below re-adds everyone.
-            drift = replace(drift, missing_chain_rules=False, rule_problems=(), set_missing=False)
-        drift = fresh_members(c, drift)
-        for ip in sorted(drift.missing_members):
+        if sync.unreadable is not None:
+            self._log.error("could not list ipset members to repair them: {error}", error=sync.unreadable)
+        for ip in sync.added:
             fields = self._owner_fields(ip)
-            try:
-                c.firewall.add_member(ip)
-            except FirewallError as e:
-                self._log.error("could not re-add ipset member {vpn_ip}: {error}", vpn_ip=str(ip), error=str(e), **fields)
-                continue
             self._repaired("member_added", "re-added missing ipset member {vpn_ip} of user {user}", vpn_ip=str(ip), **fields)
-        for ip in sorted(drift.extra_members):
-            try:
-                c.firewall.remove_member(ip)
-            except FirewallError as e:
-                self._log.error("could not remove extra ipset member {vpn_ip}: {error}", vpn_ip=str(ip), error=str(e))
-                continue
+        for ip in sync.removed:
             self._repaired("member_removed", "removed ipset member {vpn_ip}: no admitted client has it", vpn_ip=str(ip))
-        c.last_drift = fresh_members(c, drift)
-        return c.last_drift
+        for ip, error in sync.failed:
+            self._log.error("could not repair ipset member {vpn_ip}: {error}", vpn_ip=str(ip), error=error)
+        return self.operations.last_drift
 
     def _owner_fields(self, ip):
-        for session in self.controller.client_list():
-            if session.address == ip:
-                fields = dict(session.log_fields)
-                fields.pop("vpn_ip", None)
-                return fields
-        return {"user": None}
+        session = self.operations.holder(ip)
+        if session is None:
+            return {"user": None}
+        fields = dict(session.log_fields)
+        fields.pop("vpn_ip", None)
+        return fields
 
     def _repaired(self, action, message, **fields):
         self.repairs[action] += 1

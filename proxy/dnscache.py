@@ -11,10 +11,9 @@ from collections import OrderedDict
 
 from twisted.names import dns
 
-__all__ = ["DNSCache", "cache_ttl"]
+from proxy.settings import MAX_NEGATIVE_TTL, MAX_TTL
 
-MAX_TTL = 86400
-MAX_NEGATIVE_TTL = 3600
+__all__ = ["DNSCache", "cache_ttl"]
 
 
 def cache_ttl(message, max_ttl=MAX_TTL, max_negative_ttl=MAX_NEGATIVE_TTL):

@@ -28,10 +28,11 @@ from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
 from proxy import dnsmessage
-from proxy.dnsupstream import DNSTimeout, DNSUnavailable, FairQueue, Overloaded, OverShare, admit_fairly, similar
-from proxy.logthrottle import LogThrottle
+from proxy.dnsupstream import DNSTimeout, DNSUnavailable, FairQueue, Overloaded, OverShare, admit_fairly
+from proxy.logthrottle import LogThrottle, held_back
 from proxy.tunnelendpoint import TunnelEndpoint
-from proxy.upstream import UpstreamError, dial
+from proxy.upstream import dial
+from proxy.upstreamerrors import UpstreamError
 
 from twisted.web.iweb import IAgentEndpointFactory
 
@@ -296,7 +297,7 @@ class DoHResolver:
         suppressed = self.log_throttle.allow(("dns-upstream-failed", kind, str(self.upstream)))
         if suppressed is not None:
             self._log.warn(
-                "DNS-over-HTTPS via {upstream} to {resolver} failed: {kind}: {reason}" + similar(suppressed),
+                "DNS-over-HTTPS via {upstream} to {resolver} failed: {kind}: {reason}" + held_back(suppressed),
                 upstream=str(self.upstream),
                 resolver=str(self.url),
                 kind=kind,

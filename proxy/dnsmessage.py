@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 from twisted.names import dns
 
+from proxy.settings import MAX_UDP_PAYLOAD
+
 __all__ = [
     "CLASSIC_UDP",
     "MAX_UDP_PAYLOAD",
@@ -29,7 +31,6 @@ __all__ = [
 ]
 
 CLASSIC_UDP = 512  # RFC 1035 limit without EDNS
-MAX_UDP_PAYLOAD = 1232  # DNS flag day 2020: no IP fragmentation on common paths
 _HEADER = 12
 
 

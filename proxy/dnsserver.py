@@ -43,10 +43,11 @@ from proxy import dnsmessage
 from proxy.dnscache import MAX_NEGATIVE_TTL, MAX_TTL, DNSCache
 from proxy.dnsmessage import Malformed
 from proxy.dnsdoh import DoHResolver, tls_options
-from proxy.dnsupstream import DeviceResolver, DNSUnavailable, HostResolver, Overloaded, OverShare, fair_share, similar
+from proxy.dnsupstream import DeviceResolver, DNSUnavailable, HostResolver, Overloaded, OverShare, fair_share
 from proxy.dohurl import DoHURL
-from proxy.logthrottle import LogThrottle
+from proxy.logthrottle import LogThrottle, held_back
 from proxy.origdst import unmap
+from proxy.settings import DNSSettings
 from proxy.stats import Histogram
 from proxy.upstream import Upstream, dial
 
@@ -71,36 +72,6 @@ class DNSRoute:
     upstream: Upstream | None
     policy: str = "via_device"
     log_fields: dict = field(default_factory=dict, compare=False)
-
-
-@dataclass(frozen=True)
-class DNSSettings:
-    """DNS service settings; the WAN-facing timeouts are generous (cellular devices)."""
-
-    listen_host: str
-    listen_port: int = 53
-    resolver: object = ("1.1.1.1", 53)  # reached THROUGH the device: (host, port) or a DoHURL
-    ca_file: str = ""  # DoH only: trust these CAs instead of the system store
-    max_doh_connections: int = 4  # DoH only: keep-alive tunnels per device
-    host_servers: tuple = ()  # policy "host"; () = /etc/resolv.conf
-    query_timeout: float = 5.0
-    connect_timeout: float = 10.0
-    handshake_timeout: float = 10.0
-    idle_timeout: float = 60.0  # device tunnel
-    cache_entries: int = 1000  # per device
-    # Each client TCP connection costs a file descriptor and a few KiB: 4096 in all is safe
-    # under the daemon's raised RLIMIT_NOFILE, and with 16 per client it takes 256 greedy
-    # customers (not one, as with the former single pool of 256) to fill it.
-    max_tcp_clients: int = 4096
-    max_tcp_per_client: int = 16  # per source address; a stub resolver needs one or two
-    log_names: bool = False
-    tcp_idle_timeout: float = 30.0  # a client's TCP connection (RFC 7766 §6.2.3)
-    max_tcp_pipeline: int = 32  # queries in flight per client TCP connection before we stop reading
-    max_in_flight: int = 64  # per device tunnel
-    max_queued: int = 256  # per device, beyond max_in_flight; more is SERVFAIL
-    max_udp_payload: int = dnsmessage.MAX_UDP_PAYLOAD
-    max_ttl: int = MAX_TTL
-    max_negative_ttl: int = MAX_NEGATIVE_TTL
 
 
 class DNSStats:
@@ -403,7 +374,7 @@ class DNSServer:
         """A traceback line (a bug), throttled like the others."""
         suppressed = self._allow(key)
         if suppressed is not None:
-            self._log.failure(text + similar(suppressed), reason, suppressed=suppressed, **fields)
+            self._log.failure(text + held_back(suppressed), reason, suppressed=suppressed, **fields)
 
     def _warn(self, kind, client, route, query, text, key=None, **fields):
         """One line per failure, at most one per ``key`` (default (kind, client)) every 10 s,
@@ -412,7 +383,7 @@ class DNSServer:
         if suppressed is None:
             return
         fields["suppressed"] = suppressed
-        text += similar(suppressed)
+        text += held_back(suppressed)
         if route is not None:
             fields.update(route.log_fields)  # user, device name... (the owner's; may be empty)
             fields["upstream"] = str(route.upstream) if route.policy == "via_device" else "host"

@@ -28,8 +28,10 @@ from twisted.names import client, dns
 from twisted.protocols.basic import Int16StringReceiver
 
 from proxy import dnsmessage
-from proxy.logthrottle import LogThrottle
-from proxy.upstream import UpstreamError, dial
+from proxy.logthrottle import LogThrottle, held_back
+from proxy.tunnel import open_tunnel
+from proxy.upstream import dial
+from proxy.upstreamerrors import UpstreamError
 
 __all__ = [
     "DNSUnavailable",
@@ -418,23 +420,15 @@ class DeviceResolver:
 
     def _connect(self):
         host, port = self.resolver
-        state = {}
 
-        def dialled(device):
-            state["device"] = device
-            return device.handshake(host, port)
-
-        def established(leftover):
-            device = state["device"]
-            leg = _Leg(self, device)
-            leg.transport = device.transport  # writes go straight to the device connection
+        def established(tunnel):
+            leg = _Leg(self, tunnel.device)
+            leg.transport = tunnel.transport  # writes go straight to the device connection
             self._connecting = None
             self._leg = leg
             if self.stats is not None:
                 self.stats.upstream_opened += 1
-            device.attach(leg)
-            if leftover:
-                leg.dataReceived(leftover)
+            tunnel.attach(leg)
             if self._leg is leg:
                 self._pump()
 
@@ -450,14 +444,14 @@ class DeviceResolver:
                 pass
             elif kind == "internal":
                 self._log.failure(
-                    "DNS tunnel via {upstream} failed internally" + similar(suppressed),
+                    "DNS tunnel via {upstream} failed internally" + held_back(suppressed),
                     reason,
                     upstream=str(self.upstream),
                     suppressed=suppressed,
                 )
             else:
                 self._log.warn(
-                    "DNS tunnel via {upstream} to {resolver} failed: {kind}: {reason}" + similar(suppressed),
+                    "DNS tunnel via {upstream} to {resolver} failed: {kind}: {reason}" + held_back(suppressed),
                     upstream=str(self.upstream),
                     resolver="%s:%d" % (host, port),
                     kind=kind,
@@ -469,8 +463,7 @@ class DeviceResolver:
             self._fail_all(DNSUnavailable("DNS tunnel via %s failed: %s" % (self.upstream, kind)))
             return None
 
-        d = self._dial(self.reactor, self.upstream, self.connect_timeout, self.handshake_timeout)
-        d.addCallback(dialled)
+        d = open_tunnel(self.reactor, self.upstream, (host, port), self.connect_timeout, self.handshake_timeout, self._dial)
         self._connecting = d
         d.addCallbacks(established, failed)
         d.addErrback(lambda f: self._log.failure("DNS tunnel setup bug", f))
@@ -514,7 +507,7 @@ class DeviceResolver:
             suppressed = self.log_throttle.allow(("dns-upstream-lost", str(self.upstream)))
             if suppressed is not None:
                 self._log.info(
-                    "DNS tunnel via {upstream} lost ({retried} queries retried)" + similar(suppressed),
+                    "DNS tunnel via {upstream} lost ({retried} queries retried)" + held_back(suppressed),
                     upstream=str(self.upstream),
                     retried=len(retry),
                     event="dns-upstream-lost",
@@ -569,11 +562,6 @@ class DeviceResolver:
         if self._idle is not None and self._idle.active():
             self._idle.cancel()
         self._idle = None
-
-
-def similar(suppressed):
-    """The tail of a throttled log line: how many like it were held back (none: nothing)."""
-    return " (+{suppressed} similar suppressed)" if suppressed else ""
 
 
 def read_resolv_conf(path="/etc/resolv.conf"):

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.unit.test_localaddr -*-
+# -*- test-case-name: tests.unit.test_server -*-
 """The host's own addresses, for the proxy's loop guard.
 
 A connection whose original destination is one of our own addresses was not

@@ -46,3 +46,9 @@ class LogThrottle:
 
     def __len__(self):
         return len(self._keys)
+
+
+def held_back(suppressed):
+    """The tail of a throttled line's format string: how many like it were held back (none: nothing).
+    The event carries ``suppressed`` as a field of its own."""
+    return " ({suppressed} similar lines held back)" if suppressed else ""

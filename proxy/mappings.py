@@ -1,9 +1,11 @@
 # -*- test-case-name: tests.unit.test_mappings -*-
-"""Client address → device upstream, and the live proxied connections per client.
+"""Client address → its :class:`Route`, and the live proxied connections per client.
 
-The admission controller adds a mapping before it lets a client in and removes
-it when the client leaves; removing or changing a mapping closes that client's
-live connections so no traffic keeps flowing through the wrong device.
+The admission side adds a mapping before it lets a client in and removes it
+when the client leaves; removing a mapping or changing its upstream closes that
+client's live connections so no traffic keeps flowing through the wrong device.
+Listeners in :attr:`MappingTable.released` hear of every removal and change, so
+per-device state elsewhere (the DNS service's resolvers) follows the table.
 
 Each mapping also counts the bytes its client's finished connections relayed,
 so operators can see per-client proxied traffic; the count starts at zero for
@@ -11,6 +13,8 @@ every new owner of an address.
 """
 
 import ipaddress
+from collections import Counter
+from dataclasses import dataclass, field
 
 from twisted.logger import Logger
 
@@ -21,8 +25,38 @@ class MappingConflict(Exception):
     """The address is already mapped for another owner."""
 
 
+@dataclass(frozen=True)
+class Route:
+    """Where one client's traffic goes and what the proxy and DNS service know of it: a value the
+    admission side builds, so ``proxy/`` reads typed fields instead of poking at its objects.
+
+    :ivar upstream: the device's proxy (:class:`~proxy.upstream.Upstream`).
+    :ivar device: the device's name (the DNS service's key: one resolver and cache per device),
+        or None for a bare upstream.
+    :ivar dns: the device's DNS policy, or None for the service's default.
+    :ivar policy: what the client may reach and its phone's capacity.
+    :ivar log_fields: structured log fields naming the client (user, device, ...).
+    """
+
+    upstream: object
+    device: str | None = None
+    dns: str | None = None
+    policy: ClientPolicy = DEFAULT_CLIENT
+    log_fields: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def key(self):
+        """One device's identity across the DNS service: its name, else its upstream."""
+        return self.device if self.device is not None else self.upstream
+
+    @classmethod
+    def of(cls, target):
+        """``target`` as a Route: a Route is itself, a bare upstream gets the defaults."""
+        return target if isinstance(target, Route) else cls(target)
+
+
 class MappingTable:
-    """``ip → (upstream, owner)`` plus the live connections of each ip.
+    """``ip → (route, owner)`` plus the live connections of each ip.
 
     ``owner`` is an opaque key of whoever installed the mapping (the
     controller uses its (epoch, CID) session key), so a late removal by a
@@ -36,8 +70,10 @@ class MappingTable:
         self._live = {}
         self._bytes = {}  # ip -> [up, down] of finished connections, for the current owner
         self._by_upstream = {}  # upstream -> set of ips mapped to it (co-tenants of one phone)
-        #: ``f(ip, upstream)`` after ``ip`` stopped mapping to ``upstream`` (removed or remapped), so
-        #: whoever keeps per-device state (the DNS service's tunnels and caches) can let it go.
+        self._by_route_key = Counter()  # Route.key -> how many ips map to it
+        #: ``f(ip, route)`` after ``ip`` stopped mapping to ``route``'s device (removed, or its
+        #: upstream or device changed), so whoever keeps per-device state (the DNS service's
+        #: tunnels and caches) can let it go.
         self.released = []
 
     @staticmethod
@@ -47,50 +83,49 @@ class MappingTable:
             return ip
         return ipaddress.ip_address(ip)
 
-    def add(self, ip, upstream, owner=None):
-        """Map ``ip`` to ``upstream``; re-adding for the same owner replaces (and closes on change)."""
-        key = self._key(ip)
-        current = self._entries.get(key)
+    def add(self, ip, route, owner=None):
+        """Map ``ip`` to ``route`` (a :class:`Route` or a bare upstream) for a single owner;
+        re-adding for the same owner replaces it. Raises :class:`MappingConflict` for another owner."""
+        current = self._entries.get(self._key(ip))
         if current is not None and current[1] != owner:
-            raise MappingConflict("%s is already mapped for %r" % (key, current[1]))
-        if current is not None and current[0] != upstream:
-            self._close_live(key, "mapping changed")
-        if current is None:
-            self._bytes[key] = [0, 0]
-        self._set(key, upstream, owner)
+            raise MappingConflict("%s is already mapped for %r" % (ip, current[1]))
+        self.transfer(ip, route, owner)
 
-    def transfer(self, ip, upstream, owner):
-        """Give ``ip`` to a new owner whatever the previous one (same user reconnecting)."""
+    def transfer(self, ip, route, owner):
+        """Map ``ip`` to ``route`` for ``owner`` whatever the previous owner (the same user
+        reconnecting, a reload): a changed upstream closes the live connections; a new owner's
+        byte count starts at zero."""
         key = self._key(ip)
+        route = Route.of(route)
         current = self._entries.get(key)
-        if current is not None and current[0] != upstream:
+        if current is not None and current[0].upstream != route.upstream:
             self._close_live(key, "mapping changed")
         if current is None or current[1] != owner:
             self._bytes[key] = [0, 0]
-        self._set(key, upstream, owner)
-
-    def _set(self, key, upstream, owner):
-        current = self._entries.get(key)
         if current is not None:
             self._unindex(key, current[0])
-        self._entries[key] = (upstream, owner)
-        self._by_upstream.setdefault(upstream, set()).add(key)
-        if current is not None and current[0] != upstream:
+        self._entries[key] = (route, owner)
+        self._by_upstream.setdefault(route.upstream, set()).add(key)
+        self._by_route_key[route.key] += 1
+        if current is not None and (current[0].upstream, current[0].key) != (route.upstream, route.key):
             self._released(key, current[0])
 
-    def _released(self, key, upstream):
+    def _released(self, key, route):
         for listener in self.released:
             try:
-                listener(key, upstream)
+                listener(key, route)
             except Exception:
                 self._log.failure("mapping listener failed for {ip}", ip=str(key))
 
-    def _unindex(self, key, upstream):
-        ips = self._by_upstream.get(upstream)
+    def _unindex(self, key, route):
+        ips = self._by_upstream.get(route.upstream)
         if ips is not None:
             ips.discard(key)
             if not ips:
-                del self._by_upstream[upstream]
+                del self._by_upstream[route.upstream]
+        self._by_route_key[route.key] -= 1
+        if self._by_route_key[route.key] <= 0:
+            del self._by_route_key[route.key]
 
     def remove(self, ip, owner=None):
         """Drop the mapping of ``ip`` if ``owner`` (when given) still owns it; close its connections.
@@ -111,6 +146,11 @@ class MappingTable:
     def lookup(self, ip):
         """The upstream for ``ip``, or None when the address is not mapped."""
         entry = self._entries.get(self._key(ip))
+        return entry[0].upstream if entry is not None else None
+
+    def route(self, ip):
+        """The :class:`Route` of ``ip``, or None when the address is not mapped."""
+        entry = self._entries.get(self._key(ip))
         return entry[0] if entry is not None else None
 
     def owner(self, ip):
@@ -119,18 +159,22 @@ class MappingTable:
         return entry[1] if entry is not None else None
 
     def log_fields(self, ip):
-        """Structured log fields its owner gives for ``ip`` (an owner's ``log_fields`` dict), or ``{}``.
+        """The route's structured log fields for ``ip`` (a copy), or ``{}`` when unmapped.
 
         The proxy adds them to its events about this client without knowing what they mean.
         """
-        fields = getattr(self.owner(ip), "log_fields", None)
-        return dict(fields) if isinstance(fields, dict) else {}
+        entry = self._entries.get(self._key(ip))
+        return dict(entry[0].log_fields) if entry is not None else {}
 
     def policy(self, ip):
-        """The owner's :class:`~proxy.destinations.ClientPolicy` for ``ip`` (its
-        ``proxy_policy``), or the default: the public internet only, device capacity unknown."""
-        policy = getattr(self.owner(ip), "proxy_policy", None)
-        return policy if isinstance(policy, ClientPolicy) else DEFAULT_CLIENT
+        """The route's :class:`~proxy.destinations.ClientPolicy` for ``ip``, or the default
+        (the public internet only, device capacity unknown) when unmapped."""
+        entry = self._entries.get(self._key(ip))
+        return entry[0].policy if entry is not None else DEFAULT_CLIENT
+
+    def routed_to(self, key):
+        """True while some address maps to a route whose :attr:`Route.key` is ``key``."""
+        return key in self._by_route_key
 
     def co_tenants(self, upstream):
         """The addresses mapped to ``upstream`` (every client sharing that phone)."""

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.unit.test_origdst -*-
+# -*- test-case-name: tests.integration.test_proxy_kernel -*-
 """Where an accepted connection was really going.
 
 With REDIRECT the kernel rewrote the destination to our listening port and
@@ -7,6 +7,7 @@ own local address *is* the original destination. Both lookups live here, in
 one stubbable place, so the server can be tested without a kernel.
 """
 
+import functools
 import ipaddress
 import socket
 import struct
@@ -20,8 +21,12 @@ IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
 IPV6_TRANSPARENT = 75
 
 
+@functools.lru_cache(maxsize=16384)
 def unmap(address):
-    """``::ffff:a.b.c.d`` → ``a.b.c.d``; other addresses unchanged (as ip_address objects)."""
+    """``::ffff:a.b.c.d`` → ``a.b.c.d``; other addresses unchanged (as ip_address objects).
+
+    Cached: the same client and listener addresses come back on every connection, and the
+    objects are immutable."""
     if ":" not in address:
         return ipaddress.IPv4Address(address)
     ip = ipaddress.ip_address(address.split("%", 1)[0])
@@ -40,7 +45,7 @@ def redirect_destination(sock):
     :raises OSError: no conntrack entry (e.g. ENOENT) or not a TCP socket.
     """
     local = sock.getsockname()[0]
-    if unmap(local).version == 4:
+    if sock.family == socket.AF_INET or local.startswith("::ffff:"):
         raw = sock.getsockopt(_SOL_IP, SO_ORIGINAL_DST, 16)
         port = struct.unpack_from("!H", raw, 2)[0]
         return ipaddress.IPv4Address(raw[4:8]), port

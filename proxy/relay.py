@@ -72,23 +72,24 @@ class _Producer:
 
 @implementer(IHalfCloseableProtocol)
 class _Leg:
-    """The events of one side of a relay; the side's protocol forwards its callbacks here."""
+    """The events of one side of a relay; the side's protocol forwards its callbacks here.
+
+    ``dataReceived`` is the relay's own bound method for this side, so a chunk reaches the
+    other transport in one call from the protocol (protocols may bind it as their own).
+    """
 
     def __init__(self, relay, side):
         self._relay = relay
         self._side = side
-
-    def dataReceived(self, data):
-        """IProtocol.dataReceived: relay to the other side."""
-        self._relay._event(self._side, "data", data)
+        self.dataReceived = relay._from_client if side == CLIENT else relay._from_upstream
 
     def readConnectionLost(self):
         """IHalfCloseableProtocol.readConnectionLost: this side sent FIN."""
-        self._relay._event(self._side, "read_lost")
+        self._relay._read_lost(self._side)
 
     def writeConnectionLost(self):
         """IHalfCloseableProtocol.writeConnectionLost: our shutdown(SHUT_WR) on this side happened."""
-        self._relay._event(self._side, "write_lost")
+        self._relay._write_lost(self._side)
 
     def connectionLost(self, reason):
         """IProtocol.connectionLost: this side is gone (ConnectionDone clean, anything else a reset)."""
@@ -112,9 +113,14 @@ class Relay:
 
     def __init__(self, reactor, client_transport, upstream_transport, *, on_finished=None, splice=None):
         self._reactor = reactor
+        self._seconds = reactor.seconds
         self._transports = (client_transport, upstream_transport)
+        self._write_client = self._write_upstream = None  # the transports' write, bound at start()
         self._on_finished = on_finished
         self._policy = splice
+        # Per side: True while nothing may be written to it (before start, once aborted, closed,
+        # its write side ended, or while the splice pump owns the sockets): one test per chunk.
+        self._blocked = [True, True]
         self.client_leg = _Leg(self, CLIENT)
         self.upstream_leg = _Leg(self, UPSTREAM)
         self.bytes_up = 0
@@ -128,7 +134,6 @@ class Relay:
         self._started = False
         self._replaying = False
         self._handing_back = False
-        self._queued = []
         self._read_ended = [False, False]
         self._write_ended = [False, False]
         self._closed = [False, False]
@@ -145,17 +150,21 @@ class Relay:
 
     # -- public API
 
-    def start(self, to_upstream=b"", to_client=b""):
-        """Write the bytes buffered during setup, join the transports as producers, resume the client."""
+    def start(self, to_upstream=b"", to_client=b"", attach=None):
+        """Begin relaying, with everything that was pending, in one call: write the client's
+        bytes buffered during setup (and ``to_client``), join the transports as each other's
+        producers, let ``attach(upstream_leg)`` deliver what the device sent since its handshake
+        (:meth:`proxy.upstream.Tunnel.attach`), then resume the client.
+        """
         if self._started:
             raise RuntimeError("relay already started")
         self._started = True
-        self.last_activity = self._reactor.seconds()
+        self.last_activity = self._seconds()
         if self.aborted is not None or any(self._closed):
-            # Whatever closed already propagated to the other side in _connection_lost.
-            self._queued = []
-            return
+            return  # whatever closed already propagated to the other side in _connection_lost
         client, upstream = self._transports
+        self._write_client, self._write_upstream = client.write, upstream.write
+        self._blocked = [False, False]
         if to_upstream:
             upstream.write(to_upstream)
             self.bytes_up += len(to_upstream)
@@ -165,11 +174,10 @@ class Relay:
         upstream.registerProducer(_Producer(client), True)
         client.registerProducer(_Producer(upstream), True)
         self._producer_registered = [True, True]
-        queued, self._queued = self._queued, []
-        self._replaying = True  # no switch to splice between replayed events
-        for side, kind, args in queued:
-            self._dispatch(side, kind, *args)
-        self._replaying = False
+        if attach is not None:
+            self._replaying = True  # no switch to splice between replayed events
+            attach(self.upstream_leg)
+            self._replaying = False
         if self.aborted is not None or self._closed[CLIENT]:
             return
         if not self._maybe_splice():
@@ -180,6 +188,7 @@ class Relay:
         if self.aborted is not None:
             return
         self.aborted = why
+        self._blocked = [True, True]
         self._log.debug("relay aborted: {why} ({relay!r})", why=why, relay=self)
         self._stop_pump()
         for side in (CLIENT, UPSTREAM):
@@ -207,42 +216,46 @@ class Relay:
 
     # -- leg events
 
-    def _event(self, side, kind, *args):
+    def _from_client(self, data):
+        if self._blocked[UPSTREAM]:
+            return self._unwritable(data)
+        if not self._splice_refused and self._maybe_splice(CLIENT, data):
+            return None
+        self._write_upstream(data)
+        self.bytes_up += len(data)
+        self.last_activity = self._seconds()
+        return None
+
+    def _from_upstream(self, data):
+        if self._blocked[CLIENT]:
+            return self._unwritable(data)
+        if not self._splice_refused and self._maybe_splice(UPSTREAM, data):
+            return None
+        self._write_client(data)
+        self.bytes_down += len(data)
+        self.last_activity = self._seconds()
+        return None
+
+    def _unwritable(self, data):
+        """Data for a side that takes no more: dropped (it was reset, closed or shut down),
+        except before :meth:`start`, where nothing may arrive (the tunnel holds it until then)."""
         if not self._started:
-            self._queued.append((side, kind, args))
-            return
-        self._dispatch(side, kind, *args)
-
-    def _dispatch(self, side, kind, *args):
-        if self.pump is not None and not self.pump.finished:
-            # The pump owns the sockets and sees EOFs itself (a socket's EOF repeats); a late
-            # half-close event (e.g. a server replaying an EOF it saw before start) must not touch them.
-            return
-        if kind == "data":
-            self._data(side, *args)
-        elif kind == "read_lost":
-            self._read_lost(side)
-        else:
-            self._write_lost(side)
-
-    def _data(self, side, data):
-        other = 1 - side
-        if self.aborted is not None or self._closed[other] or self._write_ended[other]:
-            return
-        if not self._splice_refused and self._maybe_splice(side, data):
-            return
-        self._transports[other].write(data)
-        self._count(side, len(data))
+            raise RuntimeError("relay got %d bytes before start()" % len(data))
 
     def _count(self, src, n):
         if src == CLIENT:
             self.bytes_up += n
         else:
             self.bytes_down += n
-        self.last_activity = self._reactor.seconds()
+        self.last_activity = self._seconds()
+
+    def _pumping(self):
+        # The pump owns the sockets and sees EOFs itself (a socket's EOF repeats); a late
+        # half-close event (e.g. a server replaying an EOF it saw before start) must not touch them.
+        return self.pump is not None and not self.pump.finished
 
     def _read_lost(self, side):
-        if self._read_ended[side]:
+        if self._read_ended[side] or self._pumping():
             return
         self._mark_eof(side)
         other = 1 - side
@@ -256,9 +269,10 @@ class Relay:
         self._maybe_lose(side)
 
     def _write_lost(self, side):
-        if self._write_ended[side]:
+        if self._write_ended[side] or self._pumping():
             return
         self._write_ended[side] = True
+        self._blocked[side] = True
         self._maybe_lose(side)
 
     def _mark_eof(self, side):
@@ -280,6 +294,7 @@ class Relay:
         if self._closed[side]:
             return
         self._closed[side] = True
+        self._blocked[side] = True
         # Both halves of this side had already ended (its EOF read, ours delivered): nothing of it
         # was still in flight through the relay, so a reason other than ConnectionDone now (an RST
         # racing the close, or a hang-up the reactor could only guess about) loses nothing.
@@ -309,7 +324,6 @@ class Relay:
         if self.finished:
             return
         self.finished = True
-        self._queued = []
         if self._on_finished is not None:
             try:
                 self._on_finished(self)
@@ -376,6 +390,7 @@ class Relay:
             self._transports[s].stopWriting()
         self.pump = pump
         self.spliced = True
+        self._blocked = [True, True]
         pump.start({side: data} if data else None)
         return True
 

@@ -20,8 +20,8 @@ import errno
 import resource
 import socket
 
+from twisted.internet import defer, task
 from twisted.internet import error as terror
-from twisted.internet import task
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -31,11 +31,13 @@ from zope.interface import implementer
 from proxy import fairshare, origdst, sniff
 from proxy.destinations import DestinationPolicy
 from proxy.localaddr import LocalAddresses
-from proxy.logthrottle import LogThrottle
+from proxy.logthrottle import LogThrottle, held_back
 from proxy.relay import Relay
 from proxy.settings import ProxySettings
 from proxy.stats import ProxyStats
-from proxy.upstream import UpstreamError, dial
+from proxy.tunnel import open_tunnel
+from proxy.upstream import dial
+from proxy.upstreamerrors import UpstreamError
 
 FDS_RESERVED = 256  # management, admin, netlink, logs, dialling headroom
 
@@ -125,9 +127,10 @@ class ProxyConnection(Protocol):
         self._buffer = bytearray()
         self._sniffing = False
         self._sniff_timer = None
-        self._dialling = None
-        self._device = None
-        self._handshaking = False
+        self._opening = None  # the open_tunnel Deferred until it fires
+        self._target = None  # (host, port) to ask the device for, once sniffing is over
+        self._target_later = None  # Deferred of _target while sniffing runs beside the dial
+        self._tunnel = None  # established, not yet relaying
         self._client_eof = False
         self._registered = False
         self._done = False
@@ -144,9 +147,7 @@ class ProxyConnection(Protocol):
             self.transport.abortConnection()
 
     def dataReceived(self, data):
-        if self.relay is not None:
-            self.relay.client_leg.dataReceived(data)
-            return
+        # Until the relay starts (then the relay's own method takes the transport's chunks).
         self._buffer += data
         # An HTTP head can only progress at a line end: skip re-parsing byte-by-byte dribbles.
         if self._sniffing and (self._buffer[0] == 0x16 or b"\n" in data or len(self._buffer) >= sniff.SNIFF_CAP):
@@ -231,7 +232,7 @@ class ProxyConnection(Protocol):
             self._sniffing = True
             self._sniff_timer = f.reactor.callLater(f.settings.sniff_budget, self._sniff_timeout)
         if not self._done:
-            self._dial()
+            self._open()
 
     def _skip_key(self):
         return (self.client_ip,) + self.destination
@@ -242,7 +243,7 @@ class ProxyConnection(Protocol):
         suppressed = self.factory.log_throttle.allow((reason, self.client_ip))
         if suppressed is not None:
             self._log.warn(
-                "refused connection from {client} to {dest}: {why}" + _held_back(suppressed),
+                "refused connection from {client} to {dest}: {why}" + held_back(suppressed),
                 client=str(self.client_ip),
                 dest=self._dest(),
                 why=why,
@@ -302,49 +303,41 @@ class ProxyConnection(Protocol):
             if why is not None:
                 return self._refuse("destination-name", why)
         self.transport.pauseProducing()
-        self._maybe_handshake()
+        self._target = (self.sniffed_name or str(self.destination[0]), self.destination[1])
+        waiting, self._target_later = self._target_later, None
+        if waiting is not None:
+            waiting.callback(self._target)
 
     # --- upstream ------------------------------------------------------------------
 
-    def _dial(self):
-        s = self.factory.settings
-        self._dialling = self.factory.dial(self.factory.reactor, self.upstream, s.connect_timeout, s.handshake_timeout)
-        self._dialling.addCallbacks(self._dialled, self._failed).addErrback(self._internal_error)
+    def _open(self):
+        """Open the tunnel: the dial starts now; the device is asked once the name is known."""
+        f = self.factory
+        s = f.settings
+        target = self._target
+        if target is None:
+            target = self._target_later = defer.Deferred()
+        self._opening = open_tunnel(f.reactor, self.upstream, target, s.connect_timeout, s.handshake_timeout, f.dial)
+        self._opening.addCallbacks(self._opened, self._failed).addErrback(self._internal_error)
 
-    def _dialled(self, device):
-        self._dialling = None
+    def _opened(self, tunnel):
+        self._opening = None
         if self._done:
-            device.abort()
-            return
-        self._device = device
-        tune_socket(device.transport, self.factory.settings.keepalive)
-        self._maybe_handshake()
-
-    def _maybe_handshake(self):
-        if self._done or self._sniffing or self._device is None or self._handshaking:
-            return
-        self._handshaking = True
-        host = self.sniffed_name or str(self.destination[0])
-        d = self._device.handshake(host, self.destination[1])
-        d.addCallbacks(self._handshaken, self._failed).addErrback(self._internal_error)
-
-    def _handshaken(self, leftover):
-        if self._done:
-            self._device.abort()
+            tunnel.abort()
             return
         f = self.factory
-        self.relay = Relay(
-            f.reactor, self.transport, self._device.transport, on_finished=self._relay_finished, splice=f.splice
-        )
+        tune_socket(tunnel.transport, f.settings.keepalive)
+        self._tunnel = tunnel
+        self.relay = relay = Relay(f.reactor, self.transport, tunnel.transport, on_finished=self._relay_finished, splice=f.splice)
         f.stats.relayed += 1
-        self._device.attach(self.relay.upstream_leg)
+        self.dataReceived = relay.client_leg.dataReceived  # one hop per chunk from now on
         to_upstream, self._buffer = bytes(self._buffer), None
-        self.relay.start(to_upstream=to_upstream, to_client=leftover)
+        relay.start(to_upstream=to_upstream, attach=tunnel.attach)
         if self._client_eof:
-            self.relay.client_leg.readConnectionLost()
+            relay.client_leg.readConnectionLost()
 
     def _failed(self, reason):
-        self._dialling = None
+        self._opening = None
         if self._done:
             return None  # the client went away first; nothing to report
         err = reason.value
@@ -357,7 +350,7 @@ class ProxyConnection(Protocol):
             fields = {"device": str(self.upstream)}  # Upstream.__str__ never shows credentials
             fields.update(self.factory.mappings.log_fields(self.client_ip))  # the owner's user, device name, ...
             self._log.warn(
-                "upstream failed for {client} via {upstream} to {dest}: {kind}: {reason}" + _held_back(suppressed),
+                "upstream failed for {client} via {upstream} to {dest}: {kind}: {reason}" + held_back(suppressed),
                 client=str(self.client_ip),
                 upstream=str(self.upstream),
                 dest=self._dest() if not self.sniffed_name else "%s (%s)" % (self.sniffed_name, self._dest()),
@@ -377,7 +370,7 @@ class ProxyConnection(Protocol):
         suppressed = self.factory.log_throttle.allow(("internal", self.client_ip))
         if suppressed is not None:
             self._log.failure(
-                "proxy connection from {client} failed internally" + _held_back(suppressed),
+                "proxy connection from {client} failed internally" + held_back(suppressed),
                 reason,
                 client=str(self.client_ip),
                 suppressed=suppressed,
@@ -401,11 +394,11 @@ class ProxyConnection(Protocol):
         if self._sniff_timer is not None and self._sniff_timer.active():
             self._sniff_timer.cancel()
         self._sniff_timer = None
-        if self._dialling is not None:
-            d, self._dialling = self._dialling, None
+        if self._opening is not None:
+            d, self._opening = self._opening, None
             d.cancel()
-        if self._device is not None:
-            self._device.abort()
+        if self._tunnel is not None and self.relay is None:
+            self._tunnel.abort()
 
     def bytes_relayed(self):
         """``(up, down)`` bytes relayed so far (0 before the relay starts); for per-client totals."""
@@ -428,10 +421,6 @@ class ProxyConnection(Protocol):
             f.mappings.unregister(self.client_ip, self)
             f.stats.active -= 1
             f.connections.discard(self)
-
-
-def _held_back(suppressed):
-    return " ({suppressed} similar lines held back)" if suppressed else ""
 
 
 class ProxyFactory(Factory):

@@ -4,7 +4,7 @@
 Anything that speaks to an ``IStreamClientEndpoint`` (``wrapClientTLS``, ``Agent``) can then
 reach a host *from the device's network*: the device resolves the name and opens the TCP
 connection, this server only talks to the device. Failures are the typed
-:class:`proxy.upstream.UpstreamError` of :func:`proxy.upstream.dial` and the handshake.
+:class:`proxy.upstreamerrors.UpstreamError` of :func:`proxy.upstream.dial` and the handshake.
 """
 
 from twisted.internet import error
@@ -12,6 +12,7 @@ from twisted.internet.address import HostnameAddress
 from twisted.internet.interfaces import IStreamClientEndpoint
 from zope.interface import implementer
 
+from proxy.tunnel import open_tunnel
 from proxy.upstream import dial
 
 __all__ = ["TunnelEndpoint"]
@@ -53,39 +54,33 @@ class TunnelEndpoint:
 
         Cancelling the Deferred before it fires aborts the dial or the handshake.
         """
-        devices = []
+        address = HostnameAddress(self.host.encode("idna"), self.port)
 
-        def dialled(device):
-            devices.append(device)
-            return device.handshake(self.host, self.port)
-
-        def established(leftover):
-            device = devices[0]
-            protocol = factory.buildProtocol(HostnameAddress(self.host.encode("idna"), self.port))
+        def established(tunnel):
+            protocol = factory.buildProtocol(address)
             if protocol is None:
-                device.abort()
-                raise error.ConnectingCancelledError(HostnameAddress(self.host.encode("idna"), self.port))
-            leg = _Leg(self, protocol, device)
+                tunnel.abort()
+                raise error.ConnectingCancelledError(address)
+            leg = _Leg(self, protocol, tunnel.device)
             self._legs.add(leg)
             graceful = protocol.loseConnection
 
             def lose_connection():
+                # A TLS protocol's graceful close waits for the far side's close_notify and only
+                # then closes its transport: its own loseConnection is the only sign it began.
                 leg.closing()
                 return graceful()
 
-            protocol.loseConnection = lose_connection  # the only hook on a graceful close's start
-            protocol.makeConnection(device.transport)
-            device.attach(leg)
+            protocol.loseConnection = lose_connection
+            protocol.makeConnection(tunnel.transport)
+            tunnel.attach(leg)
             if self._on_open is not None:
                 self._on_open()
-            if leftover:
-                leg.dataReceived(leftover)
             return protocol
 
-        d = self._dial(self.reactor, self.upstream, self.connect_timeout, self.handshake_timeout)
-        d.addCallback(dialled)
-        d.addCallback(established)
-        return d
+        target = (self.host, self.port)
+        d = open_tunnel(self.reactor, self.upstream, target, self.connect_timeout, self.handshake_timeout, self._dial)
+        return d.addCallback(established)
 
 
 class _Leg:
@@ -100,14 +95,12 @@ class _Leg:
         self.protocol = protocol
         self.device = device
         self.deadline = None
+        self.dataReceived = protocol.dataReceived  # one hop per chunk
 
     def closing(self):
         """The protocol began a graceful close: abort the tunnel if it has not ended in time."""
         if self.deadline is None and self in self.endpoint._legs:
             self.deadline = self.endpoint.reactor.callLater(self.endpoint.close_grace, self.device.abort)
-
-    def dataReceived(self, data):
-        self.protocol.dataReceived(data)
 
     def readConnectionLost(self):
         self.device.transport.loseConnection()

@@ -2,19 +2,25 @@
 """Where a client's traffic exits: a device's HTTP CONNECT or SOCKS5 proxy.
 
 :class:`Upstream` is the value type (credentials never appear in ``repr``/``str``, so it can
-be logged safely). :func:`dial` opens a TCP connection to the device proxy and hands back a
-:class:`HandshakeClient`; its :meth:`~HandshakeClient.handshake` asks the proxy to CONNECT to
+be logged safely). :func:`dial` opens a TCP connection to the device proxy (``connectTCP``
+itself for IP literals, so no endpoint wrapper sits between the socket and the protocol) and
+hands back a :class:`HandshakeClient`; its :meth:`~HandshakeClient.handshake` asks the proxy to CONNECT to
 the client's original destination and fires with the bytes that followed the proxy's reply.
-Failures are typed (:class:`UpstreamError` subclasses with a short ``kind``) so the server can
-count them, and every failure resets the device connection (the client gets an RST, see
-``notes/transparent-proxy.md`` §4). After the handshake the protocol stays thin: it forwards its
-events, including half-closes, to the relay leg given to :meth:`~HandshakeClient.attach`.
+This module holds what both protocols share (the connection, its timer, the error context);
+their wire formats are in :mod:`proxy.httpconnect` and :mod:`proxy.socks5`.
+Failures are typed (:class:`~proxy.upstreamerrors.UpstreamError` subclasses with a short
+``kind``) so the server can count them, and every failure resets the device connection (the
+client gets an RST, see ``notes/transparent-proxy.md`` §4). After the handshake the protocol
+stays thin: it forwards its events, including half-closes, to the relay leg given to
+:meth:`~HandshakeClient.attach` (its chunks go to the leg directly). :mod:`proxy.tunnel`
+is how callers use all this.
 
 Error messages name the device proxy and the destination but never the password or the
 ``Proxy-Authorization`` value; text echoed by the proxy is scrubbed of both.
 """
 
 import base64
+import functools
 import ipaddress
 import re
 from collections import deque
@@ -22,24 +28,17 @@ from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
 
 from twisted.internet import defer, error
-from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IHalfCloseableProtocol
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from zope.interface import implementer
+
+from proxy import httpconnect, socks5
+from proxy.upstreamerrors import HandshakeTimeout, MalformedReply, Unreachable, UpstreamClosed, UpstreamError
 
 __all__ = [
     "SCHEMES",
     "Upstream",
-    "UpstreamError",
-    "AuthRefused",
-    "Forbidden",
-    "Unreachable",
-    "HandshakeTimeout",
-    "MalformedReply",
-    "UpstreamClosed",
-    "MAX_STATUS_LINE",
-    "MAX_HEAD",
-    "MAX_HEADERS",
     "dial",
     "HandshakeClient",
     "HTTPConnectClient",
@@ -47,10 +46,6 @@ __all__ = [
 ]
 
 SCHEMES = {"http": 8080, "socks5": 1080}
-
-MAX_STATUS_LINE = 4096  # bytes, including the line end
-MAX_HEAD = 16384  # bytes of status line, headers and the blank line
-MAX_HEADERS = 100  # header lines
 
 
 @dataclass(frozen=True)
@@ -89,55 +84,19 @@ class Upstream:
         password = unquote(parts.password) if parts.password is not None else None
         return cls(scheme, host, port or SCHEMES[scheme], username, password)
 
+    @functools.cached_property
+    def is_ip(self):
+        """The host is an IP literal (dialled directly, no resolver)."""
+        try:
+            ipaddress.ip_address(self.host)
+        except ValueError:
+            return False
+        return True
+
     def __str__(self):
         auth = "%s:***@" % self.username if self.username is not None else ""
         host = "[%s]" % self.host if ":" in self.host else self.host
         return "%s://%s%s:%d" % (self.scheme, auth, host, self.port)
-
-
-# --- errors -------------------------------------------------------------------------------------
-
-
-class UpstreamError(Exception):
-    """A device proxy could not give us a tunnel; ``kind`` is a short label for metrics and logs."""
-
-    kind = "error"
-
-
-class AuthRefused(UpstreamError):
-    """HTTP 407, or the SOCKS5 proxy refused our method or our username/password."""
-
-    kind = "auth"
-
-
-class Forbidden(UpstreamError):
-    """HTTP 403 or another 4xx, or SOCKS5 reply 2 (not allowed by ruleset)."""
-
-    kind = "forbidden"
-
-
-class Unreachable(UpstreamError):
-    """The device proxy itself or, by its answer (HTTP 5xx, SOCKS5 1/3/4/5/6), the destination is unreachable."""
-
-    kind = "unreachable"
-
-
-class HandshakeTimeout(UpstreamError):
-    """No complete reply within the handshake timeout."""
-
-    kind = "timeout"
-
-
-class MalformedReply(UpstreamError):
-    """An unparsable, oversized or unexpected reply (also SOCKS5 replies 7 and 8)."""
-
-    kind = "malformed"
-
-
-class UpstreamClosed(UpstreamError):
-    """The device proxy closed or reset the connection before its reply was complete."""
-
-    kind = "closed"
 
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -186,14 +145,6 @@ def _has_credentials(upstream):
     return upstream.username is not None or upstream.password is not None
 
 
-def _basic_token(upstream):
-    """The RFC 7617 Basic credentials, UTF-8 encoded."""
-    user, password = upstream.username or "", upstream.password or ""
-    if ":" in user:
-        raise ValueError("the username contains ':', which Basic authentication cannot carry")
-    return base64.b64encode(("%s:%s" % (user, password)).encode("utf-8")).decode("ascii")
-
-
 class _Context:
     """What an error message needs: which proxy, which destination, which secrets to scrub."""
 
@@ -222,228 +173,6 @@ class _Context:
         return repr(self.text(data))
 
 
-# --- HTTP CONNECT -------------------------------------------------------------------------------
-
-_STATUS = re.compile(rb"HTTP/1\.[0-9] ([0-9]{3})(?: (.*))?\Z", re.DOTALL)
-
-
-class _HTTPConnectReply:
-    """Incremental parser of the head of a CONNECT reply (LF or CRLF line ends, bounded).
-
-    A non-2xx status decides the outcome at once: its headers and body are never read.
-    """
-
-    def __init__(self, ctx, credentials_sent):
-        self._ctx = ctx
-        self._credentials_sent = credentials_sent
-        self._buf = bytearray()
-        self._size = 0  # bytes of complete head lines consumed so far
-        self._status = None
-        self._headers = 0
-
-    def feed(self, data):
-        """Consume bytes; return ``(b"", leftover)`` once the head is complete, ``(b"", None)`` before.
-
-        :raises UpstreamError: a refusal or a malformed reply.
-        """
-        self._buf += data
-        while True:
-            nl = self._buf.find(b"\n")
-            if nl < 0:
-                break
-            self._size += nl + 1
-            if self._size > MAX_HEAD:
-                raise self._malformed("reply head exceeds %d bytes" % MAX_HEAD)
-            line = bytes(self._buf[:nl])
-            del self._buf[: nl + 1]
-            if line.endswith(b"\r"):
-                line = line[:-1]
-            if self._status is None:
-                if nl + 1 > MAX_STATUS_LINE:
-                    raise self._malformed("status line exceeds %d bytes" % MAX_STATUS_LINE)
-                self._status_line(line)
-            elif not line:
-                return b"", bytes(self._buf)
-            else:
-                self._header_line(line)
-        room = MAX_STATUS_LINE if self._status is None else MAX_HEAD - self._size
-        if len(self._buf) >= room:
-            what = "status line exceeds %d bytes" % MAX_STATUS_LINE if self._status is None else None
-            raise self._malformed(what or "reply head exceeds %d bytes" % MAX_HEAD)
-        return b"", None
-
-    def _status_line(self, line):
-        match = _STATUS.match(line)
-        if match is None:
-            raise self._malformed("status line %s" % self._ctx.quote(line))
-        status = int(match.group(1))
-        if 200 <= status < 300:
-            self._status = status
-            return
-        reason = self._ctx.text(match.group(2) or b"")
-        text = "answered %d %s to %s" % (status, reason, self._ctx.target)
-        if status == 407:
-            sent = "credentials were sent" if self._credentials_sent else "no credentials configured"
-            raise self._ctx.error(AuthRefused, "%s (%s)" % (text, sent))
-        if 400 <= status < 500:
-            raise self._ctx.error(Forbidden, text)
-        if 500 <= status < 600:
-            raise self._ctx.error(Unreachable, text)
-        raise self._ctx.error(MalformedReply, "unexpectedly " + text)
-
-    def _header_line(self, line):
-        self._headers += 1
-        if self._headers > MAX_HEADERS:
-            raise self._malformed("more than %d header lines" % MAX_HEADERS)
-        if line[:1] in (b" ", b"\t"):  # obsolete line folding: part of the previous header
-            return
-        name, colon, _ = line.partition(b":")
-        if not colon or not name or name != name.strip():
-            raise self._malformed("header line %s" % self._ctx.quote(line))
-
-    def _malformed(self, why):
-        return self._ctx.error(MalformedReply, "sent a malformed reply to %s: %s" % (self._ctx.target, why))
-
-
-# --- SOCKS5 -------------------------------------------------------------------------------------
-
-_SOCKS_REPLIES = {
-    1: (Unreachable, "general SOCKS server failure"),
-    2: (Forbidden, "connection not allowed by ruleset"),
-    3: (Unreachable, "network unreachable"),
-    4: (Unreachable, "host unreachable"),
-    5: (Unreachable, "connection refused"),
-    6: (Unreachable, "TTL expired"),
-    7: (MalformedReply, "command not supported"),
-    8: (MalformedReply, "address type not supported"),
-}
-_NO_AUTH, _USER_PASS, _NO_ACCEPTABLE = 0x00, 0x02, 0xFF
-
-
-def _socks_auth(upstream):
-    """The RFC 1929 username/password request; ValueError when a field does not fit its length byte."""
-    user = (upstream.username or "").encode("utf-8")
-    password = (upstream.password or "").encode("utf-8")
-    if len(user) > 255 or len(password) > 255:
-        raise ValueError("SOCKS5 username and password are limited to 255 bytes each")
-    return b"\x01" + bytes([len(user)]) + user + bytes([len(password)]) + password
-
-
-def _socks_request(ip, name, port):
-    """The RFC 1928 CONNECT request: ATYP 3 for names, 1 for IPv4, 4 for IPv6."""
-    if ip is None:
-        address = b"\x03" + bytes([len(name)]) + name
-    else:
-        address = (b"\x01" if ip.version == 4 else b"\x04") + ip.packed
-    return b"\x05\x01\x00" + address + port.to_bytes(2, "big")
-
-
-class _Socks5Reply:
-    """Incremental parser of the server's side of RFC 1928/1929: method choice, auth status, reply.
-
-    Returns the next client message as soon as the previous server message is complete, and
-    copes with every message arriving split at any byte.
-    """
-
-    def __init__(self, ctx, auth, request):
-        self._ctx = ctx
-        self._auth = auth  # RFC 1929 request bytes, or None when no credentials are configured
-        self._request = request
-        self._buf = bytearray()
-        self._step = self._method
-        self.bound = None  # (host, port) from BND.ADDR/BND.PORT after success
-
-    def feed(self, data):
-        """Consume bytes; return ``(bytes to send, leftover or None)``.
-
-        :raises UpstreamError: a refusal or a malformed reply.
-        """
-        self._buf += data
-        out = []
-        while True:
-            step = self._step
-            result = step(out)
-            if result is not None:
-                return b"".join(out), result
-            if self._step is step:
-                return b"".join(out), None
-
-    def _method(self, out):
-        if not self._version(5, "method selection"):
-            return None
-        if len(self._buf) < 2:
-            return None
-        method = self._buf[1]
-        del self._buf[:2]
-        offered = _USER_PASS if self._auth is not None else _NO_AUTH
-        if method == _NO_ACCEPTABLE:
-            what = "username/password" if self._auth is not None else "no authentication"
-            raise self._ctx.error(AuthRefused, "accepts none of the offered SOCKS5 methods (offered %s)" % what)
-        if method != offered:
-            raise self._ctx.error(MalformedReply, "chose SOCKS5 method 0x%02x, which was not offered" % method)
-        if self._auth is not None:
-            out.append(self._auth)
-            self._step = self._auth_status
-        else:
-            out.append(self._request)
-            self._step = self._reply
-        return None
-
-    def _auth_status(self, out):
-        if not self._version(1, "username/password reply"):
-            return None
-        if len(self._buf) < 2:
-            return None
-        status = self._buf[1]
-        del self._buf[:2]
-        if status != 0:
-            raise self._ctx.error(AuthRefused, "rejected the SOCKS5 username/password (RFC 1929 status %d)" % status)
-        out.append(self._request)
-        self._step = self._reply
-        return None
-
-    def _reply(self, out):
-        if not self._version(5, "reply") or len(self._buf) < 2:
-            return None
-        rep = self._buf[1]
-        if rep != 0:
-            cls, text = _SOCKS_REPLIES.get(rep, (MalformedReply, "unknown reply code"))
-            raise self._ctx.error(cls, "refused %s: %s (SOCKS5 reply %d)" % (self._ctx.target, text, rep))
-        if len(self._buf) < 5:
-            return None
-        atyp = self._buf[3]
-        if atyp == 1:
-            size = 4
-        elif atyp == 4:
-            size = 16
-        elif atyp == 3:
-            size = 1 + self._buf[4]
-        else:
-            raise self._ctx.error(MalformedReply, "sent SOCKS5 reply with unknown address type %d" % atyp)
-        end = 4 + size + 2
-        if len(self._buf) < end:
-            return None
-        raw = bytes(self._buf[4 : 4 + size])
-        if atyp == 3:
-            host = raw[1:].decode("ascii", "replace")
-        else:
-            host = str(ipaddress.ip_address(raw))
-        self.bound = (host, int.from_bytes(self._buf[end - 2 : end], "big"))
-        leftover = bytes(self._buf[end:])
-        del self._buf[:]
-        return leftover
-
-    def _version(self, expected, what):
-        """False until the version byte is in; raise at once when it is wrong."""
-        if not self._buf:
-            return False
-        if self._buf[0] != expected:
-            raise self._ctx.error(
-                MalformedReply, "sent SOCKS5 %s with version %d (expected %d)" % (what, self._buf[0], expected)
-            )
-        return True
-
-
 # --- the protocol -------------------------------------------------------------------------------
 
 _IDLE, _HANDSHAKING, _ESTABLISHED, _FAILED = "idle", "handshaking", "established", "failed"
@@ -458,6 +187,7 @@ class HandshakeClient(Protocol):
     """
 
     bound = None  # SOCKS5 only: (host, port) the proxy reported as BND.ADDR/BND.PORT
+    on_connected = None  # f(self) once connected (a direct dial's completion)
 
     def __init__(self, reactor, upstream, handshake_timeout):
         self.upstream = upstream
@@ -509,14 +239,19 @@ class HandshakeClient(Protocol):
         self.transport.write(request)
         return d
 
-    def attach(self, leg):
-        """Forward all later events to ``leg``, first replaying those held since the handshake succeeded."""
+    def attach(self, leg, first=b""):
+        """Forward all later events to ``leg``: first ``first`` (the bytes that followed the
+        proxy's reply), then the events held since the handshake succeeded, then live ones.
+        From then on a chunk from the device goes to ``leg.dataReceived`` directly."""
         if self._state != _ESTABLISHED or self._leg is not None:
             raise RuntimeError("attach() needs a successful handshake and may be called once")
+        if first:
+            self._held.appendleft(("dataReceived", (first,)))
         while self._held:  # events arriving during the replay queue up behind it
             name, args = self._held.popleft()
             getattr(leg, name)(*args)
         self._leg = leg
+        self.dataReceived = leg.dataReceived  # one hop per chunk: the transport calls the leg
 
     def abort(self):
         """Reset the device connection (cancelling a handshake in progress); safe to call any time."""
@@ -526,6 +261,11 @@ class HandshakeClient(Protocol):
             self._reset()
 
     # Twisted callbacks
+
+    def connectionMade(self):
+        """IProtocol.connectionMade"""
+        if self.on_connected is not None:
+            self.on_connected(self)
 
     def dataReceived(self, data):
         """IProtocol.dataReceived"""
@@ -628,21 +368,18 @@ class HTTPConnectClient(HandshakeClient):
     """HTTP CONNECT (RFC 9110 §9.3.6) with pre-sent Basic credentials, so no 407 round trip is needed."""
 
     def _begin(self, ctx, ip, name, port, authority):
-        lines = ["CONNECT %s HTTP/1.1" % authority, "Host: %s" % authority]
         credentials = _has_credentials(self.upstream)
-        if credentials:
-            lines.append("Proxy-Authorization: Basic %s" % _basic_token(self.upstream))
-        request = ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
-        return _HTTPConnectReply(ctx, credentials), request
+        token = httpconnect.basic_token(self.upstream) if credentials else None
+        return httpconnect.HTTPConnectReply(ctx, credentials), httpconnect.connect_request(authority, token)
 
 
 class Socks5Client(HandshakeClient):
     """SOCKS5 CONNECT (RFC 1928), offering only username/password (RFC 1929) when credentials exist."""
 
     def _begin(self, ctx, ip, name, port, authority):
-        auth = _socks_auth(self.upstream) if _has_credentials(self.upstream) else None
-        greeting = b"\x05\x01" + bytes([_USER_PASS if auth is not None else _NO_AUTH])
-        return _Socks5Reply(ctx, auth, _socks_request(ip, name, port)), greeting
+        auth = socks5.auth_request(self.upstream) if _has_credentials(self.upstream) else None
+        greeting = socks5.greeting(auth)
+        return socks5.Socks5Reply(ctx, auth, socks5.connect_request(ip, name, port)), greeting
 
 
 _CLIENTS = {"http": HTTPConnectClient, "socks5": Socks5Client}
@@ -666,14 +403,67 @@ class _HandshakeFactory(Factory):
         return _CLIENTS[self._upstream.scheme](self._reactor, self._upstream, self._handshake_timeout)
 
 
-def _endpoint(reactor, upstream, connect_timeout):
-    """TCP4/TCP6 endpoints for IP literals (no resolver involved), HostnameEndpoint for names."""
-    try:
-        ip = ipaddress.ip_address(upstream.host)
-    except ValueError:
-        return HostnameEndpoint(reactor, upstream.host, upstream.port, timeout=connect_timeout)
-    cls = TCP4ClientEndpoint if ip.version == 4 else TCP6ClientEndpoint
-    return cls(reactor, upstream.host, upstream.port, timeout=connect_timeout)
+class _DirectDial(ClientFactory):
+    """One dial to an IP literal with ``connectTCP`` itself: no endpoint wrapper, so the device's
+    transport delivers straight to the :class:`HandshakeClient` (and, once attached, to the relay)."""
+
+    noisy = False
+
+    def __init__(self, reactor, upstream, connect_timeout, handshake_timeout, where):
+        self._reactor = reactor
+        self._upstream = upstream
+        self._handshake_timeout = handshake_timeout
+        self._where = where
+        self._connect_timeout = connect_timeout
+        self.result = defer.Deferred(self._cancel)
+        self._giving_up = False
+        self._timer = reactor.callLater(connect_timeout, self._timed_out)
+        # Our timer is the only one (the connector's own would be a second per dial).
+        self._connector = reactor.connectTCP(upstream.host, upstream.port, self, timeout=None)
+
+    def buildProtocol(self, addr):
+        """IProtocolFactory.buildProtocol"""
+        protocol = _CLIENTS[self._upstream.scheme](self._reactor, self._upstream, self._handshake_timeout)
+        protocol.on_connected = self._connected
+        return protocol
+
+    def _connected(self, protocol):
+        self._stop_timer()
+        if self.result.called:  # cancelled or timed out just before the connect completed
+            protocol.transport.abortConnection()
+        else:
+            self.result.callback(protocol)
+
+    def clientConnectionFailed(self, connector, reason):
+        """IProtocolFactory (ClientFactory): the TCP connect failed (or we stopped it)."""
+        self._stop_timer()
+        if not self.result.called and not self._giving_up:
+            self.result.errback(Unreachable("%s is unreachable: %s" % (self._where, reason.getErrorMessage())))
+
+    def _timed_out(self):
+        self._timer = None
+        self._stop_connecting()
+        if not self.result.called:
+            why = "%s is unreachable: no connection within %gs" % (self._where, self._connect_timeout)
+            self.result.errback(Unreachable(why))
+
+    def _cancel(self, d):
+        self._stop_timer()
+        self._stop_connecting()
+        d.errback(defer.CancelledError("dialing %s was cancelled" % self._where))
+
+    def _stop_connecting(self):
+        """Give up the attempt; its clientConnectionFailed (synchronous) is ours, not news."""
+        self._giving_up = True
+        try:
+            self._connector.stopConnecting()
+        except error.NotConnectingError:
+            pass
+
+    def _stop_timer(self):
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
 
 
 def dial(reactor, upstream, connect_timeout, handshake_timeout):
@@ -689,6 +479,8 @@ def dial(reactor, upstream, connect_timeout, handshake_timeout):
     if upstream.scheme not in _CLIENTS:
         raise ValueError("unsupported proxy scheme %r" % (upstream.scheme,))
     where = _where(upstream)
+    if upstream.is_ip:
+        return _DirectDial(reactor, upstream, connect_timeout, handshake_timeout, where).result
 
     def timed_out(failure, timeout):
         raise Unreachable("%s is unreachable: no connection within %gs" % (where, timeout))
@@ -700,7 +492,8 @@ def dial(reactor, upstream, connect_timeout, handshake_timeout):
             raise defer.CancelledError("dialing %s was cancelled" % where)
         raise Unreachable("%s is unreachable: %s" % (where, failure.getErrorMessage()))
 
-    d = _endpoint(reactor, upstream, connect_timeout).connect(_HandshakeFactory(reactor, upstream, handshake_timeout))
+    endpoint = HostnameEndpoint(reactor, upstream.host, upstream.port, timeout=connect_timeout)
+    d = endpoint.connect(_HandshakeFactory(reactor, upstream, handshake_timeout))
     d.addTimeout(connect_timeout, reactor, onTimeoutCancel=timed_out)
     d.addErrback(failed)
     return d

@@ -49,6 +49,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from ovpnmgr.session import State
 from tests.bench.namespace_run import percentile
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -196,7 +197,7 @@ class Stack:
             return True
         sessions = self.controller.sessions
         epoch = self.controller.epoch
-        return all(getattr(sessions.get((epoch, c)), "state", None) == "established" for c in cids)
+        return all(getattr(sessions.get((epoch, c)), "state", None) is State.ESTABLISHED for c in cids)
 
     def session_count(self):
         return None if self.controller is None else len(self.controller.sessions)
@@ -235,7 +236,7 @@ class DaemonStack(Stack):
 
     async def stop(self):
         await self.top.stopService()
-        ipset = getattr(self.controller.firewall, "_ipset", None)
+        ipset = getattr(self.controller.ledger.firewall, "_ipset", None)
         if ipset is not None:
             ipset.close()
 

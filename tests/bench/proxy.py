@@ -32,6 +32,7 @@ import os
 import platform
 import resource
 import select
+import shutil
 import signal
 import statistics
 import subprocess
@@ -599,6 +600,9 @@ class Bench:
                 % (name, a.setup, a.concurrency, out["conns_s"], a.ttfb, lat["p50_ms"], text or "(no report)")
             )
             self.rec(name)["profile"] = str(path)
+            raw = relay.tmp / ("%s.profile.txt.pstats" % name)
+            if raw.exists():  # the raw pstats, for views the text leaves out (callers of anything)
+                shutil.copyfile(raw, path.with_suffix(".pstats"))
             self.log("%-22s profile written to %s" % (name, path))
 
     def verify(self):

@@ -138,6 +138,7 @@ def main(argv=None):
             with open(tmp, "w") as f:
                 f.write(text.getvalue())
             os.replace(tmp, args.profile_file)
+            prof.dump_stats(args.profile_file + ".pstats")  # the raw data, for pstats' other views
 
     signal.signal(signal.SIGUSR1, lambda *_: reactor.callFromThread(dump_stats))
     signal.signal(signal.SIGUSR2, lambda *_: reactor.callFromThread(toggle_profile))

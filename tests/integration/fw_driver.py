@@ -27,7 +27,10 @@ from ovpnmgr.config import FirewallConfig
 from ovpnmgr.directory import Device, Directory
 from ovpnmgr.firewall import Firewall, FirewallError
 from ovpnmgr.ipset import NetlinkIPSet
+from ovpnmgr.ledger import Ledger
+from ovpnmgr.pool import AddressPool
 from ovpnmgr.process import CommandError, ProcessRunner
+from proxy.mappings import MappingTable
 from proxy.upstream import Upstream
 
 
@@ -73,7 +76,13 @@ def _op(reactor, fw, op):
         drift = yield fw.check(op["expected"])
         return _drift(drift)
     if kind == "repair":
-        drift = yield fw.repair(op["expected"])
+        # The daemon's repair: the ledger, holding exactly the expected addresses, checks and fixes.
+        pool = AddressPool(fw.subnet, fw.subnet.network_address + 1)
+        for ip in op["expected"]:
+            pool.claim(ip, ip)
+        ledger = Ledger(pool, fw, MappingTable())
+        drift = yield ledger.check()
+        yield ledger.repair(drift)
         return _drift(drift)
     if kind == "cycles":
         n = op["n"]

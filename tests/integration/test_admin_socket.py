@@ -1,94 +1,27 @@
 """The admin socket of the real daemon, against a real OpenVPN 2.6 server and clients.
 
 Root only: the lab (namespaces, OpenVPN, ipset/iptables) and twistd pocketproxy
-with ``admin.socket`` set. Every wait is bounded.
+with ``admin.socket`` set. Every wait is bounded. The ``lab`` and ``admin_path`` fixtures
+are in ``tests/integration/conftest.py``, the admin client in ``tests/integration/helpers.py``.
 """
 
 import ipaddress
 import json
 import os
-import shutil
-import socket
 import stat
 import sys
-import tempfile
 import time
 
 import pytest
 
+from tests.integration.helpers import IPSET, AdminClient, members, sample, scrape
 from tests.lab.daemon import Daemon
 from tests.lab.netns import require_root, wait_for
 from tests.lab.openvpn import Lab
+from tests.lab.probes import NETCLIENT, run_json
 
-IPSET = "pocketproxy-clients"
 USERS = {"alice": {"password": "alice-pw"}, "bob": {"password": "bob-pw"}}
 BANNER = b">INFO:pocketproxy admin interface version 1 -- type 'help' for more info\r\n"
-
-
-class AdminClient:
-    """A blocking admin-socket client with a deadline on every read."""
-
-    def __init__(self, path, timeout=20):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        self.sock.connect(path)
-        self.buffer = b""
-        self.banner = self._line() + b"\r\n"
-
-    def _line(self):
-        while b"\r\n" not in self.buffer:
-            data = self.sock.recv(65536)
-            if not data:
-                raise EOFError("admin socket closed; pending %r" % self.buffer)
-            self.buffer += data
-        line, self.buffer = self.buffer.split(b"\r\n", 1)
-        return line
-
-    def single(self, command):
-        self.sock.sendall(command.encode() + b"\n")
-        return self._line().decode()
-
-    def multi(self, command):
-        self.sock.sendall(command.encode() + b"\n")
-        lines = []
-        while True:
-            line = self._line().decode()
-            lines.append(line)
-            if line == "END" or (len(lines) == 1 and line.startswith("ERROR:")):
-                return lines
-
-    def close(self):
-        self.sock.close()
-
-
-def pp_stats(admin_path):
-    """``pp stats --json`` from the admin socket, parsed."""
-    admin = AdminClient(admin_path)
-    try:
-        lines = admin.multi("pp stats --json")
-    finally:
-        admin.close()
-    assert lines[-1] == "END", lines
-    return json.loads(lines[0])
-
-
-@pytest.fixture
-def lab(tmp_path):
-    require_root()
-    with Lab(tmp_path / "lab") as lab:
-        yield lab
-
-
-@pytest.fixture
-def admin_path():
-    directory = tempfile.mkdtemp(prefix="ppadm-")  # unix socket paths must stay short
-    yield os.path.join(directory, "admin.sock")
-    shutil.rmtree(directory, ignore_errors=True)
-
-
-def members(lab):
-    out = lab.server_ns.run("ipset", "list", IPSET).stdout
-    return {ipaddress.IPv4Address(line.strip()) for line in out.split("Members:")[1].split()} if "Members:" in out else set()
 
 
 def test_admin_socket_against_real_openvpn(lab, tmp_path, admin_path):
@@ -163,35 +96,6 @@ def test_admin_socket_against_real_openvpn(lab, tmp_path, admin_path):
 
 
 # --- bytes per client, the metrics endpoint, periodic firewall repair ------------------------
-
-NETCLIENT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lab", "netclient.py")
-METRICS_PORT = 9105
-_SCRAPE = (
-    "import sys, urllib.request\n"
-    "sys.stdout.write(urllib.request.urlopen('http://127.0.0.1:%d/metrics', timeout=10).read().decode())\n"
-    % METRICS_PORT
-)
-
-
-def run_json(ns, *argv, timeout=30):
-    out = ns.run(*argv, check=False, timeout=timeout + 30)
-    try:
-        return json.loads(out.stdout.strip().splitlines()[-1])
-    except (IndexError, ValueError):
-        raise AssertionError("%s failed (%s): %s %s" % (argv, out.returncode, out.stdout, out.stderr))
-
-
-def scrape(lab):
-    """The daemon's /metrics (it listens on the server namespace's loopback), strictly parsed."""
-    from tests.unit.test_metrics import parse
-
-    return parse(lab.server_ns.run(sys.executable, "-c", _SCRAPE, timeout=30).stdout)
-
-
-def sample(families, name, **labels):
-    from tests.unit.test_metrics import value
-
-    return value(families, name, **labels)
 
 
 @pytest.fixture

@@ -22,12 +22,11 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.integration.test_admin_socket import NETCLIENT, run_json
-from tests.integration.test_hostile import Listener, probe
 from tests.lab.daemon import Daemon
 from tests.lab.internet import ISP_GATEWAY
 from tests.lab.netns import require_root, require_tools, wait_for
 from tests.lab.openvpn import OPENVPN, Lab
+from tests.lab.probes import NETCLIENT, Listener, probe, run_json
 from tests.lab.world import ORIGIN_IP, ORIGIN_NAME, TINYPROXY, World
 
 PHONE_LIMIT = 50

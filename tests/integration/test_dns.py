@@ -10,9 +10,12 @@ One lab for the module (torn down at the end, also on failure)::
 
 The daemon pushes ``dhcp-option DNS 10.9.0.1`` and resolves each client's queries with DNS
 over TCP through that client's phone to 203.0.113.10:53 (``dns.resolver``), with
-``query_timeout: 2``. The server namespace has no route to the origin, so every answer that
-arrives came through the phone. Queries are sent by a small stdlib client (:data:`_DIG`) run
-in a namespace; every wait is bounded.
+``query_timeout: 2``. The origin's DNS server logs every query's source, so a query it saw
+from the phone's address came through the phone (the server namespace could reach the origin
+over its uplink: :func:`test_origin_sees_only_the_device` checks that it never does). Queries
+are sent by :func:`tests.lab.dnsclient.dig` run in a namespace; every wait is bounded. That a
+query did *not* reach the origin is proven with a sentinel (:meth:`DNSOrigin.before_sentinel`):
+a later query along the same path that is waited for, never a fixed sleep.
 """
 
 import os
@@ -20,38 +23,21 @@ import shutil
 import signal
 import sys
 import tempfile
-import time
-from dataclasses import dataclass
 
 import pytest
 import yaml
 
-from tests.integration.test_admin_socket import NETCLIENT, pp_stats, run_json, sample, scrape
+from tests.integration.helpers import DNSEnv as Env
+from tests.integration.helpers import sample, scrape
 from tests.lab.daemon import Daemon
-from tests.lab.dnsclient import A, NOERROR, NXDOMAIN, REFUSED, SERVFAIL, dig  # noqa: F401 (others import them here)
-from tests.lab.netns import NETNS_ETC, require_root, require_tools, wait_for
+from tests.lab.dnsclient import NOERROR, NXDOMAIN, REFUSED, SERVFAIL, dig
+from tests.lab.netns import require_root, require_tools, wait_for
 from tests.lab.openvpn import OPENVPN, SERVER_UNDERLAY_IP, Lab
+from tests.lab.probes import NETCLIENT, run_json
 from tests.lab.world import ORIGIN_IP, TINYPROXY, World
 
 DNS_IP = "10.9.0.1"
 QUERY_TIMEOUT = 2.0
-
-@dataclass
-class Env:
-    lab: Lab
-    world: World
-    daemon: Daemon
-    phone: object
-    dns: object
-    alice: object
-    admin_path: str
-
-    def logs(self):
-        return "%s\n%s\n==== pocketproxy ====\n%s" % (self.lab.logs(20), self.world.logs(20), self.daemon.tail(60))
-
-    def stats(self):
-        """``pp stats --json`` ["dns"] from the admin socket."""
-        return pp_stats(self.admin_path)["dns"]
 
 
 @pytest.fixture(scope="module")
@@ -92,25 +78,6 @@ def env(tmp_path_factory):
                 daemon.stop()
     finally:
         shutil.rmtree(sockdir, ignore_errors=True)
-
-
-@pytest.fixture
-def resolv_conf(env):
-    """``nameserver 10.9.0.1`` as alice's /etc/resolv.conf (``ip netns exec`` bind-mounts
-    /etc/netns/NAME/resolv.conf); removed again afterwards."""
-    directory = os.path.join(NETNS_ETC, env.alice.ns.name)
-    created = not os.path.isdir(directory)
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, "resolv.conf")
-    try:
-        with open(path, "w") as f:
-            f.write("nameserver %s\noptions timeout:3 attempts:1\n" % DNS_IP)
-        yield path
-    finally:
-        if created:
-            shutil.rmtree(directory, ignore_errors=True)
-        elif os.path.exists(path):
-            os.unlink(path)
 
 
 def test_client_received_pushed_dns_option(env):
@@ -192,9 +159,12 @@ def test_cache_answers_without_asking_again(env):
     for again in (second, third):
         assert again.get("rcode") == NOERROR and again["answers"] == first["answers"], again
         assert 0 < again["ttls"][0] <= first["ttls"][0], (first, again)
-    time.sleep(0.3)  # a query that did go out would be logged by now
-    assert len(env.dns.queries(since=mark, qname=name)) == seen, env.dns.log_lines(mark)
-    after = env.stats()
+    after = env.stats()  # before the sentinel below, which is one more miss
+    # Absence, proven by a sentinel: an uncached name asked now through the same phone reaches the
+    # origin after any query the two cached answers sent.
+    sentinel = "cached-sentinel.bench.test"
+    logged = env.dns.before_sentinel(lambda: dig(env.alice.ns, sentinel), sentinel, since=mark)
+    assert len([line for line in logged if line.split()[2:3] == [name]]) == seen, logged
 
     assert after_first["cache"]["misses"] == before["cache"]["misses"] + 1, (before, after_first)
     assert after_first["cache"]["hits"] == before["cache"]["hits"], (before, after_first)
@@ -229,13 +199,16 @@ def test_not_an_open_resolver_and_other_udp_fails_closed(env):
         assert not got.get("answers"), got
         assert got.get("rcode") == REFUSED or got.get("error") in ("timeout", "refused", "reset"), got
         assert got.get("rcode") is None or got.get("id_ok"), got
-    time.sleep(0.3)
-    leaked = [q for q in env.dns.queries(since=mark) if q.qname.startswith("open")]
-    assert not leaked, leaked
     # The kernel refuses the underlay query before the daemon sees it (firewall POCKETPROXY-UL:
     # the DNS service answers only the tunnel), at once rather than by a timeout.
     got = dig(customer, "open-check.bench.test", timeout=3)
     assert got.get("error") == "refused" and got["seconds"] < 1.0, got
+    # Absence, proven by a sentinel: alice's uncached name, through the daemon and her phone,
+    # reaches the origin after anything the outsiders' queries sent.
+    sentinel = "outsider-sentinel.bench.test"
+    logged = env.dns.before_sentinel(lambda: dig(env.alice.ns, sentinel), sentinel, since=mark)
+    leaked = [line for line in logged if line.split()[2:3] and line.split()[2].startswith("open")]
+    assert not leaked, leaked
 
     for port in (54, 443, 5353, 12345):
         got = dig(env.alice.ns, "origin.test", "udp", port=port, timeout=3)
@@ -260,10 +233,13 @@ def test_device_down_servfail_fast_then_recovers(env):
             print("device down: %s SERVFAIL after %.2f s" % (proto, got["seconds"]))
         cached = dig(env.alice.ns, warm)
         assert cached.get("rcode") == NOERROR and cached["answers"], cached
-        time.sleep(0.3)
-        assert not env.dns.queries(since=mark), env.dns.log_lines(mark)
     finally:
         env.phone.start()
+    # Absence, proven by a sentinel: an uncached name asked through the phone, now back, reaches
+    # the origin after anything the lookups while it was down sent.
+    sentinel = "down-sentinel.bench.test"
+    logged = env.dns.before_sentinel(lambda: dig(env.alice.ns, sentinel, timeout=QUERY_TIMEOUT + 5), sentinel, since=mark)
+    assert not logged, logged
     mark = env.dns.log_mark()
     got = dig(env.alice.ns, "down1.bench.test", timeout=QUERY_TIMEOUT + 5)
     assert got.get("rcode") == NOERROR and len(got["answers"]) == 1, "%s\n%s" % (got, env.daemon.tail())

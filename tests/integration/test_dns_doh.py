@@ -11,27 +11,31 @@ The daemon runs with ``dns: {resolver: https://origin.test:8443/dns-query, ca_fi
 origin's lab CA>, query_timeout: 2}``: it asks the origin with HTTP/1.1 GETs over TLS,
 tunnelled through alice's phone (which resolves ``origin.test`` from its own hosts file), on
 kept-alive connections. The origin logs each DoH query as ``<src> doh <qname> <qtype>`` and each
-accepted connection as ``<src> doh-connect`` (:class:`tests.lab.world.DNSOrigin`). The server
-namespace has no route to the origin, so every answer came through the phone. The query stub,
-``resolv.conf`` fixture and :class:`Env` are ``test_dns.py``'s.
+accepted connection as ``<src> doh-connect`` (:class:`tests.lab.world.DNSOrigin`), so a query
+it saw from the phone's address came through the phone. The query stub is
+:func:`tests.lab.dnsclient.dig`, the ``resolv_conf`` fixture is in
+``tests/integration/conftest.py`` and :class:`Env` (shared with ``test_dns.py``) in
+``tests/integration/helpers.py``. That nothing reached the origin is proven with a sentinel, a
+later exchange along the same path that is waited for, never a fixed sleep.
 """
 
 import os
 import re
 import sys
-import time
 
 import pytest
 
-from tests.integration.test_admin_socket import NETCLIENT, run_json
-from tests.integration.test_dns import DNS_IP, NOERROR, NXDOMAIN, QUERY_TIMEOUT, SERVFAIL, Env, dig
-from tests.integration.test_dns import resolv_conf  # noqa: F401  (fixture: alice resolves via 10.9.0.1)
+from tests.integration.helpers import DNSEnv as Env
 from tests.lab.daemon import Daemon
 from tests.lab.dns_origin import bench_address
-from tests.lab.netns import require_root, require_tools
+from tests.lab.dnsclient import NOERROR, NXDOMAIN, SERVFAIL, dig
+from tests.lab.netns import require_root, require_tools, wait_for
 from tests.lab.openvpn import OPENVPN, SERVER_UNDERLAY_IP, Lab
+from tests.lab.probes import NETCLIENT, run_json
 from tests.lab.world import TINYPROXY, World
 
+DNS_IP = "10.9.0.1"
+QUERY_TIMEOUT = 2.0
 DOH_PORT = 8443
 KEEPALIVE_LOOKUPS = 10
 TLS_PROBLEM = re.compile(r"(?i)certificate|\btls\b|\bssl\b|verif")
@@ -106,7 +110,7 @@ def test_the_lab_doh_endpoint_answers_the_phone_only(env):
     assert env.dns.doh_connections(since=mark) == [env.phone.origin_ip]
 
 
-def test_resolves_over_doh_through_the_device_and_fetches_by_name(env, resolv_conf):  # noqa: F811
+def test_resolves_over_doh_through_the_device_and_fetches_by_name(env, resolv_conf):
     """http://origin.test/whoami, resolved by alice's libc through 10.9.0.1, is fetched through
     the phone; the lookup reached the origin over DoH from the phone's address. Uncached names
     over UDP and TCP, and a missing name, are answered the same way."""
@@ -173,16 +177,22 @@ def test_device_down_servfail_within_the_query_timeout_then_recovers(env):
             assert got.get("rcode") == SERVFAIL and not got["answers"], got
             assert got["seconds"] < QUERY_TIMEOUT + 0.5, got
             print("device down: %s SERVFAIL after %.2f s" % (proto, got["seconds"]))
-        time.sleep(0.3)
-        assert not env.dns.log_lines(mark), env.dns.log_lines(mark)
     finally:
         env.phone.start()
-    mark = env.dns.log_mark()
+    # Absence, proven by a sentinel: an uncached name asked through the phone, now back, reaches
+    # the origin after anything the lookups while it was down sent. Before its query the origin
+    # logged exactly one connection: the sentinel's own, new one, from the phone.
+    sentinel = "down-sentinel.bench.test"
+    back = env.dns.log_mark()
+    logged = env.dns.before_sentinel(lambda: dig(env.alice.ns, sentinel, timeout=QUERY_TIMEOUT + 5), sentinel, since=mark)
+    assert logged == ["%s doh-connect" % env.phone.origin_ip], logged
     got = dig(env.alice.ns, "down1.bench.test", timeout=QUERY_TIMEOUT + 5)
     assert (got.get("rcode"), got.get("answers")) == (NOERROR, [bench_address("down1.bench.test")]), (
         "%s\n%s" % (got, env.daemon.tail()))
-    assert [(q.source, q.proto) for q in env.dns.queries(since=mark)] == [(env.phone.origin_ip, "doh")]
-    assert env.dns.doh_connections(since=mark) == [env.phone.origin_ip]
+    # The sentinel and down1, each once, from the phone, on the one new connection.
+    assert [(q.source, q.proto, q.qname) for q in env.dns.queries(since=back)] == [
+        (env.phone.origin_ip, "doh", sentinel), (env.phone.origin_ip, "doh", "down1.bench.test")]
+    assert env.dns.doh_connections(since=back) == [env.phone.origin_ip]
 
 
 def test_daemon_log_has_no_errors_and_no_query_names(env):
@@ -209,7 +219,13 @@ def test_wrong_ca_servfail_fast_and_names_the_tls_problem(env, tmp_path):
         assert got.get("rcode") == SERVFAIL and not got["answers"], "%s\n%s" % (got, env.daemon.tail())
         assert got["seconds"] < 1.0, got
         print("wrong CA: %s SERVFAIL after %.2f s" % (proto, got["seconds"]))
-    time.sleep(0.3)
+    # Absence, proven by a sentinel: one more lookup's TLS connection through the phone is logged
+    # by the origin after anything the two before sent (each lookup opens a connection that its
+    # TLS handshake then fails).
+    opened = len(env.dns.doh_connections(since=mark))
+    got = dig(env.alice.ns, "wrongca3.bench.test", timeout=QUERY_TIMEOUT + 5)
+    assert got.get("rcode") == SERVFAIL and not got["answers"], got
+    wait_for(lambda: len(env.dns.doh_connections(since=mark)) > opened, 10, what="the sentinel lookup's DoH connection")
     assert not env.dns.queries(since=mark), env.dns.log_lines(mark)
     assert env.dns.doh_connections(since=mark), "no DoH connection reached the origin (via the phone)"
     assert set(env.dns.doh_connections(since=mark)) == {env.phone.origin_ip}

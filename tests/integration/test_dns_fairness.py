@@ -31,22 +31,23 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.integration.test_admin_socket import pp_stats
+from tests.integration.helpers import pp_stats
 from tests.lab.daemon import Daemon
 from tests.lab.dnsclient import NOERROR, dig
-from tests.lab.netns import require_root, require_tools
+from tests.lab.netns import require_root, require_tools, wait_for
 from tests.lab.openvpn import OPENVPN, Lab
 from tests.lab.world import ORIGIN_IP, TINYPROXY, World
 
 DNS_IP = "10.9.0.1"
 HELD_CONNECTIONS = 300  # more than the former shared pool of 256
+KEPT_PER_CLIENT = 16  # dns.max_tcp_per_client, the shipped default
 
 # Opens N TCP connections to the DNS service and keeps them open (at most HOLD seconds, or until
-# stdin closes). Prints {"opened", "failed"} once connected, then {"alive"} once it has seen
-# which ones the server reset.
+# stdin closes). Prints {"opened", "failed"} once connected, then {"alive"} once no more than
+# KEEP are still open (the server's resets have arrived; polled, at most 10 s).
 _HOLDER = r"""
 import json, select, socket, sys, time
-host, n, hold = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+host, n, hold, keep = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
 socks, failed = [], 0
 for i in range(n):
     s = socket.socket()
@@ -58,18 +59,25 @@ for i in range(n):
         failed += 1
         s.close()
 print(json.dumps({"opened": len(socks), "failed": failed}), flush=True)
-time.sleep(1.0)
-alive = 0
 for s in socks:
     s.setblocking(False)
-    try:
-        if s.recv(1) == b"":
-            continue  # closed by the server
-    except BlockingIOError:
-        alive += 1  # open, nothing to read: held
-    except OSError:
-        pass  # reset by the server
-print(json.dumps({"alive": alive}), flush=True)
+open_socks = list(socks)
+deadline = time.monotonic() + 10
+while True:
+    still = []
+    for s in open_socks:
+        try:
+            if s.recv(1) == b"":
+                continue  # closed by the server
+        except BlockingIOError:
+            still.append(s)  # open, nothing to read: held (so far)
+        except OSError:
+            pass  # reset by the server
+    open_socks = still
+    if len(open_socks) <= keep or time.monotonic() >= deadline:
+        break
+    time.sleep(0.05)
+print(json.dumps({"alive": len(open_socks)}), flush=True)
 deadline = time.monotonic() + hold
 while time.monotonic() < deadline:
     if select.select([sys.stdin], [], [], 0.5)[0]:
@@ -202,12 +210,12 @@ def test_one_customer_holding_300_tcp_connections_does_not_lock_out_another(env)
     meanwhile bob's TCP and UDP lookups and alice's own UDP lookups all succeed."""
     before = env.stats()["tcp"]
     holder = env.alice.ns.popen(
-        [sys.executable, "-c", _HOLDER, DNS_IP, str(HELD_CONNECTIONS), "60"],
+        [sys.executable, "-c", _HOLDER, DNS_IP, str(HELD_CONNECTIONS), "60", str(KEPT_PER_CLIENT)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )
     try:
         opened = _read_json_line(holder, 60)
-        alive = _read_json_line(holder, 10)
+        alive = _read_json_line(holder, 20)
         print("alice: %s, then %s of them still open" % (opened, alive["alive"]))
         assert opened["opened"] + opened["failed"] == HELD_CONNECTIONS, opened
         # While alice holds her connections (well within the 30 s idle timeout):
@@ -243,7 +251,9 @@ def test_a_customer_flooding_slow_names_does_not_starve_a_co_tenant_on_the_same_
         stdout=subprocess.PIPE, text=True,
     )
     try:
-        time.sleep(2.0)  # the phone's queue is full of alice's slow names by now
+        # Wait until alice's slow names fill her share of the phone: her excess starts to fail.
+        wait_for(lambda: env.stats()["queries"].get("over_share", 0) > before["queries"].get("over_share", 0), 15,
+                 interval=0.2, what="alice's first over_share SERVFAIL")
         middle = env.stats()
         results = []
         for i in range(30):
@@ -258,7 +268,7 @@ def test_a_customer_flooding_slow_names_does_not_starve_a_co_tenant_on_the_same_
     timeouts = after["queries"].get("timeout", 0) - before["queries"].get("timeout", 0)
     seconds = sorted(r["seconds"] for r in results)
     print("alice's flood: %s" % report)
-    print("daemon: %d over_share SERVFAILs, %d timeouts; at 2 s: %s" % (over, timeouts, middle["queries"]))
+    print("daemon: %d over_share SERVFAILs, %d timeouts; once her share was full: %s" % (over, timeouts, middle["queries"]))
     print("bob: rcodes %s; latency median %.3f s, max %.3f s" % (sorted(set(map(str, rcodes))), seconds[15], seconds[-1]))
     servfail_bob = sum(1 for r in results if r.get("rcode") != NOERROR)
     assert servfail_bob == 0, "bob got %s\n%s" % (rcodes, env.daemon.tail())

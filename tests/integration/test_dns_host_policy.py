@@ -22,14 +22,15 @@ import sys
 
 import pytest
 
-from tests.integration.test_dns import A, NOERROR, QUERY_TIMEOUT, SERVFAIL, dig
 from tests.lab.daemon import Daemon
 from tests.lab.dns_origin import bench_address, big_addresses
+from tests.lab.dnsclient import A, NOERROR, SERVFAIL, dig
 from tests.lab.netns import read_log, require_root, require_tools, wait_for
 from tests.lab.openvpn import OPENVPN, Lab
 from tests.lab.world import HERE, TINYPROXY, World
 
 HOST_DNS = ("127.0.0.1", 5300)
+QUERY_TIMEOUT = 2.0
 ERRORS = ("Unhandled Error", "Traceback", "#critical]")
 
 

@@ -42,13 +42,12 @@ import time
 
 import pytest
 
-from tests.integration.test_admin_socket import NETCLIENT, AdminClient, members, run_json
+from tests.integration.helpers import IPSET, AdminClient, members
 from tests.lab.daemon import Daemon
 from tests.lab.leaks import LeakWatch, send_udp
 from tests.lab.netns import require_root, require_tools, wait_for
 from tests.lab.openvpn import OPENVPN, Lab
-
-IPSET = "pocketproxy-clients"
+from tests.lab.probes import NETCLIENT, run_json
 N_CLIENTS = int(os.environ.get("POCKETPROXY_FAULT_CLIENTS", "50"))
 
 
@@ -208,6 +207,7 @@ while not line.endswith(b"\n"):
     line += conn.recv(4096)
 print("up", flush=True)
 end = "timeout"
+echoed = 0
 try:
     while True:
         conn.sendall(b"ping\n")
@@ -215,6 +215,9 @@ try:
         if not data:
             end = "eof"
             break
+        echoed += 1
+        if echoed == 3:
+            print("flowing", flush=True)  # round trips through the device have completed
         time.sleep(0.05)
 except OSError as e:
     end = type(e).__name__
@@ -247,7 +250,7 @@ def test_device_killed_mid_transfer(world_lab, tmp_path, admin_path):
     )
     try:
         assert watch.stdout.readline().strip() == "up"
-        time.sleep(0.5)
+        assert watch.stdout.readline().strip() == "flowing"  # the connection is mid-transfer
         killed = time.monotonic()
         p0.ns.stop(p0.proc, sig=9)
         out, _ = watch.communicate(timeout=30)

@@ -29,6 +29,7 @@ import pytest
 from tests.lab.daemon import Daemon
 from tests.lab.netns import require_root, require_tools, wait_for
 from tests.lab.openvpn import OPENVPN, Lab
+from tests.lab.probes import NETCLIENT, Listener, last_json, probe
 from tests.lab.world import ORIGIN_IP, TINYPROXY, World
 
 PROXY_PORT = 12345
@@ -73,22 +74,6 @@ out["seconds"] = time.monotonic() - started
 print(json.dumps(out))
 """
 
-# Listens on (address, port) and appends one line per accepted connection to a file.
-_LISTENER = r"""
-import socket, sys
-address, port, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((address, port)); s.listen(16)
-open(path, "a").close()
-while True:
-    c, peer = s.accept()
-    with open(path, "a") as f:
-        f.write("%s:%d\n" % peer)
-    c.close()
-"""
-
-_SENTINEL = "import socket, sys; socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5).close()"
-
 # Listens and completes TCP handshakes (kernel backlog) but never accepts or answers: a mute device.
 _MUTE = r"""
 import socket, sys, time
@@ -113,14 +98,6 @@ class Env:
         return "%s\n%s\n==== pocketproxy ====\n%s" % (self.lab.logs(20), self.world.logs(20), self.daemon.tail(60))
 
 
-def _json(proc_or_result, what):
-    text = proc_or_result.stdout if isinstance(proc_or_result.stdout, str) else proc_or_result.stdout.decode()
-    try:
-        return json.loads(text.strip().splitlines()[-1])
-    except (IndexError, ValueError):
-        raise AssertionError("%s printed no result: %r %r" % (what, text, proc_or_result.stderr))
-
-
 def slow_client(ns, host, port, mode, duration, payload=""):
     """Start the slow client in ``ns``; returns the Popen (stdout piped, text)."""
     return ns.popen(
@@ -143,52 +120,14 @@ def finish(proc, timeout):
     class R:
         stdout, stderr = out, err
 
-    return _json(R, "slow client")
-
-
-def probe(ns, host, port, send="", timeout=10, until_eof=False):
-    """One connection attempt from ``ns``: reset / eof / data / connect-failed / timeout (tests/lab/netclient.py);
-    ``until_eof`` returns the whole reply rather than its first segment."""
-    netclient = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lab", "netclient.py")
-    out = ns.run(sys.executable, netclient, "--timeout", str(timeout), "probe", host, str(port), "--send", send,
-                 *(["--until-eof"] if until_eof else []), check=False, timeout=timeout + 30)
-    return _json(out, "netclient probe")
+    return last_json(R, "slow client")
 
 
 def whoami(env, client, timeout=10):
-    netclient = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lab", "netclient.py")
-    out = env.clients[client].ns.run(sys.executable, netclient, "--timeout", str(timeout), "fetch",
+    """``GET http://203.0.113.10/whoami`` from ``client``'s namespace through the proxy (netclient's JSON)."""
+    out = env.clients[client].ns.run(sys.executable, NETCLIENT, "--timeout", str(timeout), "fetch",
                                      "http://%s/whoami" % ORIGIN_IP, check=False, timeout=timeout + 30)
-    return _json(out, "whoami")
-
-
-class Listener:
-    """A TCP listener in a namespace that records every accepted peer (stopped by PID at teardown)."""
-
-    def __init__(self, ns, address, port, directory):
-        self.ns = ns
-        self.address, self.port = address, port
-        self.path = os.path.join(directory, "accepts-%s-%d" % (address, port))
-        self.proc = ns.popen([sys.executable, "-c", _LISTENER, address, str(port), self.path],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(lambda: os.path.exists(self.path) or self.proc.poll() is not None, 10, what="listener")
-        assert self.proc.poll() is None, "listener on %s:%d failed to start" % (address, port)
-
-    def accepted(self):
-        with open(self.path) as f:
-            return f.read().split()
-
-    def before_sentinel(self):
-        """Every peer accepted before a sentinel connection made now from the listener's own
-        namespace: it is recorded after anything already in the accept queue, so waiting for it
-        proves what did *not* arrive (no fixed sleep)."""
-        before = len(self.accepted())
-        self.ns.run(sys.executable, "-c", _SENTINEL, self.address, str(self.port), timeout=15)
-        wait_for(lambda: len(self.accepted()) > before, 10, what="the sentinel connection to %s:%d" % (self.address, self.port))
-        return self.accepted()[:-1]
-
-    def stop(self):
-        self.ns.stop(self.proc, timeout=5)
+    return last_json(out, "whoami")
 
 
 @pytest.fixture(scope="module")

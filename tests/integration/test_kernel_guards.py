@@ -24,11 +24,11 @@ import time
 
 import pytest
 
-from tests.integration.test_hostile import Listener, probe
 from tests.lab.daemon import Daemon, users_yaml
 from tests.lab.dnsclient import dig
 from tests.lab.netns import require_root, require_tools, wait_for
 from tests.lab.openvpn import CUSTOMER_UNDERLAY_IP, OPENVPN, SERVER_UNDERLAY_IP, Lab
+from tests.lab.probes import Listener, probe
 from tests.lab.world import ORIGIN_IP, ORIGIN_IP6, ORIGIN_NAME, TINYPROXY, World
 
 MALLORY_NET6 = "fd00:99::/64"

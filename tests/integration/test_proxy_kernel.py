@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.lab.netns import Namespace, require_root
+from tests.lab.netns import Namespace, require_root, wait_for
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -282,12 +282,13 @@ def test_fd_exhaustion_refuses_new_connections_without_spinning(pair):
         before = cpu()
         for _ in range(5):
             assert pair.probe("198.51.100.7", 7000, send=b"x", recv=1, timeout=2)["result"] in ("reset", "eof", "timeout")
-        time.sleep(1.0)
+        time.sleep(1.0)  # the window a busy loop would burn CPU in: the duration is the measurement
         assert cpu() - before < 0.5, "proxy burned CPU while out of file descriptors"
         proc.stdin.close()
         assert proc.stdout.readline().strip() == b"ALIVE"
         proc.wait(10)
-        time.sleep(0.5)
+        # The holder is gone: wait until the proxy has closed every connection it held.
+        wait_for(lambda: pair.stats()["proxy"]["active"] == 0, 10, what="the proxy to close the held connections")
         r = pair.probe("198.51.100.7", 7000, send=b"again", recv=5)
         assert (r["result"], r["data"]) == ("ok", "again")
     finally:

@@ -1,7 +1,8 @@
 """Live reload of the users file in the real daemon: SIGHUP and ``pp reload``, real OpenVPN clients.
 
 Root only: the lab (namespaces, OpenVPN 2.6, ipset/iptables) and twistd
-pocketproxy. Every wait is bounded.
+pocketproxy. Every wait is bounded. The ``lab`` and ``admin_path`` fixtures are in
+``tests/integration/conftest.py``.
 """
 
 import ipaddress
@@ -11,14 +12,15 @@ import signal
 
 import yaml
 
-from tests.integration.test_admin_socket import USERS, AdminClient, admin_path, lab, members  # noqa: F401 (fixtures)
+from tests.integration.helpers import AdminClient, members
 from tests.lab.daemon import DEFAULT_DEVICES, Daemon
 from tests.lab.netns import wait_for
 
+USERS = {"alice": {"password": "alice-pw"}, "bob": {"password": "bob-pw"}}
 DEVICES = dict(DEFAULT_DEVICES, phone2="http://192.168.255.3:8080")
 
 
-def test_sighup_kicks_removed_and_remaps_changed_users(lab, tmp_path, admin_path):  # noqa: F811
+def test_sighup_kicks_removed_and_remaps_changed_users(lab, tmp_path, admin_path):
     """SIGHUP: bob (removed) is disconnected for real, alice (device changed) stays and is remapped; a bad file is refused."""
     daemon = Daemon(
         lab.server_ns, tmp_path / "daemon", lab.server.mgmt_socket, USERS, devices=DEVICES, admin={"socket": admin_path}

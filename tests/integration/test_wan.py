@@ -284,7 +284,17 @@ def test_emulator_rtt_and_loss(tmp_path):
                   timeout=30),
         ]
         assert all(f.returncode == 0 for f in floods)
-        time.sleep(2 * (DELAY + JITTER) + 0.3)  # everything queued has been delivered
+        # Wait until everything queued has been delivered: the forwarder's delay lines are empty
+        # and the far sides' kernel counters have stopped moving.
+        last = {}
+
+        def drained():
+            queued, seen = wan.stats()["queued"], wan.loss_counters()
+            settled = not any(queued.values()) and seen == last.get("seen")
+            last["seen"] = seen
+            return settled
+
+        wait_for(drained, 10, interval=0.1, what="the WAN to deliver every queued packet")
         counters = wan.loss_counters()
         stats = wan.stats()
     finally:

@@ -296,6 +296,20 @@ class DNSOrigin:
         (one entry per connection; TLS handshakes that then fail count too)."""
         return [parts[0] for parts in map(str.split, self.log_lines(since)) if parts[1:] == ["doh-connect"]]
 
+    def before_sentinel(self, ask, qname, since=0, timeout=10):
+        """The raw log lines written after ``since`` and before the sentinel query for ``qname``.
+
+        ``ask()`` must send a query for ``qname`` (a name asked nowhere else) along the same
+        path as whatever must *not* have reached the origin, after it. The server logs in
+        arrival order, so once the sentinel is logged anything sent along that path before it
+        is on record too: absence proven by a query that is waited for, not by a fixed sleep."""
+        ask()
+        self.wait_query(qname, timeout, since)
+        name = qname.lower().rstrip(".")
+        lines = self.log_lines(since)
+        first = next(i for i, parts in enumerate(map(str.split, lines)) if len(parts) == 4 and parts[2] == name)
+        return lines[:first]
+
     def wait_query(self, qname, timeout=10, since=0):
         """Wait until a query for ``qname`` was logged after ``since``; returns its Query."""
         regex = r"(?m)^(\S+) (udp|tcp|doh) %s (\S+)$" % re.escape(qname.lower().rstrip("."))

@@ -58,7 +58,7 @@ class Fake:
 
 def world(stats=None):
     w = World()
-    w.factory = AdminFactory(w.controller, stats)
+    w.factory = AdminFactory(w.ops, stats)
     return w
 
 
@@ -235,10 +235,10 @@ def test_replies_of_one_client_stay_in_order():
     a = Admin(w.factory)
     w.script.set_reply("load-stats", None)
     assert a.send("load-stats", "pp drain on", "pid") == b""
-    assert w.controller.draining is False
+    assert w.ops.draining is False
     w.script.reply("SUCCESS: nclients=0,bytesin=1,bytesout=2")
     assert a.take() == crlf("SUCCESS: nclients=0,bytesin=1,bytesout=2", "SUCCESS: drain=on", "SUCCESS: pid=4242")
-    assert w.controller.draining is True
+    assert w.ops.draining is True
 
 
 def test_several_admin_clients_at_once():
@@ -378,7 +378,7 @@ users:
     from tests.unit.test_controller import HASH
 
     w = World(users=users % (HASH, HASH, HASH))
-    w.factory = AdminFactory(w.controller)
+    w.factory = AdminFactory(w.ops)
     admit(w, 0)
     a = Admin(w.factory)
     out = a.send("pp devices")
@@ -521,7 +521,7 @@ def test_service_removes_stale_socket_listens_with_mode_and_stops(tmp_path):
     stale.bind(str(path))
     stale.close()  # the file stays, nobody listens
     reactor = MemoryReactorClock()
-    svc = AdminService(reactor, AdminConfig(socket=str(path), mode=0o640), world().controller)
+    svc = AdminService(reactor, AdminConfig(socket=str(path), mode=0o640), world().ops)
     svc.privilegedStartService()
     svc.startService()
     assert not path.exists()
@@ -553,7 +553,7 @@ def test_a_regular_file_in_the_way_is_not_removed(tmp_path):
     path.write_text("precious")
     with pytest.raises(OSError):
         remove_stale_socket(str(path))
-    svc = AdminService(MemoryReactorClock(), AdminConfig(socket=str(path)), world().controller)
+    svc = AdminService(MemoryReactorClock(), AdminConfig(socket=str(path)), world().ops)
     with pytest.raises(CannotListenError):
         svc.privilegedStartService()
     assert path.read_text() == "precious"
@@ -612,7 +612,7 @@ def test_service_gives_the_socket_its_group(tmp_path):
 
     path = tmp_path / "admin.sock"
     gid = os.getgroups()[-1] if os.getgroups() else os.getgid()
-    svc = AdminService(ListenOnly(), AdminConfig(socket=str(path), mode=0o660, group=gid), world().controller)
+    svc = AdminService(ListenOnly(), AdminConfig(socket=str(path), mode=0o660, group=gid), world().ops)
     svc.startService()
     assert os.stat(path).st_gid == gid and (os.stat(path).st_mode & 0o777) == 0o660
     svc.stopService()
@@ -632,7 +632,7 @@ def test_tap_wires_the_admin_service_only_when_a_socket_is_configured(tmp_path):
     directory = Directory.parse("devices: {}\nusers: {}\n", "users.yaml")
     top, controller = build(MemoryReactorClock(), config, directory, None, ipset=FakeIPSet())
     admins = [s for s in top if isinstance(s, AdminService)]
-    assert len(admins) == 1 and admins[0].factory.controller is controller
+    assert len(admins) == 1 and admins[0].factory.operations.c is controller
     assert isinstance(admins[0].factory.proxy_stats, ProxyStats)
     assert admins[0].config.socket == config.admin.socket
     off = dataclasses.replace(config, admin=AdminConfig())
@@ -648,7 +648,7 @@ PROMPT = b"ENTER PASSWORD:"
 
 def pw_world(password=SECRET):
     w = World()
-    w.factory = AdminFactory(w.controller, None, password.encode())
+    w.factory = AdminFactory(w.ops, None, password.encode())
     return w
 
 
@@ -724,7 +724,7 @@ def test_no_command_is_accepted_before_the_password():
     w.script.clear_sent()
     assert a.send("status 3") == PROMPT
     assert a.send("pp drain on") == PROMPT
-    assert not w.controller.draining
+    assert not w.ops.draining
     assert a.send("quit") == b""  # third attempt: closed
     assert a.transport.disconnecting
     assert w.script.sent_commands() == []
@@ -791,7 +791,7 @@ def test_service_reads_the_password_file(tmp_path):
     pw = tmp_path / "admin.pw"
     pw.write_bytes(b"topsecret\r\nsecond line\n")
     assert read_password(pw) == b"topsecret"
-    svc = AdminService(MemoryReactorClock(), AdminConfig(socket=str(tmp_path / "a.sock"), password_file=pw), world().controller)
+    svc = AdminService(MemoryReactorClock(), AdminConfig(socket=str(tmp_path / "a.sock"), password_file=pw), world().ops)
     assert svc.factory.password == b"topsecret"
     a = Admin(svc.factory)
     assert a.take() == PROMPT
@@ -815,7 +815,7 @@ def test_read_password_errors_name_the_key(tmp_path):
 def test_a_certificate_only_client_waiting_for_authentication_is_named_by_its_cn():
     """pp clients names a session the way the logs do (Session.name): before it was empty for a
     certificate-only client (no username) until authentication finished."""
-    from ovpnmgr.controller import Session
+    from ovpnmgr.session import Session
 
     w = world()
     s = Session(w.controller.epoch, 5, 1, {"common_name": "carol-laptop"}, 0.0)

@@ -10,6 +10,8 @@ from twisted.internet.task import Clock
 
 from ovpnmgr.config import FirewallConfig, OpenVPNConfig
 from ovpnmgr.controller import Controller
+from ovpnmgr.operations import Operations
+from ovpnmgr.session import State
 from ovpnmgr.directory import Directory, hash_password
 from ovpnmgr.firewall import Firewall
 from ovpnmgr.ipset import FakeIPSet, IPSetError
@@ -55,6 +57,7 @@ class World:
         self.firewall = Firewall(FirewallConfig(), 12345, SUBNET, self.ipset, runner=None)
         self.mappings = MappingTable()
         self.controller = Controller(self.clock, self.config, self.directory, self.pool, self.firewall, self.mappings)
+        self.ops = Operations(self.controller)
         self.attach()
 
     def attach(self, status_clients=()):
@@ -97,7 +100,7 @@ def test_admission_order_member_mapping_then_client_auth():
     assert seen["members"] == {IP("10.9.0.2")}
     assert seen["mapped"] == w.directory.devices["p1"].upstream
     assert w.commands("client-auth")[-1] == auth_block(0, 1, "10.9.0.2")
-    assert w.controller.sessions[(w.controller.epoch, 0)].state == "authorized"
+    assert w.controller.sessions[(w.controller.epoch, 0)].state is State.AUTHORIZED
 
 
 def test_push_options_are_appended_to_the_block():
@@ -147,7 +150,7 @@ def test_split_tunnels_are_logged_loudly_at_start_and_reload():
     try:
         w = World(users=USERS.replace("alice: {", "alice: {tunnel: split, "))
         w.controller.warn_split_tunnels()
-        w.controller.reload(Directory.parse(USERS, "users.yaml", SUBNET, IP("10.9.0.1")))
+        w.ops.reload(Directory.parse(USERS, "users.yaml", SUBNET, IP("10.9.0.1")))
         g = World(tunnel="split")
         g.controller.warn_split_tunnels()
     finally:
@@ -164,10 +167,10 @@ def test_reload_kicks_a_user_whose_tunnel_changed():
     w = World()
     w.connect(0)
     w.connect(1, user="bob")
-    summary = w.controller.reload(Directory.parse(USERS.replace("alice: {", "alice: {tunnel: split, "), "users.yaml", SUBNET, IP("10.9.0.1")))
+    summary = w.ops.reload(Directory.parse(USERS.replace("alice: {", "alice: {tunnel: split, "), "users.yaml", SUBNET, IP("10.9.0.1")))
     assert summary["kicked"] == 1 and summary["changed"] == 1
     assert w.commands("client-kill") == ["client-kill 0"]
-    same = w.controller.reload(Directory.parse(USERS.replace("bob: {", "bob: {tunnel: full, "), "users.yaml", SUBNET, IP("10.9.0.1")))
+    same = w.ops.reload(Directory.parse(USERS.replace("bob: {", "bob: {tunnel: full, "), "users.yaml", SUBNET, IP("10.9.0.1")))
     assert same["kicked"] == 0, "tunnel: full is the default already: nothing to reconnect for"
 
 
@@ -218,8 +221,7 @@ def test_client_auth_error_rolls_back():
 def test_pool_exhaustion_is_temporary():
     """No free address → TEMP deny."""
     w = World()
-    w.pool = AddressPool("10.9.0.0/30", "10.9.0.1")
-    w.controller.pool = w.pool
+    w.pool = w.controller.ledger.pool = AddressPool("10.9.0.0/30", "10.9.0.1")
     w.connect(0)
     w.connect(1, user="bob")
     assert "TEMP[" in w.commands("client-deny")[-1]

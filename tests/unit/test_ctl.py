@@ -815,7 +815,7 @@ def test_against_the_real_admin_protocol(tmp_path, capsys):
     from ovpnmgr.admin import AdminProtocol
     from twisted.internet.testing import StringTransport
 
-    proto = AdminProtocol(controller=None, password=b"s3cret")
+    proto = AdminProtocol(operations=None, password=b"s3cret")
     transport = StringTransport()
     proto.makeConnection(transport)
     prompt = transport.value()

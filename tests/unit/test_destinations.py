@@ -109,16 +109,17 @@ def test_daemon_wiring_refuses_devices_their_networks_and_the_vpn_subnet_and_fol
 
 
 def test_a_session_gives_the_proxy_its_users_policy():
-    from ovpnmgr.controller import Session
+    """A session's Route carries its user's destination policy and its phone's capacity."""
     from ovpnmgr.directory import Directory
+    from ovpnmgr.session import Session
 
     d = Directory.parse(
         "devices:\n  p: {upstream: 'http://203.0.113.2:8080', max_clients: 50}\n"
         "users:\n  a: {common_name: a, device: p, private_networks: allow}\n  b: {common_name: b, device: p}\n"
     )
     s = Session(0, 1, 1, {}, 0.0)
-    assert s.proxy_policy == ClientPolicy()
     s.user = d.users["a"]
-    assert s.proxy_policy == ClientPolicy(allow_private=True, device_limit=50)
+    assert s.route().policy == ClientPolicy(allow_private=True, device_limit=50)
+    assert (s.route().device, s.route().upstream) == ("p", d.devices["p"].upstream)
     s.user = d.users["b"]
-    assert s.proxy_policy == ClientPolicy(allow_private=False, device_limit=50)
+    assert s.route().policy == ClientPolicy(allow_private=False, device_limit=50)

@@ -4,7 +4,7 @@ from twisted.internet.task import Clock
 from twisted.names import dns
 
 from proxy.dnscache import DNSCache, cache_ttl
-from tests.unit.test_dns_message import a_record, decode, make_query, make_reply, soa_record
+from tests.unit.dns_wire import a_record, decode, make_query, make_reply, soa_record
 
 KEY = (b"www.example.com", dns.A, dns.IN)
 

@@ -19,7 +19,7 @@ from proxy.dnsupstream import DNSTimeout, DNSUnavailable, Overloaded
 from proxy.dohurl import is_doh, parse_doh_url
 from proxy.upstream import Upstream
 from tests.unit.doh_peers import ConnectProxy, DoHServer, make_ca
-from tests.unit.test_dns_message import make_query
+from tests.unit.dns_wire import make_query
 
 URL = "https://doh.test/dns-query"
 

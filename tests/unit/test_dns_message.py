@@ -1,7 +1,6 @@
 """proxy.dnsmessage: strict query validation, ID rewriting, error/truncated/cached replies.
 
-The builders here are shared by the other DNS tests (queries and replies made with
-twisted.names, the same library a real client or resolver would not be: bytes are checked too).
+The message builders (shared with the other DNS tests) are in ``tests/unit/dns_wire.py``.
 """
 
 import struct
@@ -11,52 +10,7 @@ from twisted.names import dns
 
 from proxy import dnsmessage
 from proxy.dnsmessage import Malformed
-
-NAME = b"WwW.Example.COM"
-
-
-def opt(size):
-    return dns.RRHeader(name=b"", type=dns.OPT, cls=size, ttl=0, payload=dns.UnknownRecord(b""))
-
-
-def make_query(name=NAME, qtype=dns.A, qid=0x1234, edns=None, rd=1):
-    """A client query's bytes."""
-    m = dns.Message(id=qid, recDes=rd, maxSize=0)
-    m.queries = [dns.Query(name, qtype, dns.IN)]
-    if edns is not None:
-        m.additional = [opt(edns)]
-    return m.toStr()
-
-
-def a_record(name, address="192.0.2.1", ttl=300):
-    return dns.RRHeader(name=name, type=dns.A, ttl=ttl, payload=dns.Record_A(address, ttl=ttl))
-
-
-def soa_record(name=b"example.com", ttl=3600, minimum=60):
-    payload = dns.Record_SOA(b"ns.example.com", b"hostmaster.example.com", 1, 7200, 900, 86400, minimum, ttl=ttl)
-    return dns.RRHeader(name=name, type=dns.SOA, ttl=ttl, payload=payload)
-
-
-def make_reply(query_wire, answers=None, rcode=dns.OK, authority=(), count=1, ttl=300, edns=None):
-    """A resolver's reply to ``query_wire`` (same ID and question); ``count`` A records by default."""
-    q = dns.Message()
-    q.fromStr(query_wire)
-    m = dns.Message(id=q.id, answer=1, recDes=q.recDes, recAv=1, rCode=rcode, maxSize=0)
-    m.queries = q.queries
-    if answers is None:
-        name = q.queries[0].name.name
-        answers = [a_record(name, "198.51.%d.%d" % (i // 250, i % 250 + 1), ttl) for i in range(count)]
-    m.answers = list(answers) if rcode == dns.OK else []
-    m.authority = list(authority)
-    if edns is not None:
-        m.additional = [opt(edns)]
-    return m.toStr()
-
-
-def decode(wire):
-    m = dns.Message()
-    m.fromStr(wire)
-    return m
+from tests.unit.dns_wire import NAME, decode, make_query, make_reply, opt, soa_record
 
 
 # --- parse_query ----------------------------------------------------------------------------------

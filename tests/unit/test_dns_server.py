@@ -30,10 +30,11 @@ from proxy.dnsserver import (
     _UDPProtocol,
 )
 from proxy.dnsupstream import DNSUnavailable
-from proxy.upstream import Unreachable, Upstream
+from proxy.upstream import Upstream
+from proxy.upstreamerrors import Unreachable
 from tests.unit.deferreds import result_of
-from tests.unit.test_dns_message import decode, make_query, make_reply, soa_record
-from tests.unit.test_dns_upstream import HTTP_DEVICE, Device
+from tests.unit.dns_device import HTTP_DEVICE, Device
+from tests.unit.dns_wire import decode, make_query, make_reply, soa_record
 
 CLIENT = "10.9.0.5"
 OTHER = "10.9.0.6"
@@ -706,5 +707,5 @@ def test_failure_lines_are_throttled_and_say_how_many_were_suppressed():
     w.reactor.advance(10)
     w.ask_udp(make_query(), source=STRANGER)
     assert (w.events[-1]["client"], w.events[-1]["suppressed"]) == (STRANGER, 4)
-    assert "(+4 similar suppressed)" in formatEvent(w.events[-1])
+    assert "(4 similar lines held back)" in formatEvent(w.events[-1])
     assert w.server.stats.queries == {"refused": 7}

@@ -1,97 +1,23 @@
 """proxy.dnsupstream: DNS over TCP through a scripted device proxy, and the host policy's resolver.
 
 The device side is a real HTTPConnectClient/Socks5Client on a StringTransport, so the CONNECT
-and SOCKS5 bytes, the 2-byte framing and the ID rewriting are all checked on the wire. Time is
-a MemoryReactorClock.
+and SOCKS5 bytes, the 2-byte framing and the ID rewriting are all checked on the wire (the
+scripted device is ``tests/unit/dns_device.py``). Time is a MemoryReactorClock.
 """
 
 import struct
 
 import pytest
 from twisted.internet import defer
-from twisted.internet.error import ConnectionLost
 from twisted.internet.testing import MemoryReactorClock
 from twisted.names import dns
-from twisted.python.failure import Failure
 
 from proxy.dnsserver import DNSStats
 from proxy.dnsupstream import DeviceResolver, DNSTimeout, DNSUnavailable, HostResolver, Overloaded, read_resolv_conf
-from proxy.upstream import HTTPConnectClient, Socks5Client, Unreachable, Upstream
+from proxy.upstreamerrors import Unreachable
 from tests.unit.deferreds import failure_of, result_of
-from tests.unit.test_dns_message import decode, make_query, make_reply
-from tests.unit.test_server import Transport  # records aborts (RST)
-
-HTTP_DEVICE = Upstream.parse("http://dev:s3cret@192.0.2.10:8080")
-SOCKS_DEVICE = Upstream.parse("socks5://192.0.2.11:1080")
-
-
-class Link:
-    """One dial to the scripted device proxy, driven by the test."""
-
-    def __init__(self, reactor, upstream, handshake_timeout):
-        self.reactor = reactor
-        self.upstream = upstream
-        self.handshake_timeout = handshake_timeout
-        self.d = defer.Deferred()
-        self.client = None
-        self.transport = Transport()
-
-    def connect(self):
-        """The TCP connection to the device proxy is up."""
-        cls = HTTPConnectClient if self.upstream.scheme == "http" else Socks5Client
-        self.client = cls(self.reactor, self.upstream, self.handshake_timeout)
-        self.client.makeConnection(self.transport)
-        self.d.callback(self.client)
-        return self
-
-    def accept(self):
-        """The proxy grants the tunnel to 1.1.1.1:53 (checking the exact request bytes)."""
-        if self.upstream.scheme == "http":
-            assert self.transport.value().startswith(b"CONNECT 1.1.1.1:53 HTTP/1.1\r\nHost: 1.1.1.1:53\r\n")
-            self.transport.clear()
-            self.client.dataReceived(b"HTTP/1.1 200 Connection established\r\n\r\n")
-        else:
-            assert self.transport.value() == b"\x05\x01\x00"
-            self.transport.clear()
-            self.client.dataReceived(b"\x05\x00")
-            assert self.transport.value() == b"\x05\x01\x00\x01\x01\x01\x01\x01\x00\x35"
-            self.transport.clear()
-            self.client.dataReceived(b"\x05\x00\x00\x01\x00\x00\x00\x00\x00\x00")
-        return self
-
-    def up(self):
-        return self.connect().accept()
-
-    def queries(self):
-        """Frames written since the last call, as (our ID, bytes)."""
-        data, out = self.transport.value(), []
-        self.transport.clear()
-        while data:
-            (size,) = struct.unpack_from("!H", data)
-            frame, data = data[2 : 2 + size], data[2 + size :]
-            assert len(frame) == size, "partial frame"
-            out.append((struct.unpack_from("!H", frame)[0], frame))
-        return out
-
-    def answer(self, frame, **kw):
-        """The resolver replies to ``frame`` (same ID and question)."""
-        reply = make_reply(frame, **kw)
-        self.client.dataReceived(struct.pack("!H", len(reply)) + reply)
-
-    def drop(self):
-        self.client.connectionLost(Failure(ConnectionLost("cellular went away")))
-
-
-class Device:
-    """A scripted ``proxy.upstream.dial``: each call makes a :class:`Link` the test drives."""
-
-    def __init__(self):
-        self.links = []
-
-    def dial(self, reactor, upstream, connect_timeout, handshake_timeout):
-        link = Link(reactor, upstream, handshake_timeout)
-        self.links.append(link)
-        return link.d
+from tests.unit.dns_device import HTTP_DEVICE, SOCKS_DEVICE, Device
+from tests.unit.dns_wire import decode, make_query, make_reply
 
 
 def resolver(upstream=HTTP_DEVICE, **kw):
@@ -430,5 +356,5 @@ def test_dial_failure_lines_are_throttled_with_a_suppressed_count():
     device.links[-1].d.errback(Unreachable("phone is off"))
     failure_of(d, DNSUnavailable)
     assert len(events) == 2 and events[1]["suppressed"] == 4
-    assert "(+4 similar suppressed)" in formatEvent(events[1])
+    assert "(4 similar lines held back)" in formatEvent(events[1])
     assert stats.upstream_failed == {"unreachable": 6}

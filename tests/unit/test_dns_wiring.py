@@ -13,7 +13,7 @@ from ovpnmgr.dns import route_lookup, settings_from
 from ovpnmgr.ipset import FakeIPSet
 from ovpnmgr.metrics import collect, render
 from proxy.dnsserver import DNSService, DNSStats
-from proxy.mappings import MappingTable
+from proxy.mappings import MappingTable, Route
 from proxy.upstream import Upstream
 
 BASE = (
@@ -119,9 +119,8 @@ def test_device_dns_policy_in_the_users_file():
 # --- routes ---------------------------------------------------------------------------------
 
 
-def session(device_name, dns=None, upstream=PHONE):
-    device = SimpleNamespace(name=device_name, upstream=upstream, dns=dns)
-    return SimpleNamespace(user=SimpleNamespace(device=device), log_fields={"user": "alice", "device": device_name})
+def route(device_name, dns=None, upstream=PHONE):
+    return Route(upstream, device=device_name, dns=dns, log_fields={"user": "alice", "device": device_name})
 
 
 def test_routes_follow_the_mapping_table_and_device_policy():
@@ -129,41 +128,44 @@ def test_routes_follow_the_mapping_table_and_device_policy():
     route_for = route_lookup(table, "via_device")
     ip = ipaddress.ip_address("10.9.0.2")
     assert route_for(ip) is None  # unmapped: REFUSED by the server
-    table.add(ip, PHONE, session("phone"))
-    route = route_for(ip)
-    assert (route.upstream, route.policy, route.key) == (PHONE, "via_device", "phone")
-    assert route.log_fields == {"user": "alice", "device": "phone"}
-    table.transfer(ip, PHONE, session("phone", dns="host"))
+    table.add(ip, route("phone"), "s1")
+    found = route_for(ip)
+    assert (found.upstream, found.policy, found.key) == (PHONE, "via_device", "phone")
+    assert found.log_fields == {"user": "alice", "device": "phone"}
+    table.transfer(ip, route("phone", dns="host"), "s1")
     assert route_for(ip).policy == "host"
     assert route_lookup(table, "host")(ip).policy == "host"
     other = Upstream.parse("socks5://192.0.2.9:1080")
-    table.transfer(ip, other, session("phone", upstream=other))
+    table.transfer(ip, route("phone", upstream=other), "s1")
     assert (route_for(ip).key, route_for(ip).upstream) == ("phone", other)  # the server sees the URL change
     table.remove(ip)
     assert route_for(ip) is None
 
 
 def test_a_device_nobody_maps_to_any_more_is_forgotten_by_the_dns_service(tmp_path):
-    """build_dns listens to the mapping table: when the last client of an upstream is remapped or
-    removed, the DNS service forgets that upstream (its tunnels closed now, not at stop)."""
+    """build_dns listens to the mapping table: when the last client of a device (by name) or of an
+    upstream is remapped or removed, the DNS service forgets it (its tunnels closed now, not at stop)."""
     from ovpnmgr.dns import build_dns
 
     table = MappingTable()
     _, server = build_dns(MemoryReactorClock(), config(tmp_path), table)
-    forgotten = []
-    server.forget_upstream = forgotten.append
+    keys, upstreams = [], []
+    server.forget = keys.append
+    server.forget_upstream = upstreams.append
     other = Upstream.parse("socks5://192.0.2.9:1080")
     a, b = ipaddress.ip_address("10.9.0.2"), ipaddress.ip_address("10.9.0.3")
-    table.add(a, PHONE, session("phone"))
-    table.add(b, PHONE, session("phone"))
-    table.transfer(a, other, session("phone", upstream=other))
-    assert forgotten == []  # b still maps to PHONE
-    table.transfer(b, other, session("phone", upstream=other))
-    assert forgotten == [PHONE]
-    table.remove(a)
-    assert forgotten == [PHONE]
+    table.add(a, route("phone"), "sa")
+    table.add(b, route("phone"), "sb")
+    table.transfer(a, route("phone", upstream=other), "sa")
+    assert (keys, upstreams) == ([], [])  # b still maps to phone at PHONE
+    table.transfer(b, route("phone", upstream=other), "sb")
+    assert (keys, upstreams) == ([], [PHONE])  # phone is still in use, at its new URL
+    table.transfer(a, route("phone2", upstream=other), "sa")  # a device renamed (same URL)
+    assert (keys, upstreams) == ([], [PHONE])
     table.remove(b)
-    assert forgotten == [PHONE, other]
+    assert (keys, upstreams) == (["phone"], [PHONE])
+    table.remove(a)
+    assert (keys, upstreams) == (["phone", "phone2"], [PHONE, other])
 
 
 # --- the daemon's wiring --------------------------------------------------------------------
@@ -181,15 +183,15 @@ def test_build_pushes_the_dns_option_and_opens_the_firewall_for_it(tmp_path):
     services = [s for s in top if isinstance(s, DNSService)]
     assert len(services) == 1 and services[0].server.settings.listen_host == "10.9.0.1"
     assert controller.config.push == ("route 203.0.113.0 255.255.255.0", "dhcp-option DNS 10.9.0.1")
-    assert controller.firewall.dns == ("10.9.0.1", 53)
+    assert controller.ledger.firewall.dns == ("10.9.0.1", 53)
 
 
 def test_build_without_dns(tmp_path):
     top, controller = build(config(tmp_path, "dns: {enabled: false}\n"))
     assert not [s for s in top if isinstance(s, DNSService)]
-    assert controller.config.push == () and controller.firewall.dns is None
+    assert controller.config.push == () and controller.ledger.firewall.dns is None
     top, controller = build(config(tmp_path, "dns: {push: false, port: 5353}\n"))
-    assert controller.config.push == () and controller.firewall.dns == ("10.9.0.1", 5353)
+    assert controller.config.push == () and controller.ledger.firewall.dns == ("10.9.0.1", 5353)
 
 
 def test_metrics_render_the_dns_families():

@@ -48,7 +48,9 @@ from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 
 from ovpnmgr.config import FirewallConfig, OpenVPNConfig
-from ovpnmgr.controller import AUTHORIZED, AUTHORIZING, ESTABLISHED, Controller
+from ovpnmgr.controller import Controller
+from ovpnmgr.operations import Operations
+from ovpnmgr.session import TemporaryFailure
 from ovpnmgr.directory import Directory, hash_password
 from ovpnmgr.firewall import Firewall
 from ovpnmgr.ipset import FakeIPSet, IPSetError
@@ -56,7 +58,7 @@ from ovpnmgr.pool import AddressPool
 from ovpnmgr.process import FakeRunner
 from ovpnmgr.testing import ScriptedManagement, connect_env, status3_lines
 from ovpnmgr.verify import FirewallVerifier
-from proxy.mappings import MappingConflict, MappingTable
+from proxy.mappings import MappingTable
 
 IP = ipaddress.IPv4Address
 SUBNET = ipaddress.IPv4Network("10.9.0.0/24")
@@ -198,15 +200,16 @@ class FlakyDirectory:
 
 
 class FlakyMappings(MappingTable):
-    """A mapping table whose next ``transfer`` can fail with a conflict."""
+    """A mapping table whose next ``transfer`` can fail (the admission's last step: the ledger must
+    undo the address and the kernel member it already holds)."""
 
     fail_next = False
 
-    def transfer(self, ip, upstream, owner):
+    def transfer(self, ip, route, owner):
         if self.fail_next:
             self.fail_next = False
-            raise MappingConflict("%s is already mapped for another owner (injected)" % ip)
-        return super().transfer(ip, upstream, owner)
+            raise TemporaryFailure("cannot map %s (injected)" % ip)
+        return super().transfer(ip, route, owner)
 
 
 class Client:
@@ -255,7 +258,8 @@ class FaultWorld:
         installed = []
         self.firewall.install().addBoth(installed.append)
         assert installed == [None], installed
-        self.verifier = FirewallVerifier(self.clock, self.controller, VERIFY_INTERVAL)
+        self.operations = Operations(self.controller)
+        self.verifier = FirewallVerifier(self.clock, self.operations, VERIFY_INTERVAL)
         self.verifier.startService()
         # the model server
         self.clients = {}  # cid -> Client
@@ -526,7 +530,7 @@ class FaultWorld:
         before = self.verifier.checks
         self.advance(VERIFY_INTERVAL)  # at most one interval until the next check
         assert self.verifier.checks == before + 1
-        last = self.controller.last_drift
+        last = self.operations.last_drift
         assert last is not None and last.ok, last  # repaired within this check, rules included
         if kind in ("chain-flushed", "jump-deleted"):
             assert self.verifier.repairs["rules_reinstalled"] > 0
@@ -628,20 +632,9 @@ class FaultWorld:
 
     def check(self):
         """What must hold after every single step."""
-        c = self.controller
         assert not self.violations, self.violations
         assert not self.failures, [e.get("log_format") for e in self.failures]
-        sessions = list(c.sessions.values())
-        holders = {s.address: s for s in sessions if s.address is not None}
-        assert len(holders) == len([s for s in sessions if s.address is not None]), "two sessions hold one address"
-        expected = c.expected_members()
-        assert set(self.ipset.content) == expected == set(holders)
-        assert self.pool.in_use() == holders
-        assert self.mappings.addresses() == set(holders)
-        for ip, session in holders.items():
-            assert session.state in (AUTHORIZING, AUTHORIZED, ESTABLISHED), session
-            assert self.mappings.owner(ip) is session
-            assert self.mappings.lookup(ip) == session.user.device.upstream
+        assert self.controller.problems() == []  # the ledger's invariant: sessions, pool, mappings, kernel set agree
         self.iptables.assert_unrelated_rule_untouched()
 
     def check_settled(self):
@@ -668,7 +661,7 @@ class FaultWorld:
         assert set(self.pool.in_use()) == set(admitted) == self.mappings.addresses()
         loop = [call for call in self.clock.getDelayedCalls()]
         assert len(loop) == 1 and loop[0].getTime() > self.clock.seconds(), loop  # only the verifier's next check
-        assert self.controller.last_drift is None or self.controller.last_drift.ok or self.verifier.checks
+        assert self.operations.last_drift is None or self.operations.last_drift.ok or self.verifier.checks
 
 
 def run_cycles(seed, connects):
@@ -826,7 +819,7 @@ def test_last_drift_after_rules_reinstall_is_clean():
         w.iptables.delete_jump("nat")
         w.advance(VERIFY_INTERVAL)
         assert w.verifier.repairs["rules_reinstalled"] == 1 and w._rule_drift() == []
-        assert w.controller.last_drift.ok, w.controller.last_drift
+        assert w.operations.last_drift.ok, w.operations.last_drift
     finally:
         w.close()
 

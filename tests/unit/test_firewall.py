@@ -15,7 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from ovpnmgr.config import FirewallConfig
 from ovpnmgr.directory import Device, Directory
-from ovpnmgr.firewall import IP6, Devices, Drift, Firewall, FirewallError, jumps_to, restore_input, rule_problems
+from ovpnmgr.firewall import IP6, Devices, Drift, Firewall, FirewallError, MemberSync, jumps_to, restore_input, rule_problems
 from ovpnmgr.ipset import IPSET_ERR_HASH_FULL, FakeIPSet, IPSetError
 from ovpnmgr.process import CommandNotFound, CommandTimeout, FakeRunner, ProcessRunner, command_environment
 from proxy.upstream import Upstream
@@ -448,49 +448,48 @@ class CheckRepairTests(SynchronousTestCase):
         fw, _, _ = make(HEALTHY_FILTER, HEALTHY_NAT, ipset=FakeIPSet(fail_members=True))
         self.failureResultOf(fw.check(set()), FirewallError)
 
-    def test_repair_without_drift_does_nothing(self):
-        """Nothing wrong -> no restore, no set changes; fires an ok Drift."""
+    def test_sync_members_without_drift_only_reads(self):
+        """Members already right -> one netlink read, no change, no iptables."""
         fw, runner, ipset = make(HEALTHY_FILTER, HEALTHY_NAT, ipset=FakeIPSet(members=[A]))
-        drift = self.successResultOf(fw.repair({A}))
-        self.assertTrue(drift.ok)
-        self.assertNotIn(RESTORE, runner.argvs())
+        self.assertEqual(fw.sync_members({A}), MemberSync())
+        self.assertEqual(runner.argvs(), [])
         self.assertEqual([c[0] for c in ipset.calls], ["members"])
 
-    def test_repair_fixes_rules_and_members(self):
-        """Rule drift -> one restore; missing members added, extra ones removed; fires what it found."""
-        nat = HEALTHY_NAT.replace("-A PREROUTING -i tun+ -j POCKETPROXY\n", "")
-        fw, runner, ipset = make(HEALTHY_FILTER, nat, ipset=FakeIPSet(members=[A, C]))
-        drift = self.successResultOf(fw.repair({A, B}))
-        self.assertEqual(drift.rule_problems, ("nat PREROUTING: jump to POCKETPROXY missing",))
-        self.assertEqual(runner.argvs().count(RESTORE), 1)
+    def test_sync_members_adds_missing_and_removes_extra(self):
+        """The one member repair: missing added, extra removed, no iptables-restore."""
+        fw, runner, ipset = make(HEALTHY_FILTER, HEALTHY_NAT, ipset=FakeIPSet(members=[C]))
+        self.assertEqual(fw.sync_members({A, B}), MemberSync(added=(A, B), removed=(C,)))
+        self.assertNotIn(RESTORE, runner.argvs())
         self.assertEqual(ipset.content, {A, B})
 
-    def test_repair_member_only_drift_skips_restore(self):
-        """Only members differ -> no iptables-restore."""
-        fw, runner, ipset = make(HEALTHY_FILTER, HEALTHY_NAT, ipset=FakeIPSet(members=[C]))
-        drift = self.successResultOf(fw.repair({A}))
-        self.assertEqual((drift.missing_members, drift.extra_members), ({A}, {C}))
-        self.assertNotIn(RESTORE, runner.argvs())
-        self.assertEqual(ipset.content, {A})
-
-    def test_repair_reports_partial_failure(self):
-        """If a member cannot be re-added, repair still removes extras, then fails naming the member."""
+    def test_sync_members_reports_partial_failure(self):
+        """A member that cannot be re-added is reported by address and reason; extras still go."""
         fake = FakeIPSet(members=[C])
         fake.fail_next_add = IPSetError("add", fake.name, A, IPSET_ERR_HASH_FULL)
         fw, _, _ = make(HEALTHY_FILTER, HEALTHY_NAT, ipset=fake)
-        failure = self.failureResultOf(fw.repair({A}), FirewallError)
-        self.assertIn("cannot add 10.9.0.5", str(failure.value))
-        self.assertIn("set is full", str(failure.value))
-        self.assertEqual(failure.value.drift.missing_members, {A})
+        sync = fw.sync_members({A})
+        self.assertEqual((sync.added, sync.removed), ((), (C,)))
+        [(ip, error)] = sync.failed
+        self.assertEqual(ip, A)
+        self.assertIn("cannot add 10.9.0.5", error)
+        self.assertIn("set is full", error)
         self.assertEqual(fake.content, set())
 
-    def test_repair_install_failure(self):
-        """A failing re-install is a FirewallError carrying the drift."""
-        fw, runner, _ = make(ipset=FakeIPSet())
-        runner.on(RESTORE, exit_code=1, stderr=b"iptables-restore: line 4 failed\n")
-        failure = self.failureResultOf(fw.repair(set()), FirewallError)
-        self.assertIn("line 4 failed", str(failure.value))
-        self.assertTrue(failure.value.drift.missing_chain_rules)
+    def test_sync_members_of_an_unreadable_set_adds_and_never_removes(self):
+        """The set cannot be listed: every expected member is (re-)added, nothing is removed."""
+        fake = FakeIPSet(members=[C], fail_members=True)
+        fw, _, _ = make(HEALTHY_FILTER, HEALTHY_NAT, ipset=fake)
+        sync = fw.sync_members({A})
+        self.assertEqual((sync.added, sync.removed), ((A,), ()))
+        self.assertIn("cannot list ipset", sync.unreadable)
+        self.assertEqual(fake.content, {A, C})
+
+    def test_check_takes_expected_members_as_a_callable_read_once(self):
+        """A callable ``expected`` is read once, with the set (test_verify shows it is after the listings)."""
+        fw, _, _ = make(HEALTHY_FILTER, HEALTHY_NAT, ipset=FakeIPSet(members=[A]))
+        reads = []
+        drift = self.successResultOf(fw.check(lambda: reads.append(1) or {A, B}))
+        self.assertEqual((reads, drift.missing_members, drift.extra_members), ([1], {B}, frozenset()))
 
 
 def test_drift_describe_abbreviates_long_lists():
@@ -799,8 +798,9 @@ class IPv6AndDeviceTests(SynchronousTestCase):
         fw, runner, _ = make(
             HEALTHY_FILTER, HEALTHY_NAT, filter6_s=HEALTHY_FILTER6.replace("-A FORWARD -i tun+ -j POCKETPROXY\n", "")
         )
-        drift = self.successResultOf(fw.repair(set()))
+        drift = self.successResultOf(fw.check(set()))
         self.assertEqual(drift.rule_problems, ("ip6 filter FORWARD: jump to POCKETPROXY missing",))
+        self.successResultOf(fw.install())
         self.assertIn(b"-I FORWARD 1 -i tun+ -j POCKETPROXY\n", restored(runner, RESTORE6))
         fw, _, _ = make(HEALTHY_FILTER, HEALTHY_NAT)
         self.assertTrue(self.successResultOf(fw.check(set())).ok)

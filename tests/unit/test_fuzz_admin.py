@@ -28,7 +28,7 @@ FUZZ = settings(
 
 
 def _connected(password=b"s3cret"):
-    proto = AdminProtocol(controller=None, password=password)
+    proto = AdminProtocol(operations=None, password=password)
     transport = StringTransport()
     proto.makeConnection(transport)
     return proto, transport
@@ -65,7 +65,7 @@ def test_overlong_line_is_refused_and_closed():
 
 def _with_clock(password, **timeouts):
     clock = Clock()
-    proto = AdminProtocol(controller=None, password=password, **timeouts)
+    proto = AdminProtocol(operations=None, password=password, **timeouts)
     proto.callLater = clock.callLater  # TimeoutMixin's hook; ignored while there is no timeout
     transport = StringTransport()
     proto.makeConnection(transport)

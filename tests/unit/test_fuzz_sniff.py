@@ -19,8 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from proxy.sniff import NEED_MORE, SNIFF_CAP, http_host, tls_sni
-from tests.unit.test_server import World
-from tests.unit.test_sniff import HEAD, client_hello, extension, real_hello, records, sni_extension
+from tests.unit.client_bytes import HEAD, client_hello, extension, real_hello, records, sni_extension
+from tests.unit.proxy_world import World
 
 FUZZ = settings(
     max_examples=150,

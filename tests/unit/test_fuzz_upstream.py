@@ -25,16 +25,9 @@ try:
 except ImportError:  # Twisted 22.4
     from twisted.test.proto_helpers import StringTransport
 
-from proxy.upstream import (
-    MAX_HEAD,
-    MAX_STATUS_LINE,
-    HandshakeTimeout,
-    HTTPConnectClient,
-    MalformedReply,
-    Socks5Client,
-    Upstream,
-    UpstreamError,
-)
+from proxy.httpconnect import MAX_HEAD, MAX_STATUS_LINE
+from proxy.upstream import HTTPConnectClient, Socks5Client, Upstream
+from proxy.upstreamerrors import HandshakeTimeout, MalformedReply, UpstreamError
 
 FUZZ = settings(
     max_examples=200,

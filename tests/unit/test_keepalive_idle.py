@@ -68,8 +68,10 @@ class FakeDevice:
         self.pending = defer.Deferred()
         return self.pending
 
-    def attach(self, leg):
+    def attach(self, leg, first=b""):
         self.leg = leg
+        if first:
+            leg.dataReceived(first)
 
     def abort(self):
         self.transport.abortConnection()

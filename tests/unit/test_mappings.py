@@ -2,7 +2,7 @@
 
 import pytest
 
-from proxy.mappings import MappingConflict, MappingTable
+from proxy.mappings import MappingConflict, MappingTable, Route
 from proxy.upstream import Upstream
 
 
@@ -58,10 +58,6 @@ def test_upstream_parse_and_redaction():
             Upstream.parse(bad)
 
 
-class Owner:
-    log_fields = {"user": "alice", "cid": 3}
-
-
 def test_bytes_and_log_fields_follow_the_mapping_owner():
     """Finished connections' bytes count for the current owner; a new owner or a removal starts over.
     An owner's ``log_fields`` are handed out as a copy; other owners give none."""
@@ -72,11 +68,11 @@ def test_bytes_and_log_fields_follow_the_mapping_owner():
     assert t.client_bytes("10.9.0.2") == (10, 20) and t.client_bytes("10.9.0.9") == (0, 0)
     t.transfer("10.9.0.2", UP1, "a")  # same owner: kept
     assert t.client_bytes("10.9.0.2") == (10, 20)
-    owner = Owner()
-    t.transfer("10.9.0.2", UP1, owner)  # the same user reconnecting: a new session counts afresh
+    route = Route(UP1, device="p1", log_fields={"user": "alice", "cid": 3})
+    t.transfer("10.9.0.2", route, "b")  # the same user reconnecting: a new session counts afresh
     assert t.client_bytes("10.9.0.2") == (0, 0)
     fields = t.log_fields("10.9.0.2")
-    assert fields == {"user": "alice", "cid": 3} and fields is not Owner.log_fields
+    assert fields == {"user": "alice", "cid": 3} and fields is not route.log_fields
     t.add_bytes("10.9.0.2", 5, 6)
     assert t.remove("10.9.0.2") and t.client_bytes("10.9.0.2") == (0, 0)
     assert t.log_fields("10.9.0.2") == {}

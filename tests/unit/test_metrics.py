@@ -1,7 +1,6 @@
 """Metrics: the exposition text parsed back, the controller's observations, a real loopback scrape."""
 
 import math
-import re
 import socket
 
 import pytest
@@ -23,88 +22,8 @@ from ovpnmgr.metrics import (
 )
 from proxy.splice import SplicePolicy
 from proxy.stats import ProxyStats
+from tests.lab.prometheus import parse, value
 from tests.unit.test_controller import World
-
-# --- a tiny exposition-format parser (strict enough to catch format mistakes) ---
-
-_NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
-_SAMPLE = re.compile(r"^(%s)(?:\{(.*)\})? (\S+)$" % _NAME)
-_LABEL = re.compile(r'(%s)="((?:[^"\\]|\\.)*)"(,|$)' % r"[a-zA-Z_][a-zA-Z0-9_]*")
-
-
-def _unescape(text):
-    return re.sub(r"\\(.)", lambda m: {"n": "\n"}.get(m.group(1), m.group(1)), text)
-
-
-def _labels(text):
-    out, pos = {}, 0
-    while pos < len(text):
-        m = _LABEL.match(text, pos)
-        assert m, "bad label set %r at %d" % (text, pos)
-        assert m.group(1) not in out, "duplicate label %s" % m.group(1)
-        out[m.group(1)] = _unescape(m.group(2))
-        pos = m.end()
-    return out
-
-
-def _number(text):
-    if text in ("+Inf", "-Inf", "NaN"):
-        return float(text.replace("Inf", "inf").replace("NaN", "nan"))
-    return float(text)
-
-
-def parse(text):
-    """``{family: {"type", "help", "samples": [(name, labels, value)]}}``; asserts the format rules."""
-    assert text.endswith("\n")
-    families, current = {}, None
-    for line in text[:-1].split("\n"):
-        if line.startswith("# HELP ") or line.startswith("# TYPE "):
-            _, what, name, rest = line.split(" ", 3)
-            fam = families.setdefault(name, {"samples": []})
-            key = what.lower()
-            assert key not in fam, "%s %s twice" % (what, name)
-            assert not fam["samples"], "%s of %s after its samples" % (what, name)
-            fam[key] = rest
-            current = name
-            continue
-        assert not line.startswith("#") and line.strip(), "unexpected line %r" % line
-        m = _SAMPLE.match(line)
-        assert m, "bad sample line %r" % line
-        name, labels, value = m.group(1), _labels(m.group(2) or ""), _number(m.group(3))
-        base = current
-        if families[current].get("type") == "histogram":
-            assert name in (base + "_bucket", base + "_sum", base + "_count"), line
-        else:
-            assert name == base, "sample %s outside its family %s" % (name, base)
-        families[current]["samples"].append((name, labels, value))
-    for name, fam in families.items():
-        assert "help" in fam and "type" in fam, name
-        assert fam["type"] in ("counter", "gauge", "histogram", "summary", "untyped")
-        seen = [(n, tuple(sorted(l.items()))) for n, l, _ in fam["samples"]]
-        assert len(seen) == len(set(seen)), "duplicate series in %s" % name
-        if fam["type"] == "histogram":
-            _check_histogram(name, fam["samples"])
-    return families
-
-
-def _check_histogram(name, samples):
-    buckets = [(_number(l["le"]), v) for n, l, v in samples if n == name + "_bucket"]
-    count = [v for n, _, v in samples if n == name + "_count"]
-    total = [v for n, _, v in samples if n == name + "_sum"]
-    assert len(count) == 1 and len(total) == 1
-    bounds = [b for b, _ in buckets]
-    assert bounds == sorted(bounds) and bounds[-1] == math.inf, bounds
-    values = [v for _, v in buckets]
-    assert values == sorted(values), "buckets of %s not cumulative: %r" % (name, values)
-    assert values[-1] == count[0]
-
-
-def value(families, name, **labels):
-    samples = [s for fam in families.values() for s in fam["samples"]]
-    matches = [v for n, l, v in samples if n == name and l == labels]
-    assert len(matches) == 1, (name, labels, families[name]["samples"])
-    return matches[0]
-
 
 # --- Histogram and text rendering ---
 
@@ -151,7 +70,7 @@ def test_scrape_of_controller_proxy_and_splice():
     w.connect(1, kid=1, password="wrong")  # denied, final
     splice = SplicePolicy(available=True, soft_pages=0, cap_eff=0, pipe_max_size=1 << 20)
     assert splice.acquire()
-    fams = parse(render(collect(w.controller, _proxy_stats(), splice)))
+    fams = parse(render(collect(w.ops, _proxy_stats(), splice)))
     p = "pocketproxy_"
     assert value(fams, p + "admissions_total", result="admitted") == 1
     assert value(fams, p + "admissions_total", result="denied_final") == 1
@@ -190,8 +109,8 @@ def test_values_are_read_at_scrape_time():
     """No copy is kept: a second scrape sees the objects' new values."""
     w = World()
     stats = ProxyStats()
-    resource = MetricsResource(w.controller, stats, None)
-    collect_now = lambda: parse(render(collect(resource.controller, resource.proxy_stats, resource.splice)))
+    resource = MetricsResource(w.ops, stats, None)
+    collect_now = lambda: parse(render(collect(resource.operations, resource.proxy_stats, resource.splice)))
     assert value(collect_now(), "pocketproxy_proxy_connections_active") == 0
     stats.active = 5
     w.controller.draining = True
@@ -236,9 +155,9 @@ def test_denials_are_counted_by_kind():
     """Bad credentials are final; draining and rollbacks are temporary."""
     w = World()
     w.connect(0, password="wrong")
-    w.controller.set_draining(True)
+    w.ops.set_draining(True)
     w.connect(1)
-    w.controller.set_draining(False)
+    w.ops.set_draining(False)
     w.ipset.fail_next_add = IPSetError("add", "pocketproxy-clients", "10.9.0.2", 28, "set is full")
     w.connect(2)
     assert dict(w.controller.admissions) == {"denied_final": 1, "denied_temporary": 2}
@@ -253,7 +172,7 @@ def test_management_reconnects_are_counted():
     w.script.disconnect()
     w.attach()
     assert w.controller.management_reconnects == 2
-    fams = parse(render(collect(w.controller)))
+    fams = parse(render(collect(w.ops)))
     assert value(fams, "pocketproxy_management_reconnects_total") == 2
 
 
@@ -268,15 +187,11 @@ def test_last_rules_check_sets_ipset_drift():
         def check(self, expected):
             return defer.succeed(drift)
 
-        def members(self):
-            return set()  # the member comparison is redone at answer time: 10.9.0.5 is still expected
-
-    w.controller.firewall = Checking()
-    w.controller.expected_members = lambda: {ipaddress.IPv4Address("10.9.0.5")}
+    w.controller.ledger.firewall = Checking()
     got = []
-    w.controller.check_rules().addCallback(got.append)
+    w.ops.check_rules().addCallback(got.append)
     assert got == [drift]
-    fams = parse(render(collect(w.controller)))
+    fams = parse(render(collect(w.ops)))
     assert value(fams, "pocketproxy_ipset_drift", kind="missing") == 1
     assert value(fams, "pocketproxy_ipset_drift", kind="extra") == 0
     assert value(fams, "pocketproxy_firewall_drift") == 1
@@ -307,7 +222,7 @@ def test_tap_wires_metrics_unless_disabled(tmp_path):
     svcs = [s for s in top if isinstance(s, MetricsService)]
     assert len(svcs) == 1 and svcs[0].listen == "tcp:9105:interface=127.0.0.1"
     resource = svcs[0].factory.resource.children[b"metrics"]
-    assert resource.controller is controller and isinstance(resource.proxy_stats, ProxyStats)
+    assert resource.operations.c is controller and isinstance(resource.proxy_stats, ProxyStats)
     top, _ = build(MemoryReactorClock(), _config(tmp_path, "metrics: {listen: null}\n"), directory, None, ipset=FakeIPSet())
     assert not [s for s in top if isinstance(s, MetricsService)]
 
@@ -348,7 +263,7 @@ def test_real_scrape_over_loopback():
 
     w = World()
     w.connect(0)
-    svc = MetricsService(reactor, "tcp:0:interface=127.0.0.1", MetricsResource(w.controller, _proxy_stats(), None))
+    svc = MetricsService(reactor, "tcp:0:interface=127.0.0.1", MetricsResource(w.ops, _proxy_stats(), None))
     svc.startService()
     try:
         host = svc.port.getHost()

@@ -134,14 +134,25 @@ def test_data_both_ways_is_relayed_and_counted():
     assert p.relay.last_activity == 1008
 
 
-def test_events_before_start_are_replayed_after_the_buffered_bytes():
-    """Data delivered to a leg before start() follows the start buffers, in order."""
+def test_start_delivers_what_the_tunnel_held_after_the_buffered_bytes():
+    """start(attach=...) hands the upstream leg to the tunnel, which delivers what the device sent
+    since its reply (data, then its FIN) after the start buffers, in order, in the same call."""
     p = Pair(start=False)
-    p.relay.upstream_leg.dataReceived(b"-later")
-    assert p.client.value() == b""
-    p.relay.start(to_client=b"first")
-    assert p.client.value() == b"first-later"
-    assert p.relay.bytes_down == 11
+
+    def attach(leg):
+        leg.dataReceived(b"-later")
+        leg.readConnectionLost()
+
+    p.relay.start(to_client=b"first", attach=attach)
+    assert p.client.value() == b"first-later" and p.client.write_closes == 1
+    assert p.relay.bytes_down == 11 and not p.relay.spliced
+
+
+def test_data_before_start_is_a_bug_not_a_silent_drop():
+    """Nothing may reach a relay before start(): the tunnel holds it. A caller that breaks this learns at once."""
+    p = Pair(start=False)
+    with pytest.raises(RuntimeError):
+        p.relay.upstream_leg.dataReceived(b"early")
 
 
 # -- half-close

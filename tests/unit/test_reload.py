@@ -75,7 +75,7 @@ def untouched(w, *names):
 def test_removed_user_is_kicked_and_torn_down_at_once():
     """bob removed: client-kill of his CID, his mapping (and live connection), member and address go now."""
     w = world()
-    summary = w.controller.reload(parse(edited(('  bob: {password: "%s", device: p2}\n' % HASH, ""))))
+    summary = w.ops.reload(parse(edited(('  bob: {password: "%s", device: p2}\n' % HASH, ""))))
     assert summary == {
         "path": "users.yaml", "users": 3, "added": 0, "removed": 1, "changed": 0, "kicked": 1, "remapped": 0
     }
@@ -94,7 +94,7 @@ def test_removed_user_is_kicked_and_torn_down_at_once():
 def test_device_change_remaps_and_aborts_only_that_users_connections():
     """alice p1 → p2: same session and address, mapping now to p2's upstream, her live connection aborted."""
     w = world()
-    summary = w.controller.reload(parse(edited(('alice: {password: "%s", device: p1}' % HASH, 'alice: {password: "%s", device: p2}' % HASH))))
+    summary = w.ops.reload(parse(edited(('alice: {password: "%s", device: p1}' % HASH, 'alice: {password: "%s", device: p2}' % HASH))))
     assert (summary["changed"], summary["kicked"], summary["remapped"]) == (1, 0, 1)
     assert w.script.sent_commands() == []
     alice = w.addr["alice"]
@@ -111,7 +111,7 @@ def test_device_change_remaps_and_aborts_only_that_users_connections():
 def test_device_url_change_remaps_every_user_of_that_device():
     """p1's upstream URL changes: alice and carol remapped (connections aborted); bob (p2) untouched."""
     w = world()
-    summary = w.controller.reload(parse(edited(("192.168.255.2:8080", "192.168.255.9:8080"))))
+    summary = w.ops.reload(parse(edited(("192.168.255.2:8080", "192.168.255.9:8080"))))
     assert (summary["changed"], summary["kicked"], summary["remapped"]) == (2, 0, 2)
     for name in ("alice", "carol"):
         assert str(w.mappings.lookup(w.addr[name])) == "http://192.168.255.9:8080"
@@ -123,7 +123,7 @@ def test_device_url_change_remaps_every_user_of_that_device():
 def test_unchanged_file_touches_nothing():
     """Reloading the same content: no kill, no abort, counts zero."""
     w = world()
-    summary = w.controller.reload(parse(USERS))
+    summary = w.ops.reload(parse(USERS))
     assert summary == {
         "path": "users.yaml", "users": 4, "added": 0, "removed": 0, "changed": 0, "kicked": 0, "remapped": 0
     }
@@ -134,7 +134,7 @@ def test_unchanged_file_touches_nothing():
 def test_static_address_change_kicks_and_the_new_address_is_reserved():
     """carol .77 → .78: kicked and torn down; .77 is free for others, .78 is hers only."""
     w = world()
-    summary = w.controller.reload(parse(edited(("10.9.0.77", "10.9.0.78"))))
+    summary = w.ops.reload(parse(edited(("10.9.0.77", "10.9.0.78"))))
     assert (summary["changed"], summary["kicked"]) == (1, 1)
     assert w.script.sent_commands() == ["client-kill 2"]
     assert w.live["carol"].aborted == 1 and IP("10.9.0.77") not in w.members()
@@ -148,7 +148,7 @@ def test_a_newly_reserved_static_address_is_taken_back_from_its_holder():
     """bob gets alice's dynamic address as his static one: alice is kicked (she gets another), bob too."""
     w = world()
     text = edited(('bob: {password: "%s", device: p2}' % HASH, 'bob: {password: "%s", device: p2, address: %s}' % (HASH, w.addr["alice"])))
-    summary = w.controller.reload(parse(text))
+    summary = w.ops.reload(parse(text))
     assert summary["kicked"] == 2
     assert sorted(w.script.sent_commands()) == ["client-kill 0", "client-kill 1"]
     untouched(w, "carol")
@@ -160,7 +160,7 @@ def test_added_and_password_changed_users():
     new_hash = hash_password("new", n=16)
     text = edited(('alice: {password: "%s"' % HASH, 'alice: {password: "%s"' % new_hash))
     text += '  dave: {password: "%s", device: p2}\n' % HASH
-    summary = w.controller.reload(parse(text))
+    summary = w.ops.reload(parse(text))
     assert (summary["added"], summary["changed"], summary["kicked"]) == (1, 1, 0)
     untouched(w, "alice", "bob", "carol")
     w.script.notify_reauth(0, 3, connect_env(username="alice", password="pw"))
@@ -179,7 +179,7 @@ def test_authentication_in_flight_for_a_changed_user_is_retried():
     w.connect(0, user="alice")
     w.connect(1, user="bob")
     assert len(pending) == 2
-    w.controller.reload(parse(edited(('alice: {password: "%s", device: p1}' % HASH, 'alice: {password: "%s", device: p2}' % HASH))))
+    w.ops.reload(parse(edited(('alice: {password: "%s", device: p1}' % HASH, 'alice: {password: "%s", device: p2}' % HASH))))
     assert w.commands("client-deny") == ['client-deny 0 1 "users file reloaded during authentication" "TEMP[backoff 7,advance no]: temporary failure, retrying"']
     pending[0].callback(True)
     pending[1].callback(True)
@@ -199,12 +199,12 @@ def test_bad_file_is_refused_and_the_old_directory_stays(tmp_path):
     for text, problem in cases:
         w.path.write_text(text)
         with pytest.raises(ConfigError) as e:
-            w.controller.reload_file()
+            w.ops.reload_file()
         assert str(e.value).startswith(str(w.path) + ": ") and problem in str(e.value), str(e.value)
         assert w.controller.directory is before
     w.path.unlink()
     with pytest.raises(ConfigError, match="cannot read users file"):
-        w.controller.reload_file()
+        w.ops.reload_file()
     assert w.controller.directory is before and w.pool._static == frozenset({IP("10.9.0.77")})
     untouched(w, "alice", "bob", "carol")
     assert w.script.sent_commands() == []
@@ -214,7 +214,7 @@ def test_reload_without_management_still_tears_down_removed_users():
     """Management down: the removed user's rules go now; the kill is left to reconciliation (unknown user)."""
     w = world()
     w.script.disconnect()
-    summary = w.controller.reload(parse(edited(('  bob: {password: "%s", device: p2}\n' % HASH, ""))))
+    summary = w.ops.reload(parse(edited(('  bob: {password: "%s", device: p2}\n' % HASH, ""))))
     assert summary["kicked"] == 1
     assert w.addr["bob"] not in w.members() and w.live["bob"].aborted == 1
 
@@ -225,7 +225,7 @@ def test_reload_without_management_still_tears_down_removed_users():
 def test_pp_reload_text_and_json(tmp_path):
     """pp reload: one SUCCESS line with the counts; --json one JSON line then END."""
     w = world(tmp_path)
-    a = Admin(AdminFactory(w.controller))
+    a = Admin(AdminFactory(w.ops))
     w.path.write_text(edited(('  bob: {password: "%s", device: p2}\n' % HASH, ""), ("alice: {password: \"%s\", device: p1}" % HASH, "alice: {password: \"%s\", device: p2}" % HASH)))
     assert a.send("pp reload") == b"SUCCESS: reloaded users file: 3 users (added 0, removed 1, changed 1, kicked 1)\r\n"
     assert w.script.sent_commands() == ["client-kill 1"]
@@ -241,7 +241,7 @@ def test_pp_reload_text_and_json(tmp_path):
 def test_pp_reload_refuses_a_bad_file(tmp_path):
     """A bad file: ERROR: reload refused: <file: key: problem>; previous users stay in force."""
     w = world(tmp_path)
-    a = Admin(AdminFactory(w.controller))
+    a = Admin(AdminFactory(w.ops))
     w.path.write_text(edited(("device: p2}", "device: p9}")))
     expected = "ERROR: reload refused: %s: users.bob.device: no such device 'p9'; previous users stay in force" % w.path
     assert a.send("pp reload") == crlf(expected)
@@ -272,7 +272,7 @@ def test_sighup_schedules_a_reload_on_the_reactor_and_restores_the_handler(tmp_p
     chained = []
     previous = signal.signal(signal.SIGHUP, lambda signum, frame: chained.append(signum))
     try:
-        svc = ReloadOnSignal(reactor, w.controller)
+        svc = ReloadOnSignal(reactor, w.ops)
         svc.startService()
         os.kill(os.getpid(), signal.SIGHUP)
         assert w.script.sent_commands() == []  # nothing done inside the handler
@@ -298,4 +298,4 @@ def test_tap_wires_the_sighup_service(tmp_path):
     config = _parse(tmp_path, os.getgid())
     top, controller = build(MemoryReactorClock(), config, parse(USERS), None, ipset=FakeIPSet())
     found = [s for s in top if isinstance(s, ReloadOnSignal)]
-    assert len(found) == 1 and found[0].controller is controller
+    assert len(found) == 1 and found[0].operations.c is controller

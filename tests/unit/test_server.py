@@ -1,93 +1,23 @@
 """ProxyFactory/ProxyConnection: guards, limits, sniff policy, parallel dial, failures, timeouts.
 
 The accepted side is a StringTransport; the device side is a scripted
-HandshakeClient stand-in; time is a MemoryReactorClock. The real Relay joins
-the two, so the bytes that reach each transport are the real ones.
+HandshakeClient stand-in; time is a MemoryReactorClock (``tests/unit/proxy_world.py``).
+The real Relay joins the two, so the bytes that reach each transport are the real ones.
 """
 
 import ipaddress
 
 import pytest
-from twisted.internet import defer
 from twisted.internet.address import IPv4Address
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 
 from proxy.localaddr import LocalAddresses
-from proxy.mappings import MappingTable
-from proxy.server import ProxyFactory, ProxySettings, SniffSkipList
-from proxy.upstream import Forbidden, Upstream
-
-DEVICE = Upstream.parse("http://dev:s3cret-pw@192.0.2.10:8080")
-CLIENT = "10.9.0.5"
-DEST = ipaddress.ip_address("93.184.216.34")
-
-
-class Transport(StringTransport):
-    """StringTransport that records aborts (RST) separately from clean closes."""
-
-    aborted = False
-
-    def abortConnection(self):
-        self.aborted = True
-        super().abortConnection()
-
-
-class FakeDevice:
-    """Stands in for proxy.upstream.HandshakeClient."""
-
-    def __init__(self):
-        self.transport = Transport()
-        self.handshakes = []
-        self.pending = None
-        self.leg = None
-        self.aborted = False
-
-    def handshake(self, host, port):
-        self.handshakes.append((host, port))
-        self.pending = defer.Deferred()
-        return self.pending
-
-    def attach(self, leg):
-        self.leg = leg
-
-    def abort(self):
-        self.aborted = True
-
-
-class World:
-    def __init__(self, **settings):
-        self.reactor = MemoryReactorClock()
-        self.mappings = MappingTable()
-        self.mappings.add(CLIENT, DEVICE, owner="s1")
-        self.dials = []
-        self.destination = (DEST, 443)
-        self.factory = ProxyFactory(
-            self.reactor,
-            self.mappings,
-            ProxySettings(**settings),
-            destination_of=lambda transport: self.destination,
-            local=LocalAddresses(read=lambda: {ipaddress.ip_address("10.9.0.1"), ipaddress.ip_address("192.0.2.1")}),
-            dial=self._dial,
-        )
-
-    def _dial(self, reactor, upstream, connect_timeout, handshake_timeout):
-        d = defer.Deferred()
-        self.dials.append((upstream, d))
-        return d
-
-    def accept(self, source=CLIENT, port=443, host=("10.9.0.1", 12345)):
-        self.destination = (self.destination[0], port)
-        proto = self.factory.buildProtocol(None)
-        transport = Transport(hostAddress=IPv4Address("TCP", *host), peerAddress=IPv4Address("TCP", source, 40000))
-        proto.makeConnection(transport)
-        return proto, transport
-
-    def connect_device(self, index=-1):
-        device = FakeDevice()
-        self.dials[index][1].callback(device)
-        return device
+from proxy.mappings import Route
+from proxy.server import SniffSkipList
+from proxy.upstreamerrors import Forbidden
+from tests.unit.proxy_world import CLIENT, DEVICE, Transport, World
 
 
 @pytest.fixture
@@ -275,11 +205,9 @@ def test_upstream_failure_event_carries_structured_fields(logs):
     """The failure event has dest, reason, kind and the mapping owner's fields (user, cid, vpn_ip, device)
     as keys of its own; the device's password is in none of them."""
 
-    class Session:
-        log_fields = {"user": "alice", "cid": 4, "vpn_ip": CLIENT, "device": "phone"}
-
     w = World()
-    w.mappings.transfer(CLIENT, DEVICE, Session())
+    fields = {"user": "alice", "cid": 4, "vpn_ip": CLIENT, "device": "phone"}
+    w.mappings.transfer(CLIENT, Route(DEVICE, device="phone", log_fields=fields), "session")
     w.accept(port=22)
     w.connect_device().pending.errback(Forbidden("device proxy 192.0.2.10:8080 answered 403 Forbidden"))
     [event] = [e for e in logs if e.get("event") == "upstream-failed"]
@@ -312,7 +240,7 @@ def test_relayed_bytes_count_per_client_live_and_finished():
 
 def test_dial_failure_resets_client():
     """The device unreachable → RST for the client."""
-    from proxy.upstream import Unreachable
+    from proxy.upstreamerrors import Unreachable
 
     w = World()
     _, t = w.accept(port=22)
@@ -477,12 +405,9 @@ def test_private_and_special_destinations_are_refused_before_any_dial(logs):
 def test_a_client_allowed_private_networks_reaches_them_but_never_a_device():
     from proxy.destinations import ClientPolicy
 
-    class Owner:
-        proxy_policy = ClientPolicy(allow_private=True)
-
     w = World()
     w.mappings.remove(CLIENT)
-    w.mappings.add(CLIENT, DEVICE, owner=Owner())
+    w.mappings.add(CLIENT, Route(DEVICE, policy=ClientPolicy(allow_private=True)), owner="s1")
     w.factory.destinations.set_networks(devices=["192.168.255.0/24"])
     w.destination = (ipaddress.ip_address("10.20.0.1"), 22)
     assert not w.accept(port=22)[1].aborted and len(w.dials) == 1
@@ -505,13 +430,10 @@ def test_special_use_sniffed_names_reset_the_connection_and_cancel_the_dial(host
 def test_device_fair_share_refuses_the_greedy_co_tenant():
     from proxy.destinations import ClientPolicy
 
-    class Owner:
-        proxy_policy = ClientPolicy(device_limit=4)
-
     w = World()
     w.mappings.remove(CLIENT)
-    w.mappings.add(CLIENT, DEVICE, owner=Owner())
-    w.mappings.add("10.9.0.6", DEVICE, owner=Owner())
+    w.mappings.add(CLIENT, Route(DEVICE, policy=ClientPolicy(device_limit=4)), owner="s1")
+    w.mappings.add("10.9.0.6", Route(DEVICE, policy=ClientPolicy(device_limit=4)), owner="s2")
     held = [w.accept(port=22)[1] for _ in range(3)]
     assert [t.aborted for t in held] == [False, False, True]
     assert w.factory.stats.refused == {"device-share": 1}

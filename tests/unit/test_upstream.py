@@ -22,21 +22,16 @@ try:
 except ImportError:  # Twisted 22.4
     from twisted.test.proto_helpers import MemoryReactorClock, StringTransport
 
-from proxy.upstream import (
-    MAX_HEAD,
-    MAX_HEADERS,
-    MAX_STATUS_LINE,
+from proxy.httpconnect import MAX_HEAD, MAX_HEADERS, MAX_STATUS_LINE
+from proxy.upstream import HTTPConnectClient, Socks5Client, Upstream, dial
+from proxy.upstreamerrors import (
     AuthRefused,
     Forbidden,
     HandshakeTimeout,
-    HTTPConnectClient,
     MalformedReply,
-    Socks5Client,
     Unreachable,
-    Upstream,
     UpstreamClosed,
     UpstreamError,
-    dial,
 )
 from tests.unit.deferreds import failure_of, result_of
 
@@ -815,8 +810,9 @@ def resolving_reactor(addresses):
     return reactor
 
 
-def test_dial_ip_literals_use_tcp_endpoints_and_fire_with_client():
-    """IPv4/IPv6 literals connect directly with the connect timeout; the right client class comes back."""
+def test_dial_ip_literals_connect_directly_and_fire_with_client():
+    """IPv4/IPv6 literals connect directly (connectTCP, no endpoint wrapper) under one connect-timeout
+    timer; the right client class comes back."""
     for url, host, cls in [
         ("http://u:p@192.0.2.10:8080", "192.0.2.10", HTTPConnectClient),
         ("socks5://[2001:db8::1]:1080", "2001:db8::1", Socks5Client),
@@ -826,7 +822,8 @@ def test_dial_ip_literals_use_tcp_endpoints_and_fire_with_client():
         d = dial(reactor, upstream, 7, 11)
         assert not d.called
         (entry,) = reactor.tcpClients
-        assert (entry[0], entry[1], entry[3]) == (host, upstream.port, 7)
+        assert (entry[0], entry[1], entry[3]) == (host, upstream.port, None)  # our own timer, not the connector's
+        assert [c.getTime() for c in reactor.getDelayedCalls()] == [7]
         protocol = entry[2].buildProtocol(None)
         protocol.makeConnection(Transport())
         client = result_of(d)

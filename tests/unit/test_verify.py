@@ -20,7 +20,7 @@ IP = ipaddress.IPv4Address
 
 def verifier_world(repair=True, interval=30):
     w, runner = rules_world()
-    v = FirewallVerifier(w.clock, w.controller, interval, repair=repair)
+    v = FirewallVerifier(w.clock, w.ops, interval, repair=repair)
     v.startService()
     return w, runner, v
 
@@ -37,7 +37,7 @@ def test_checks_run_every_interval_on_the_clock_and_stop_with_the_service():
     w.clock.advance(29)
     assert v.checks == 0
     w.clock.advance(1)
-    assert v.checks == 1 and w.controller.last_drift.ok
+    assert v.checks == 1 and w.ops.last_drift.ok
     w.clock.advance(30)
     w.clock.advance(30)
     assert v.checks == 3
@@ -66,7 +66,7 @@ def test_drift_is_logged_with_members_and_repaired_and_counted():
     assert repaired[0]["user"] == "alice" and repaired[0]["cid"] == 0
     assert w.members() == {alice}
     assert v.repairs == {"member_added": 1, "member_removed": 1}
-    fams = parse(render(collect(w.controller, verifier=v)))
+    fams = parse(render(collect(w.ops, verifier=v)))
     assert value(fams, "pocketproxy_ipset_drift", kind="missing") == 0
     assert value(fams, "pocketproxy_firewall_drift") == 0
     assert value(fams, "pocketproxy_firewall_repairs_total", action="member_added") == 1
@@ -81,7 +81,7 @@ def test_without_repair_drift_is_only_reported():
     w.ipset.delete(alice)
     w.clock.advance(30)
     assert w.members() == set() and not v.repairs
-    fams = parse(render(collect(w.controller, verifier=v)))
+    fams = parse(render(collect(w.ops, verifier=v)))
     assert value(fams, "pocketproxy_ipset_drift", kind="missing") == 1
     assert value(fams, "pocketproxy_firewall_drift") == 1
 
@@ -133,7 +133,7 @@ def test_admission_during_the_listing_is_not_drift():
     from tests.unit.test_firewall import HEALTHY_NAT
 
     held.callback((0, HEALTHY_NAT.encode(), b""))
-    assert w.controller.last_drift.ok and w.members() == {alice} and not v.repairs
+    assert w.ops.last_drift.ok and w.members() == {alice} and not v.repairs
 
 
 def test_a_slow_check_is_not_stacked():
