@@ -216,10 +216,11 @@ def collect(operations=None, proxy_stats=None, splice=None, verifier=None, dns_s
         for kind, n in upstream.items():
             f.add(n, kind=kind)
         families.append(f)
+        up, down = s.bytes_moved()
         families.append(
-            counter("proxy_bytes_total", "Bytes relayed by completed connections (live ones add at close).")
-            .add(s.bytes_up, direction="up")
-            .add(s.bytes_down, direction="down")
+            counter("proxy_bytes_total", "Bytes relayed, live connections included.")
+            .add(up, direction="up")
+            .add(down, direction="down")
         )
     if proxy_stats is not None or splice is not None:
         st = splice.stats() if splice is not None else {"spliced_now": 0, "spliced_total": 0}

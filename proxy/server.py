@@ -407,8 +407,8 @@ class ProxyConnection(Protocol):
 
     def _relay_finished(self, relay):
         stats = self.factory.stats
-        stats.bytes_up += relay.bytes_up
-        stats.bytes_down += relay.bytes_down
+        stats.finished_up += relay.bytes_up
+        stats.finished_down += relay.bytes_down
         stats.completed += 1
         if self._registered:
             self.factory.mappings.add_bytes(self.client_ip, relay.bytes_up, relay.bytes_down)
@@ -467,6 +467,7 @@ class ProxyFactory(Factory):
         self.destinations = destinations if destinations is not None else DestinationPolicy()
         self.skiplist = SniffSkipList(reactor)
         self.connections = set()
+        self.stats.live = lambda: (c.bytes_relayed() for c in self.connections)
         self.listening = set()  # (ip, port) pairs of our own listeners
         self.listening_ports = set()
         self.log_throttle = LogThrottle(reactor)

@@ -17,6 +17,10 @@ class ProxyStats:
     :ivar upstream_errors: failed device handshakes by ``UpstreamError.kind``.
     :ivar sniffed: how the CONNECT target was chosen (``sni``, ``host``,
         ``timeout``, ``none``, ``invalid``, ``skipped``, ``learned``).
+    :ivar finished_up: bytes client → device of finished connections.
+    :ivar finished_down: bytes device → client of finished connections.
+    :ivar live: ``f() → iterable of (up, down)`` of the connections relaying now (the factory
+        sets it): the relays' own counters, the one count of every byte, read at snapshot time.
     """
 
     def __init__(self):
@@ -24,22 +28,34 @@ class ProxyStats:
         self.relayed = 0
         self.completed = 0
         self.active = 0
-        self.bytes_up = 0
-        self.bytes_down = 0
+        self.finished_up = 0
+        self.finished_down = 0
+        self.live = tuple
         self.refused = Counter()
         self.upstream_errors = Counter()
         self.sniffed = Counter()
         self.closed = Counter()
 
+    def bytes_moved(self):
+        """``(up, down)`` relayed since start: finished connections plus what live ones moved so
+        far (a connection's bytes pass from live to finished in one reactor turn: never counted
+        twice, never missing, so the totals only grow)."""
+        up, down = self.finished_up, self.finished_down
+        for live_up, live_down in self.live():
+            up += live_up
+            down += live_down
+        return up, down
+
     def snapshot(self):
         """A JSON-friendly copy of every counter."""
+        up, down = self.bytes_moved()
         return {
             "accepted": self.accepted,
             "relayed": self.relayed,
             "completed": self.completed,
             "active": self.active,
-            "bytes_up": self.bytes_up,
-            "bytes_down": self.bytes_down,
+            "bytes_up": up,
+            "bytes_down": down,
             "refused": dict(self.refused),
             "upstream_errors": dict(self.upstream_errors),
             "sniffed": dict(self.sniffed),

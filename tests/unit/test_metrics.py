@@ -57,7 +57,8 @@ def test_render_escapes_and_parses_back():
 def _proxy_stats():
     s = ProxyStats()
     s.accepted, s.relayed, s.completed, s.active = 20, 9, 7, 3
-    s.bytes_up, s.bytes_down = 1000, 250000
+    s.finished_up, s.finished_down = 900, 240000
+    s.live = lambda: [(100, 10000)]  # a connection still relaying counts at once
     s.refused.update({"unmapped": 4, "client-limit": 1, "odd\"reason": 1})
     s.upstream_errors.update({"timeout": 2, "auth": 1})
     return s

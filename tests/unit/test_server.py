@@ -224,18 +224,20 @@ def test_upstream_failure_event_carries_structured_fields(logs):
 
 
 def test_relayed_bytes_count_per_client_live_and_finished():
-    """pp clients' proxied bytes: a live relay's bytes are visible at once, then kept when it finishes."""
+    """pp clients' proxied bytes and the daemon's totals read the relay's one counter: a live
+    relay's bytes are visible at once, then kept (not doubled) when it finishes."""
     w = World()
     proto, t = w.accept(port=22)
     device = w.connect_device()
     device.pending.callback(b"")
     proto.dataReceived(b"hello")
     device.leg.dataReceived(b"world!!")
-    assert w.mappings.client_bytes(CLIENT) == (5, 7)
+    totals = lambda: (w.factory.stats.snapshot()["bytes_up"], w.factory.stats.snapshot()["bytes_down"])  # noqa: E731
+    assert w.mappings.client_bytes(CLIENT) == (5, 7) == totals()
     proto.connectionLost(Failure(Exception("aborted")))
     device.leg.connectionLost(Failure(Exception("aborted")))
     assert w.factory.stats.completed == 1 and w.mappings.live_count(CLIENT) == 0
-    assert w.mappings.client_bytes(CLIENT) == (5, 7)
+    assert w.mappings.client_bytes(CLIENT) == (5, 7) == totals()
 
 
 def test_dial_failure_resets_client():
