@@ -210,9 +210,9 @@ def proxy_settings(config):
 
 def device_networks(directory, extra, connected):
     """What the proxy refuses as "device": the firewall's device networks (every device's
-    IP-literal upstream host plus ``extra``, :class:`~ovpnmgr.firewall.Devices`) and the
+    IP-literal upstream host plus ``extra``, :class:`~ovpnmgr.rules.Devices`) and the
     server's on-link networks (``connected``) that hold one of them."""
-    from ovpnmgr.firewall import Devices
+    from ovpnmgr.rules import Devices
 
     guarded = Devices.of(directory, extra).networks
     on_link = {net for net in connected for dev in guarded if net.version == dev.version and dev.subnet_of(net)}

@@ -40,7 +40,7 @@ from twisted.protocols.basic import Int16StringReceiver
 from twisted.protocols.policies import TimeoutMixin
 
 from proxy import dnsmessage
-from proxy.dnscache import MAX_NEGATIVE_TTL, MAX_TTL, DNSCache
+from proxy.dnscache import DNSCache
 from proxy.dnsmessage import Malformed
 from proxy.dnsdoh import DoHResolver, tls_options
 from proxy.dnsupstream import DeviceResolver, DNSUnavailable, HostResolver, Overloaded, OverShare, fair_share

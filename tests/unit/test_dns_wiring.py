@@ -2,7 +2,6 @@
 the pushed option, the firewall's INPUT rule, metrics and ``pp stats``."""
 
 import ipaddress
-from types import SimpleNamespace
 
 import pytest
 from twisted.internet.testing import MemoryReactorClock

@@ -538,7 +538,7 @@ class FaultWorld:
         assert drift == [], drift
 
     def _rule_drift(self):
-        from ovpnmgr.firewall import FAMILIES, rule_problems
+        from ovpnmgr.rules import FAMILIES, rule_problems
 
         return [
             problem

@@ -15,7 +15,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from ovpnmgr.config import FirewallConfig
 from ovpnmgr.directory import Device, Directory
-from ovpnmgr.firewall import IP6, Devices, Drift, Firewall, FirewallError, MemberSync, jumps_to, restore_input, rule_problems
+from ovpnmgr.firewall import Drift, Firewall, FirewallError, MemberSync
+from ovpnmgr.rules import IP6, Devices, jumps_to, restore_input, rule_problems
 from ovpnmgr.ipset import IPSET_ERR_HASH_FULL, FakeIPSet, IPSetError
 from ovpnmgr.process import CommandNotFound, CommandTimeout, FakeRunner, ProcessRunner, command_environment
 from proxy.upstream import Upstream

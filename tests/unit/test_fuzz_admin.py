@@ -6,7 +6,6 @@ timeouts (``admin.login_timeout``, ``admin.idle_timeout``) cut a client that sta
 never authenticates, or trickles a partial line (only complete lines count as activity).
 """
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet.task import Clock
