@@ -113,9 +113,7 @@ class Relay:
 
     def __init__(self, reactor, client_transport, upstream_transport, *, on_finished=None, splice=None):
         self._reactor = reactor
-        self._seconds = reactor.seconds
         self._transports = (client_transport, upstream_transport)
-        self._write_client = self._write_upstream = None  # the transports' write, bound at start()
         self._on_finished = on_finished
         self._policy = splice
         # Per side: True while nothing may be written to it (before start, once aborted, closed,
@@ -159,11 +157,10 @@ class Relay:
         if self._started:
             raise RuntimeError("relay already started")
         self._started = True
-        self.last_activity = self._seconds()
+        self.last_activity = self._reactor.seconds()
         if self.aborted is not None or any(self._closed):
             return  # whatever closed already propagated to the other side in _connection_lost
         client, upstream = self._transports
-        self._write_client, self._write_upstream = client.write, upstream.write
         self._blocked = [False, False]
         if to_upstream:
             upstream.write(to_upstream)
@@ -221,9 +218,9 @@ class Relay:
             return self._unwritable(data)
         if not self._splice_refused and self._maybe_splice(CLIENT, data):
             return None
-        self._write_upstream(data)
+        self._transports[UPSTREAM].write(data)
         self.bytes_up += len(data)
-        self.last_activity = self._seconds()
+        self.last_activity = self._reactor.seconds()
         return None
 
     def _from_upstream(self, data):
@@ -231,9 +228,9 @@ class Relay:
             return self._unwritable(data)
         if not self._splice_refused and self._maybe_splice(UPSTREAM, data):
             return None
-        self._write_client(data)
+        self._transports[CLIENT].write(data)
         self.bytes_down += len(data)
-        self.last_activity = self._seconds()
+        self.last_activity = self._reactor.seconds()
         return None
 
     def _unwritable(self, data):
@@ -247,7 +244,7 @@ class Relay:
             self.bytes_up += n
         else:
             self.bytes_down += n
-        self.last_activity = self._seconds()
+        self.last_activity = self._reactor.seconds()
 
     def _pumping(self):
         # The pump owns the sockets and sees EOFs itself (a socket's EOF repeats); a late

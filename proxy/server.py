@@ -333,6 +333,7 @@ class ProxyConnection(Protocol):
         self.dataReceived = relay.client_leg.dataReceived  # one hop per chunk from now on
         to_upstream, self._buffer = bytes(self._buffer), None
         relay.start(to_upstream=to_upstream, attach=tunnel.attach)
+        self._tunnel = self._target = None  # the relay owns both sides now
         if self._client_eof:
             relay.client_leg.readConnectionLost()
 

@@ -251,6 +251,7 @@ class HandshakeClient(Protocol):
             name, args = self._held.popleft()
             getattr(leg, name)(*args)
         self._leg = leg
+        self._held = None  # never used again (an empty deque is 600 bytes per idle connection)
         self.dataReceived = leg.dataReceived  # one hop per chunk: the transport calls the leg
 
     def abort(self):
@@ -264,8 +265,9 @@ class HandshakeClient(Protocol):
 
     def connectionMade(self):
         """IProtocol.connectionMade"""
-        if self.on_connected is not None:
-            self.on_connected(self)
+        hook, self.on_connected = self.on_connected, None
+        if hook is not None:
+            hook(self)
 
     def dataReceived(self, data):
         """IProtocol.dataReceived"""
@@ -429,15 +431,17 @@ class _DirectDial(ClientFactory):
 
     def _connected(self, protocol):
         self._stop_timer()
-        if self.result.called:  # cancelled or timed out just before the connect completed
+        result, self.result = self.result, None  # the connector keeps this factory as long as the connection
+        self._connector = None
+        if result.called:  # cancelled or timed out just before the connect completed
             protocol.transport.abortConnection()
         else:
-            self.result.callback(protocol)
+            result.callback(protocol)
 
     def clientConnectionFailed(self, connector, reason):
         """IProtocolFactory (ClientFactory): the TCP connect failed (or we stopped it)."""
         self._stop_timer()
-        if not self.result.called and not self._giving_up:
+        if self.result is not None and not self.result.called and not self._giving_up:
             self.result.errback(Unreachable("%s is unreachable: %s" % (self._where, reason.getErrorMessage())))
 
     def _timed_out(self):
@@ -455,6 +459,8 @@ class _DirectDial(ClientFactory):
     def _stop_connecting(self):
         """Give up the attempt; its clientConnectionFailed (synchronous) is ours, not news."""
         self._giving_up = True
+        if self._connector is None:
+            return
         try:
             self._connector.stopConnecting()
         except error.NotConnectingError:
