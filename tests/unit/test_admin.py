@@ -14,66 +14,20 @@ import socket
 
 import pytest
 from twisted.internet.error import CannotListenError
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import MemoryReactorClock
 
 from ovpnmgr.admin import BANNER, CLIENT_BYTES, AdminFactory, AdminService, remove_stale_socket
 from ovpnmgr.config import AdminConfig
 from ovpnmgr.testing import status3_lines
 from proxy.stats import ProxyStats
-from tests.unit.test_controller import World
-from tests.unit.test_firewall import NAT_S, healthy_runner
+from tests.unit.admin_world import Admin, Fake, _parse, admit, crlf, rules_world, world
+from tests.unit.firewall_listings import NAT_S
+from tests.unit.controller_world import HASH, World
 
 IP = ipaddress.IPv4Address
 NOT_ALLOWED = b"ERROR: command not allowed\r\n"
 UNKNOWN = b"ERROR: unknown command, enter 'help' for more options\r\n"
 NOT_CONNECTED = b"ERROR: OpenVPN management not connected\r\n"
-
-
-class Admin:
-    """One admin client on a StringTransport."""
-
-    def __init__(self, factory):
-        self.protocol = factory.buildProtocol(None)
-        self.transport = StringTransport()
-        self.protocol.makeConnection(self.transport)
-
-    def send(self, *lines):
-        """Send lines in one read; return what came back since the last call."""
-        self.transport.clear()
-        self.protocol.dataReceived(b"".join(line.encode() + b"\n" for line in lines))
-        return self.transport.value()
-
-    def take(self):
-        value = self.transport.value()
-        self.transport.clear()
-        return value
-
-
-class Fake:
-    """A live proxied connection for MappingTable.register."""
-
-    def abortConnection(self):
-        pass
-
-
-def world(stats=None):
-    w = World()
-    w.factory = AdminFactory(w.ops, stats)
-    return w
-
-
-def admit(w, cid, user="alice", at=100):
-    """Play CONNECT → ADDRESS → ESTABLISHED for ``user``; return the address."""
-    w.clock.advance(at - w.clock.seconds())
-    w.connect(cid, user=user)
-    session = w.controller.sessions[(w.controller.epoch, cid)]
-    w.script.notify_address(cid, str(session.address))
-    w.script.notify_established(cid, {"ifconfig_pool_remote_ip": str(session.address)})
-    return session.address
-
-
-def crlf(*lines):
-    return b"".join(line.encode() + b"\r\n" for line in lines)
 
 
 # --- dialect ---------------------------------------------------------------------------
@@ -375,7 +329,6 @@ users:
   carol: {password: "%s", device: p1}
   bob: {password: "%s", device: p2}
 """
-    from tests.unit.test_controller import HASH
 
     w = World(users=users % (HASH, HASH, HASH))
     w.factory = AdminFactory(w.ops)
@@ -432,14 +385,6 @@ def test_pp_drain_denies_new_admissions_with_temp_and_resumes():
     w.connect(5)
     assert w.commands("client-auth")[-1].startswith("client-auth 5 1\n")
     assert a.send("pp drain maybe") == b"ERROR: usage: see 'pp help'\r\n"
-
-
-def rules_world():
-    w = world()
-    runner = healthy_runner()
-    w.firewall._runner = runner
-    w.firewall.ipv6 = True  # the same on a host without IPv6
-    return w, runner
 
 
 def test_pp_rules_check_reports_ok_and_member_drift():
@@ -563,18 +508,7 @@ def test_a_regular_file_in_the_way_is_not_removed(tmp_path):
 
 # --- configuration ------------------------------------------------------------------------
 
-CONFIG_TEXT = """
-openvpn: {management: "unix:/run/x.sock", subnet: 10.9.0.0/24, server_address: 10.9.0.1}
-directory: {file: users.yaml}
-admin: {socket: /run/pocketproxy/admin.sock, mode: "0640", group: %s}
-"""
 
-
-def _parse(tmp_path, group):
-    from ovpnmgr.config import parse_config
-
-    (tmp_path / "users.yaml").write_text("devices: {}\nusers: {}\n")
-    return parse_config(CONFIG_TEXT % group, tmp_path / "pocketproxy.yaml")
 
 
 def test_admin_group_by_name_or_gid(tmp_path):

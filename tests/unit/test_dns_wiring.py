@@ -6,7 +6,7 @@ import ipaddress
 import pytest
 from twisted.internet.testing import MemoryReactorClock
 
-from ovpnmgr.config import ConfigError, parse_config
+from ovpnmgr.config import ConfigError
 from ovpnmgr.directory import Directory
 from ovpnmgr.dns import route_lookup, settings_from
 from ovpnmgr.ipset import FakeIPSet
@@ -14,23 +14,9 @@ from ovpnmgr.metrics import collect, render
 from proxy.dnsserver import DNSService, DNSStats
 from proxy.mappings import MappingTable, Route
 from proxy.upstream import Upstream
+from tests.unit.daemon_config import config, problem
 
-BASE = (
-    "openvpn: {management: 'unix:/x', subnet: 10.9.0.0/24, server_address: 10.9.0.1%s}\n"
-    "directory: {file: users.yaml}\nproxy: {splice: false}\nmetrics: {listen: null}\n"
-)
 PHONE = Upstream.parse("http://dev:pw@192.168.255.2:8080")
-
-
-def config(tmp_path, extra="", openvpn=""):
-    (tmp_path / "users.yaml").write_text("devices: {}\nusers: {}\n")
-    return parse_config(BASE % openvpn + extra, tmp_path / "pocketproxy.yaml")
-
-
-def problem(tmp_path, extra, openvpn=""):
-    with pytest.raises(ConfigError) as info:
-        config(tmp_path, extra, openvpn)
-    return str(info.value)
 
 
 # --- config ---------------------------------------------------------------------------------

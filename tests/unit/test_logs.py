@@ -13,7 +13,7 @@ from twisted.python.failure import Failure
 
 from ovpnmgr.config import LogConfig
 from ovpnmgr.logs import JSONLineObserver, event_as_json, install, observer_for
-from tests.unit.test_controller import World
+from tests.unit.controller_world import World
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 

@@ -23,7 +23,7 @@ from ovpnmgr.metrics import (
 from proxy.splice import SplicePolicy
 from proxy.stats import ProxyStats
 from tests.lab.prometheus import parse, value
-from tests.unit.test_controller import World
+from tests.unit.controller_world import World
 
 # --- Histogram and text rendering ---
 

@@ -18,8 +18,8 @@ from ovpnmgr.config import ConfigError
 from ovpnmgr.directory import Directory, hash_password
 from ovpnmgr.tap import ReloadOnSignal
 from ovpnmgr.testing import connect_env
-from tests.unit.test_admin import Admin, _parse, admit, crlf
-from tests.unit.test_controller import HASH, SUBNET, USERS, World
+from tests.unit.admin_world import Admin, _parse, admit, crlf
+from tests.unit.controller_world import HASH, SUBNET, USERS, World
 
 IP = ipaddress.IPv4Address
 

@@ -60,3 +60,18 @@ def test_case_name_headers_name_existing_test_modules():
                     wrong.append("%s: %s" % (path.relative_to(ROOT), module))
     assert seen > 0, "no test-case-name header found at all"
     assert not wrong, "test-case-name headers naming no existing module: %s" % ", ".join(wrong)
+
+
+IMPORTS_A_TEST_MODULE = re.compile(r"^\s*(?:from|import)\s+tests\.\w+\.test_\w+", re.M)
+
+
+def test_no_test_module_imports_another():
+    """Shared setup lives in fixtures and helper modules (tests/README.md, "Shared code"), so a
+    test module can be read, moved or deleted without breaking another."""
+    offenders = [
+        str(path.relative_to(ROOT))
+        for path in sorted(TESTS.rglob("*.py"))
+        if IMPORTS_A_TEST_MODULE.search(path.read_text())
+    ]
+    assert not offenders, "these import from a test module: %s" % ", ".join(offenders)
+    assert IMPORTS_A_TEST_MODULE.search("from tests.unit.test_controller import World")  # the check can fail

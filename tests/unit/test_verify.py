@@ -11,9 +11,9 @@ from twisted.logger import globalLogPublisher
 
 from ovpnmgr.metrics import collect, render
 from ovpnmgr.verify import FirewallVerifier
-from tests.unit.test_admin import admit, rules_world
-from tests.unit.test_firewall import FILTER6_S, NAT_S
-from tests.unit.test_metrics import parse, value
+from tests.lab.prometheus import parse, value
+from tests.unit.admin_world import admit, rules_world
+from tests.unit.firewall_listings import FILTER6_S, NAT_S
 
 IP = ipaddress.IPv4Address
 
@@ -130,7 +130,7 @@ def test_admission_during_the_listing_is_not_drift():
     runner.on(NAT_S, handler=lambda argv, stdin: held)
     w.clock.advance(30)
     alice = admit(w, 0, at=30)  # arrives while the check waits for iptables
-    from tests.unit.test_firewall import HEALTHY_NAT
+    from tests.unit.firewall_listings import HEALTHY_NAT
 
     held.callback((0, HEALTHY_NAT.encode(), b""))
     assert w.ops.last_drift.ok and w.members() == {alice} and not v.repairs
