@@ -4,33 +4,12 @@ Root only (the netns lab). Every wait is bounded.
 """
 
 import json
-import os
-import shutil
 import subprocess
 import sys
-import tempfile
-
-import pytest
 
 from tests.lab.daemon import ROOT, Daemon
-from tests.lab.openvpn import Lab
-from tests.lab.netns import require_root
 
 USERS = {"alice": {"password": "alice-pw"}}
-
-
-@pytest.fixture
-def lab(tmp_path):
-    require_root()
-    with Lab(tmp_path / "lab") as lab:
-        yield lab
-
-
-@pytest.fixture
-def admin_path():
-    directory = tempfile.mkdtemp(prefix="ppctl-")  # unix socket paths must stay short
-    yield os.path.join(directory, "admin.sock")
-    shutil.rmtree(directory, ignore_errors=True)
 
 
 def ctl(*argv):
