@@ -28,7 +28,8 @@ from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
 from proxy import dnsmessage
-from proxy.dnsupstream import DNSTimeout, DNSUnavailable, FairQueue, Overloaded, OverShare, admit_fairly
+from proxy.dnserrors import DNSTimeout, DNSUnavailable, Overloaded, OverShare
+from proxy.dnsqueue import FairQueue, admit_fairly
 from proxy.logthrottle import LogThrottle, held_back
 from proxy.tunnelendpoint import TunnelEndpoint
 from proxy.upstream import dial

@@ -16,9 +16,9 @@ Customers are untrusted and share phones, so no one of them can take the service
   ``max_tcp_clients`` in all (a backstop for the process's file descriptors); beyond either a
   new connection is reset, counted (``tcp.refused_by``) and logged (throttled).
 - Queries: a client may hold only its fair share of its device's queue
-  (:func:`proxy.dnsupstream.fair_share`); its extra queries get SERVFAIL at once
+  (:func:`proxy.dnsqueue.fair_share`); its extra queries get SERVFAIL at once
   (``over_share``), and the device's queue is served round robin between clients
-  (:class:`proxy.dnsupstream.FairQueue`). The ``host`` policy, with no queue of its own, gets
+  (:class:`proxy.dnsqueue.FairQueue`). The ``host`` policy, with no queue of its own, gets
   the same per-client share of ``max_in_flight + max_queued``.
 - Logs: every per-query and per-connection failure line goes through one
   :class:`proxy.logthrottle.LogThrottle` (at most one line per kind and client every 10 s);
@@ -43,7 +43,10 @@ from proxy import dnsmessage
 from proxy.dnscache import DNSCache
 from proxy.dnsmessage import Malformed
 from proxy.dnsdoh import DoHResolver, tls_options
-from proxy.dnsupstream import DeviceResolver, DNSUnavailable, HostResolver, Overloaded, OverShare, fair_share
+from proxy.dnserrors import DNSUnavailable, Overloaded, OverShare
+from proxy.dnshost import HostResolver
+from proxy.dnsqueue import fair_share
+from proxy.dnsupstream import DeviceResolver
 from proxy.dohurl import DoHURL
 from proxy.logthrottle import LogThrottle, held_back
 from proxy.origdst import unmap

@@ -15,7 +15,7 @@ from twisted.names import dns
 from proxy import dnsmessage
 from proxy.dnsdoh import DoHResolver, load_ca_file, tls_options
 from proxy.dnsserver import DNSRoute, DNSServer, DNSSettings, DNSStats
-from proxy.dnsupstream import DNSTimeout, DNSUnavailable, Overloaded
+from proxy.dnserrors import DNSTimeout, DNSUnavailable, Overloaded
 from proxy.dohurl import is_doh, parse_doh_url
 from proxy.upstream import Upstream
 from tests.unit.doh_peers import ConnectProxy, DoHServer, make_ca

@@ -29,7 +29,7 @@ from proxy.dnsserver import (
     _TCPFactory,
     _UDPProtocol,
 )
-from proxy.dnsupstream import DNSUnavailable
+from proxy.dnserrors import DNSUnavailable
 from proxy.upstream import Upstream
 from proxy.upstreamerrors import Unreachable
 from tests.unit.deferreds import result_of

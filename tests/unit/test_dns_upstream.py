@@ -13,7 +13,9 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.names import dns
 
 from proxy.dnsserver import DNSStats
-from proxy.dnsupstream import DeviceResolver, DNSTimeout, DNSUnavailable, HostResolver, Overloaded, read_resolv_conf
+from proxy.dnserrors import DNSTimeout, DNSUnavailable, Overloaded
+from proxy.dnshost import HostResolver, read_resolv_conf
+from proxy.dnsupstream import DeviceResolver
 from proxy.upstreamerrors import Unreachable
 from tests.unit.deferreds import failure_of, result_of
 from tests.unit.dns_device import HTTP_DEVICE, SOCKS_DEVICE, Device
@@ -272,7 +274,7 @@ def test_read_resolv_conf(tmp_path):
 
 def test_fair_share_leaves_room_for_one_more_client():
     """A lone client may hold half the device's queue, two a third each...; never under the floor."""
-    from proxy.dnsupstream import MIN_SHARE, fair_share
+    from proxy.dnsqueue import MIN_SHARE, fair_share
 
     assert fair_share(320, 1) == 160 and fair_share(320, 2) == 106 and fair_share(320, 3) == 80
     assert fair_share(320, 100) == MIN_SHARE
@@ -281,7 +283,7 @@ def test_fair_share_leaves_room_for_one_more_client():
 def test_a_client_over_its_share_fails_at_once_and_a_co_tenant_still_gets_in():
     """max_in_flight 4 + max_queued 36 = 40: alice alone may hold 20; her 21st query is
     OverShare at once (not queued), bob's query is accepted and sent at once."""
-    from proxy.dnsupstream import OverShare
+    from proxy.dnserrors import OverShare
 
     reactor, device, stats, r = resolver(max_in_flight=4, max_queued=36)
     alice = [r.query(make_query(name=b"a%d.example" % i), owner="alice") for i in range(20)]
@@ -321,7 +323,7 @@ def test_queued_queries_are_sent_round_robin_between_clients():
 def test_a_full_device_evicts_the_newest_query_of_the_client_most_over_its_share():
     """40 slots held by three clients (20 + 13 + 7): a fourth client's query takes the place of
     the newest queued query of the biggest holder, which fails at once as OverShare."""
-    from proxy.dnsupstream import OverShare
+    from proxy.dnserrors import OverShare
 
     reactor, device, stats, r = resolver(max_in_flight=2, max_queued=38)
     held = {}
