@@ -5,14 +5,17 @@ the real daemon is tested against it. Root only: each test skips without root un
 POCKETPROXY_REQUIRE_INTEGRATION is set.
 """
 
+import json
 import subprocess
 import time
 
 import pytest
 
+from tests.lab.internet import Internet
 from tests.lab.manual_controller import ManualController
-from tests.lab.netns import require_root
+from tests.lab.netns import require_root, unique_name
 from tests.lab.openvpn import Lab
+from tests.lab.world import Origin
 
 
 @pytest.fixture
@@ -135,3 +138,33 @@ def test_deny_reaches_client_and_cert_only_client_is_admitted(lab_factory):
     carol_connect = next(e for e in ctl.events if e.kind == "CONNECT" and e.env.get("common_name") == "carol")
     assert "username" not in carol_connect.env or carol_connect.env["username"] == ""
     assert ctl.errors == []
+
+
+def test_lab_bridges_keep_their_mac_when_a_port_joins(tmp_path):
+    """Every bridge of the lab (the internet's two segments, the origin's) keeps its MAC when a
+    port with a lower MAC joins. A bridge left to itself takes its lowest port MAC, so a phone
+    added mid-test changed the MAC behind the origin's 203.0.113.10: the first phone's open DNS
+    tunnel then stalled in retransmits (FIN-WAIT-1, nothing acked) until its ARP entry was
+    re-checked, and a query got no reply within its 2 s timeout (issue 15's DNS flake)."""
+    require_root()
+
+    def mac(ns, bridge):
+        return json.loads(ns.run("ip", "-j", "link", "show", "dev", bridge).stdout)[0]["address"]
+
+    internet = Internet()
+    try:
+        origin = Origin(str(tmp_path), internet)
+        try:
+            bridges = [(internet.ns, name) for name in internet.bridges.values()] + [(origin.ns, origin.bridge)]
+            for ns, bridge in bridges:
+                before = mac(ns, bridge)
+                port, peer = unique_name("lo"), unique_name("lp")
+                ns.run("ip", "link", "add", port, "address", "00:00:00:00:00:01", "type", "veth",
+                       "peer", "name", peer, "address", "00:00:00:00:00:02")
+                ns.run("ip", "link", "set", port, "master", bridge)
+                ns.run("ip", "link", "set", port, "up")
+                assert mac(ns, bridge) == before != "00:00:00:00:00:01", bridge
+        finally:
+            origin.ns.destroy()
+    finally:
+        internet.destroy()

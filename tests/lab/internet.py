@@ -29,7 +29,7 @@ Everything lives in namespaces the lab made; nothing is routed or NATed to the r
 import ipaddress
 import subprocess
 
-from tests.lab.netns import Namespace, unique_name
+from tests.lab.netns import Namespace, add_bridge, unique_name
 
 DC_NET = ipaddress.IPv4Network("192.168.77.0/24")
 DC_NET6 = ipaddress.IPv6Network("2001:db8:77::/64")
@@ -75,7 +75,7 @@ class Internet:
 
     def _bridge(self, role, address, address6):
         name = unique_name(role)
-        self.ns.run("ip", "link", "add", name, "type", "bridge")
+        add_bridge(self.ns, name)
         self.ns.run("ip", "addr", "add", address, "dev", name)
         self.ns.run("ip", "-6", "addr", "add", address6, "dev", name, "nodad")
         self.ns.run("ip", "link", "set", name, "up")

@@ -159,6 +159,19 @@ def link(ns_a, addr_a, ns_b, addr_b, prefixlen=24):
     return name_a, name_b
 
 
+def add_bridge(ns, name):
+    """Create bridge ``name`` in ``ns`` with a fixed, locally administered MAC address.
+
+    A bridge left to itself takes the lowest MAC of its ports, so plugging in a later port
+    (a phone added mid-test) can change the MAC behind the bridge's addresses; every neighbour
+    that cached the old one then sends into the void until its ARP entry is re-checked, seconds
+    later (an established connection stalls in retransmits). A MAC set by hand never changes.
+    """
+    mac = "02:%s" % ":".join("%02x" % b for b in os.urandom(5))
+    ns.run("ip", "link", "add", name, "address", mac, "type", "bridge")
+    return name
+
+
 def wait_for(predicate, timeout, interval=0.05, what="condition"):
     """Poll ``predicate`` until true; raise AssertionError naming ``what`` on timeout."""
     deadline = time.monotonic() + timeout

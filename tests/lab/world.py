@@ -41,7 +41,7 @@ import sys
 import types
 
 from tests.lab.internet import ORIGIN_SIDE, ORIGIN_SIDE6, route_error
-from tests.lab.netns import Namespace, link, read_log, unique_name, wait_for, wait_log
+from tests.lab.netns import Namespace, add_bridge, link, read_log, unique_name, wait_for, wait_log
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ORIGIN_NET = ipaddress.IPv4Network("203.0.113.0/24")
@@ -113,7 +113,7 @@ class Origin:
         self.ns = Namespace("org")
         try:
             self.bridge = unique_name("ob")
-            self.ns.run("ip", "link", "add", self.bridge, "type", "bridge")
+            add_bridge(self.ns, self.bridge)
             self.ns.run("ip", "addr", "add", "%s/%d" % (ORIGIN_IP, ORIGIN_NET.prefixlen), "dev", self.bridge)
             self.ns.run("ip", "addr", "add", "%s/32" % RESOLVER_IP, "dev", self.bridge)
             self.ns.run("ip", "-6", "addr", "add", "%s/%d" % (ORIGIN_IP6, ORIGIN_NET6.prefixlen), "dev", self.bridge, "nodad")
