@@ -63,7 +63,7 @@ class TunnelEndpoint:
                 raise error.ConnectingCancelledError(address)
             leg = _Leg(self, protocol, tunnel.device)
             self._legs.add(leg)
-            graceful = protocol.loseConnection
+            graceful = getattr(protocol, "loseConnection", None)  # plain protocols have none
 
             def lose_connection():
                 # A TLS protocol's graceful close waits for the far side's close_notify and only
@@ -71,7 +71,8 @@ class TunnelEndpoint:
                 leg.closing()
                 return graceful()
 
-            protocol.loseConnection = lose_connection
+            if graceful is not None:
+                protocol.loseConnection = lose_connection
             protocol.makeConnection(tunnel.transport)
             tunnel.attach(leg)
             if self._on_open is not None:
