@@ -144,7 +144,7 @@ PASSTHROUGH = {
 PP_HELP = [
     "pocketproxy admin verbs (add --json for one JSON line before END):",
     "pp clients            : sessions: user, cid, VPN address, device, since, live connections, state, bytes",
-    "pp devices            : devices, their users and connected addresses",
+    "pp devices            : devices, their users, connected addresses and health (state, RTT, exit address)",
     "pp kick USER          : client-kill every session of USER",
     "pp drain [on|off]     : show, pause or resume new admissions (paused: TEMP deny)",
     "pp rules check        : compare kernel chain and ipset members with admitted clients",
@@ -155,7 +155,8 @@ PP_HELP = [
 ]
 
 
-#: Byte columns of ``pp clients`` (after the original seven, so column-positional scripts keep working).
+#: Health columns of ``pp devices`` (after the original four; only while device health is on).
+HEALTH_COLUMNS = ("state", "since", "rtt_ms", "success_ratio", "exit_address", "exit_changed", "last_error")
 
 
 def _iso(t):
@@ -442,14 +443,35 @@ class AdminProtocol(LineOnlyReceiver, TimeoutMixin):
                     ],
                 }
             )
+            if self.operations.health is not None:  # device health on: None for a device without users
+                devices[-1]["health"] = self._health(name)
         if as_json:
             return [_json({"devices": devices}), "END"]
-        out = ["HEADER\tDEVICE\tdevice\tupstream\tusers\tconnected"]
+        columns = HEALTH_COLUMNS if self.operations.health is not None else ()
+        out = ["HEADER\tDEVICE\tdevice\tupstream\tusers\tconnected" + "".join("\t" + c for c in columns)]
         for d in devices:
             users = ",".join(d["users"]) or "-"
             conn = ",".join("%s@%s" % (c["user"], c["vpn_ip"] or "-") for c in d["connected"]) or "-"
-            out.append("DEVICE\t%s\t%s\t%s\t%s" % (d["device"], d["upstream"], users, conn))
+            health = d.get("health") or {}
+            cells = "".join("\t" + ("-" if health.get(k) is None else str(health[k])) for k in columns)
+            out.append("DEVICE\t%s\t%s\t%s\t%s%s" % (d["device"], d["upstream"], users, conn, cells))
         return out + ["END"]
+
+    def _health(self, name):
+        snapshot = self.operations.device_health(name)
+        if snapshot is None:
+            return None
+        rtt, ratio = snapshot["rtt"], snapshot["ratio"]
+        return {
+            "state": snapshot["state"],
+            "since": _iso(snapshot["since"]),
+            "rtt_ms": round(rtt * 1000, 1) if rtt is not None else None,
+            "success_ratio": round(ratio, 3) if ratio is not None else None,
+            "exit_address": snapshot["exit_address"],
+            "exit_changed": _iso(snapshot["exit_changed"]),
+            "last_error": snapshot["last_error"],
+            "target": snapshot["target"],
+        }
 
     def _kick(self, name, as_json):
         if not self.operations.sessions_of(name) and name not in self.operations.directory.users:

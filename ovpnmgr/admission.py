@@ -54,6 +54,9 @@ class Admission:
         if session.ended:
             return
         session.user = user
+        if not self.c.device_alive(user.device.name):
+            self.deny(session, "device %s is down" % user.device.name, temporary=True, shown="device offline")
+            return
         try:
             self.c.ledger.admit(session)
         except (TemporaryFailure, PoolExhausted, FirewallError) as e:
@@ -128,8 +131,11 @@ class Admission:
             self._log.failure("authentication error for cid {cid}", failure, cid=session.cid)
             self.deny(session, "directory error", temporary=True)
 
-    def deny(self, session, reason, temporary):
-        """Answer ``client-deny``, end the session (its header-only DISCONNECT follows)."""
+    def deny(self, session, reason, temporary, shown=None):
+        """Answer ``client-deny``, end the session (its header-only DISCONNECT follows).
+
+        :param shown: what a TEMP-denied customer is told (:func:`~ovpnmgr.session.client_reason`).
+        """
         c = self.c
         c.end(session)
         c.admissions["denied_temporary" if temporary else "denied_final"] += 1
@@ -145,7 +151,7 @@ class Admission:
         )
         if c.protocol is None:
             return
-        d = c.protocol.client_deny(session.cid, session.kid, reason[:200], client_reason(temporary, c.config.temp_backoff))
+        d = c.protocol.client_deny(session.cid, session.kid, reason[:200], client_reason(temporary, c.config.temp_backoff, shown))
         d.addErrback(c.log_command_error, "client-deny", session)
 
     # --- established clients ---

@@ -16,9 +16,12 @@ import yaml
 from ovpnmgr.tunnel import MODES as TUNNEL_MODES
 from ovpnmgr.tunnel import RESERVED_OPTIONS
 from proxy.dohurl import is_doh, parse_doh_url
+from proxy.health import HealthSettings
+from proxy.probe import ProbeTarget
 from proxy.settings import DNSSettings, ProxySettings
 
 _DNS = DNSSettings(listen_host="")  # the DNS service's defaults, written once in proxy.settings
+_HEALTH = HealthSettings()  # the probes' defaults, written once in proxy.health
 
 DEFAULT_CONFIG_PATH = "/etc/pocketproxy/pocketproxy.yaml"
 
@@ -148,6 +151,38 @@ class DNSConfig:
 
 
 @dataclass(frozen=True)
+class HealthConfig:
+    """Device health (issue 16): probes through each phone's proxy, and what a ``down`` device
+    means for its customers. Off unless enabled: a probe target must be reachable from the
+    phones (see ``target``)."""
+
+    enabled: bool = False
+    # http(s)://... answering with the caller's address (the exit address), or tcp://host:port
+    # (a tunnel that opens is the proof; no exit address). None: tcp:// to dns.resolver.
+    target: ProbeTarget | None = None
+    ca_file: Path | None = None  # https targets: CAs to verify with (default: system store)
+    interval: float = _HEALTH.interval
+    timeout: float = _HEALTH.timeout
+    retry_interval: float = _HEALTH.retry_interval
+    fall: int = _HEALTH.fall
+    rise: int = _HEALTH.rise
+    concurrency: int = _HEALTH.concurrency
+    when_down: str = "deny"  # a new CONNECT for a down device: "deny" (TEMP, "device offline") or "admit"
+    on_down: str = "keep"  # its customers' VPN sessions when a device goes down: "keep" or "kill"
+
+    def settings(self):
+        """The monitor's :class:`~proxy.health.HealthSettings`."""
+        return HealthSettings(
+            interval=self.interval,
+            timeout=self.timeout,
+            retry_interval=self.retry_interval,
+            fall=self.fall,
+            rise=self.rise,
+            concurrency=self.concurrency,
+        )
+
+
+@dataclass(frozen=True)
 class LogConfig:
     """How log events are written: twistd's text lines, or one JSON object per line."""
 
@@ -168,6 +203,17 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     dns: DNSConfig = field(default_factory=DNSConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
+
+    @property
+    def probe_target(self):
+        """The default :class:`~proxy.probe.ProbeTarget` of device health probes."""
+        if self.health.target is not None:
+            return self.health.target
+        resolver = self.dns.resolver
+        if isinstance(resolver, tuple):
+            return ProbeTarget("tcp", str(resolver[0]), int(resolver[1]))
+        return ProbeTarget("tcp", resolver.host, resolver.port)
 
     @property
     def dns_address(self):
@@ -381,6 +427,13 @@ def _ca_file(value, ctx):
     return path
 
 
+def _probe_target(value, ctx):
+    try:
+        return ProbeTarget.parse(value)
+    except ValueError as e:
+        raise _Bad(str(e))
+
+
 def _server_list(value, ctx):
     if not isinstance(value, list):
         raise _Bad("expected a list of resolver addresses such as [\"192.0.2.53\"], got %r" % (value,))
@@ -590,6 +643,22 @@ _SCHEMA = {
         },
     ),
     "log": (LogConfig, {"format": (_choice("text", "json"), False), "file": (_path, False)}),
+    "health": (
+        HealthConfig,
+        {
+            "enabled": (_bool, False),
+            "target": (_probe_target, False),
+            "ca_file": (_ca_file, False),
+            "interval": (_number(1, 3600), False),
+            "timeout": (_number(0.5, 600), False),
+            "retry_interval": (_number(0.5, 3600), False),
+            "fall": (_int(1, 100), False),
+            "rise": (_int(1, 100), False),
+            "concurrency": (_int(1, 10_000), False),
+            "when_down": (_choice("deny", "admit"), False),
+            "on_down": (_choice("keep", "kill"), False),
+        },
+    ),
     "dns": (
         DNSConfig,
         {
@@ -698,6 +767,9 @@ def parse_config(text, path):
                 )
     if dns.ca_file is not None and not is_doh(str(dns.resolver)):
         raise ConfigError(path, "dns.ca_file", "only used with an https:// dns.resolver (DNS over HTTPS)")
+    health = sections.get("health")
+    if health is not None and health.ca_file is not None and (health.target is None or health.target.scheme != "https"):
+        raise ConfigError(path, "health.ca_file", "only used with an https:// health.target")
     log = sections.get("log")
     if log is not None and log.file is not None and log.format != "json":
         raise ConfigError(path, "log.file", "only used with log.format json (twistd --logfile places the text log)")

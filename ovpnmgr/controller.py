@@ -51,6 +51,9 @@ class Controller:
         self.sessions = {}
         self.protocol = None
         self.draining = False
+        #: ``f(device name) -> bool``: False refuses new admissions for that device (TEMP,
+        #: "device offline"); set by the device health wiring (:mod:`ovpnmgr.devices`).
+        self.device_alive = lambda name: True
         self._daemon_start_time = None
         # Metrics (read by ovpnmgr.metrics at scrape time): answered CONNECTs by
         # result, CONNECT-to-client-auth latency, management connections after the first.

@@ -22,6 +22,7 @@ from twisted.internet import defer
 
 from ovpnmgr.config import ConfigError, load_yaml, read_text
 from ovpnmgr.tunnel import MODES as TUNNEL_MODES
+from proxy.probe import ProbeTarget
 from proxy.upstream import Upstream
 
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 16384, 8, 1
@@ -44,6 +45,7 @@ class Device:
     upstream: Upstream
     dns: str | None = None  # "via_device" or "host"; None: the daemon's dns.policy
     max_clients: int | None = None  # the phone proxy's own client limit; its users share it fairly
+    health_target: ProbeTarget | None = None  # where this phone's health probes go; None: health.target
 
 
 @dataclass(frozen=True)
@@ -135,7 +137,7 @@ class Directory:
         devices = {}
         for name, spec in _mapping(path, "devices", raw.get("devices")).items():
             key = "devices.%s" % name
-            spec = _fields(path, key, spec, {"upstream", "dns", "max_clients"}, {"upstream"})
+            spec = _fields(path, key, spec, {"upstream", "dns", "max_clients", "health_target"}, {"upstream"})
             try:
                 upstream = Upstream.parse(spec["upstream"])
             except ValueError as e:
@@ -150,7 +152,13 @@ class Directory:
                 raise ConfigError(
                     path, key + ".max_clients", "expected the phone proxy's client limit (1-1000000), got %r" % (max_clients,)
                 )
-            devices[name] = Device(str(name), upstream, dns, max_clients)
+            health_target = spec.get("health_target")
+            if health_target is not None:
+                try:
+                    health_target = ProbeTarget.parse(health_target)
+                except ValueError as e:
+                    raise ConfigError(path, key + ".health_target", str(e))
+            devices[name] = Device(str(name), upstream, dns, max_clients, health_target)
         users, cns, addresses = {}, {}, {}
         for name, spec in _mapping(path, "users", raw.get("users")).items():
             key = "users.%s" % name

@@ -42,6 +42,10 @@ Families (prefix ``pocketproxy_``):
   ``firewall_drift`` (gauge, 0/1) whether that check found any difference
   (rules included). Both are absent until a check has run. After a repair they
   show the state the repair left.
+* With device health on: ``device_state{device,state}`` (gauge, 1 for the current state),
+  ``device_probe_rtt_seconds{device}`` (gauge, last successful probe), ``device_probes_total{result}``,
+  ``device_state_changes_total{state}``, ``device_exit_changes_total`` (counters),
+  ``device_probe_duration_seconds`` (histogram) and ``device_probes_in_flight`` (gauge).
 * ``firewall_checks_total`` (counter) and ``firewall_repairs_total{action}``
   (counter; ``rules_reinstalled``, ``member_added``, ``member_removed``): the
   periodic verifier's work (absent when it is off).
@@ -152,6 +156,38 @@ def _seeded(known, counter_):
     return out
 
 
+def health_families(monitor):
+    """Device health (:class:`proxy.health.HealthMonitor`): per-device state and last probe RTT,
+    probes by result, state changes by new state, exit-address changes, the probe RTT histogram."""
+    from proxy.health import STATES
+
+    state = gauge("device_state", "1 for the device's current health state (unknown, up, degraded, down).")
+    rtt = gauge("device_probe_rtt_seconds", "Duration of the device's last successful health probe.")
+    for name, h in sorted(monitor.devices.items()):
+        for s in STATES:
+            state.add(1 if h.state == s else 0, device=name, state=s)
+        if h.rtt is not None:
+            rtt.add(h.rtt, device=name)
+    probes = counter("device_probes_total", "Health probes by result (ok, or why the device did not carry it).")
+    for result, n in _seeded(("ok", "unreachable", "timeout"), monitor.probes).items():
+        probes.add(n, result=result)
+    changes = counter("device_state_changes_total", "Device health state changes, by the new state.")
+    into = Counter()
+    for (_, new), n in monitor.transitions.items():
+        into[new] += n
+    for s in STATES[1:]:
+        changes.add(into.get(s, 0), state=s)
+    return [
+        state,
+        rtt,
+        probes,
+        changes,
+        counter("device_exit_changes_total", "Exit-address changes seen by the health probes.", monitor.exit_changes),
+        histogram("device_probe_duration_seconds", "Durations of successful health probes.", monitor.rtt),
+        gauge("device_probes_in_flight", "Health probes running now.", monitor.in_flight),
+    ]
+
+
 def collect(operations=None, proxy_stats=None, splice=None, verifier=None, dns_stats=None):
     """The metric families, read now from the live objects (any may be None)."""
     families = []
@@ -165,6 +201,9 @@ def collect(operations=None, proxy_stats=None, splice=None, verifier=None, dns_s
         for action, n in _seeded(REPAIR_ACTIONS, verifier.repairs).items():
             f.add(n, action=action)
         families.append(f)
+    health = getattr(operations, "health", None)
+    if health is not None:
+        families.extend(health_families(health))
     if operations is not None:
         f = counter("admissions_total", "Answered OpenVPN CONNECTs by result.")
         for result in ADMISSION_RESULTS:

@@ -25,6 +25,13 @@ class Operations:
         self.c = controller
         self.ledger = controller.ledger
         self.directory_listeners = []  # f(directory) after a reload put a new users file in force
+        self.health = None  # the proxy.health.HealthMonitor when device health is on
+
+    def device_health(self, name):
+        """A device's health snapshot (:meth:`proxy.health.DeviceHealth.snapshot`), or None when
+        health is off or the device is not watched (it has no users)."""
+        health = self.health.get(name) if self.health is not None else None
+        return health.snapshot() if health is not None else None
 
     # --- reads ---
 

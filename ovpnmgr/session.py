@@ -28,10 +28,14 @@ class TemporaryFailure(Exception):
     """An admission step failed in a way that may pass; the client is told to retry."""
 
 
-def client_reason(temporary, backoff):
-    """The reason a denied client is shown: TEMP (retry after ``backoff`` s) or final."""
+def client_reason(temporary, backoff, shown=None):
+    """The reason a denied client is shown: TEMP (retry after ``backoff`` s) or final.
+
+    :param shown: what the customer reads after ``TEMP[...]:`` (e.g. ``device offline``);
+        None: a generic text that reveals nothing of the server's state.
+    """
     if temporary:
-        return "TEMP[backoff %d,advance no]: temporary failure, retrying" % backoff
+        return "TEMP[backoff %d,advance no]: %s" % (backoff, shown or "temporary failure, retrying")
     return "authentication failed"
 
 

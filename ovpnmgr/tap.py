@@ -335,6 +335,11 @@ def build(reactor, config, directory, password, ipset=None):
     if dns_service is not None:
         dns_service.setServiceParent(top)  # answering before any client is told to ask it
     dns_stats = dns_server.stats if dns_server is not None else None
+    from ovpnmgr.devices import build_health
+
+    health_service, _ = build_health(reactor, config, operations, controller, mappings, proxy_factory, dns_server)
+    if health_service is not None:
+        health_service.setServiceParent(top)
     if config.admin.socket is not None:
         from ovpnmgr.admin import AdminService
 

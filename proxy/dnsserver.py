@@ -163,6 +163,9 @@ class DNSServer:
         self._host_held = Counter()  # source address -> queries on the host policy's resolver
         self.log_throttle = LogThrottle(reactor)
         self._expired_at = reactor.seconds()
+        #: device health (``alive(route key)``), or None: every device is taken as alive. A
+        #: down device's uncached names get SERVFAIL at once; its cache still answers.
+        self.health = None
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -206,6 +209,13 @@ class DNSServer:
         resolver = self._devices.pop(key, None)
         if resolver is not None:
             resolver.close("forgotten")
+
+    def close_tunnel(self, key, why):
+        """Close a route key's device tunnel now (its queries in flight get SERVFAIL at once;
+        the cache stays): the device went down or its exit address changed."""
+        resolver = self._devices.pop(key, None)
+        if resolver is not None:
+            resolver.close(why)
 
     def forget_upstream(self, upstream):
         """Forget every route key served through ``upstream`` (no client maps to that proxy any
@@ -287,6 +297,8 @@ class DNSServer:
             return self._resolve_host(query, source)
         if route.policy != "via_device" or route.upstream is None:
             return defer.fail(DNSUnavailable("no device to resolve through (policy %r)" % (route.policy,)))
+        if self.health is not None and not self.health.alive(route.key):
+            return defer.fail(DNSUnavailable("device %s is down" % (route.key,)))
         d = self._device_for(route).query(query.wire, owner=source)
         if not d.called:  # refused at once (over its share, overloaded, closed): not resolved
             self.stats.resolved["device"] += 1

@@ -25,12 +25,14 @@ from dataclasses import dataclass
 from twisted.logger import Logger
 
 from proxy.probe import ProbeFailed, probe
+from proxy.stats import Histogram
 
 __all__ = ["HealthSettings", "DeviceHealth", "HealthMonitor", "UNKNOWN", "UP", "DEGRADED", "DOWN"]
 
 UNKNOWN, UP, DEGRADED, DOWN = "unknown", "up", "degraded", "down"
 STATES = (UNKNOWN, UP, DEGRADED, DOWN)
 HISTORY = 20  # probes remembered per device for its success ratio
+RTT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0)  # seconds; cellular probes live at 0.3-3 s
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,7 @@ class HealthMonitor:
         self.probes = Counter()  # "ok" or a ProbeFailed kind -> count
         self.transitions = Counter()  # (old, new) -> count
         self.exit_changes = 0
+        self.rtt = Histogram(RTT_BUCKETS)  # successful probes' durations, all devices
         #: ``f(device, old_state)`` after a device's state changed
         self.state_changed = []
         #: ``f(device, old_address)`` after a device's exit address changed (not its first sighting)
@@ -264,6 +267,7 @@ class HealthMonitor:
         health.history.append(failure is None)
         if failure is None:
             self.probes["ok"] += 1
+            self.rtt.observe(result.rtt)
             health.rtt = result.rtt
             health.last_error = None
             health.successes += 1

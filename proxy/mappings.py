@@ -227,6 +227,19 @@ class MappingTable:
         """How many proxied connections ``ip`` has open now."""
         return len(self._live.get(self._key(ip), ()))
 
+    def reset_device(self, key, why):
+        """Abort the live connections of every address whose :attr:`Route.key` is ``key`` (the
+        device went down, or its exit address changed); the mappings stay.
+
+        :returns: how many connections were aborted.
+        """
+        count = 0
+        for ip, (route, _) in list(self._entries.items()):
+            if route.key == key:
+                count += len(self._live.get(ip, ()))
+                self._close_live(ip, why)
+        return count
+
     def _close_live(self, key, why):
         live = self._live.pop(key, set())
         if live:

@@ -116,6 +116,7 @@ class ProxyConnection(Protocol):
     """One accepted client connection, from identification to the end of its relay."""
 
     _log = Logger()
+    device_key = None  # the route key (device name) while device health is watched
 
     def __init__(self, factory):
         self.factory = factory
@@ -203,6 +204,10 @@ class ProxyConnection(Protocol):
         upstream = f.mappings.lookup(self.client_ip)
         if upstream is None:
             return self._refuse("unmapped", "source has no device mapping")
+        if f.health is not None:
+            self.device_key = f.mappings.route(self.client_ip).key
+            if not f.health.alive(self.device_key):
+                return self._refuse("device-down", "device %s is down" % (self.device_key,))
         policy = f.mappings.policy(self.client_ip)
         why = f.destinations.address_refusal(dst_ip, policy)
         if why is not None:
@@ -326,6 +331,8 @@ class ProxyConnection(Protocol):
             tunnel.abort()
             return
         f = self.factory
+        if f.health is not None:
+            f.health.traffic_succeeded(self.device_key)
         tune_socket(tunnel.transport, f.settings.keepalive)
         self._tunnel = tunnel
         self.relay = relay = Relay(f.reactor, self.transport, tunnel.transport, on_finished=self._relay_finished, splice=f.splice)
@@ -346,6 +353,8 @@ class ProxyConnection(Protocol):
         if not isinstance(err, UpstreamError):
             self._log.failure("unexpected error while connecting through the device", reason)
         self.factory.stats.upstream_errors[kind] += 1
+        if self.factory.health is not None and kind in ("unreachable", "timeout"):
+            self.factory.health.traffic_failed(self.device_key)
         suppressed = self.factory.log_throttle.allow(("upstream-" + kind, self.client_ip))
         if suppressed is not None:
             fields = {"device": str(self.upstream)}  # Upstream.__str__ never shows credentials
@@ -472,6 +481,9 @@ class ProxyFactory(Factory):
         self.listening = set()  # (ip, port) pairs of our own listeners
         self.listening_ports = set()
         self.log_throttle = LogThrottle(reactor)
+        #: device health (:class:`proxy.health.HealthMonitor`: ``alive``, ``traffic_failed``,
+        #: ``traffic_succeeded`` by route key), or None: every device is taken as alive.
+        self.health = None
 
     def buildProtocol(self, addr):
         p = ProxyConnection(self)

@@ -326,3 +326,35 @@ def test_yaml_errors_never_quote_the_source_line(cfgdir):
     with pytest.raises(ConfigError) as info:
         Directory.load(users, ipaddress.IPv4Network("10.9.0.0/24"), ipaddress.IPv4Address("10.9.0.1"))
     assert "S3CRET" not in str(info.value) and "line 3, column" in str(info.value)
+
+
+def test_health_is_off_by_default_and_its_defaults_suit_a_lossy_cellular_link(cfgdir):
+    """Off unless enabled; then probes every 30 s, 10 s per probe, down after 3 failures in a row,
+    and the target defaults to a tunnel to the customers' DNS resolver (no third party)."""
+    config = _parse(cfgdir, GOOD)
+    h = config.health
+    assert not h.enabled and (h.interval, h.timeout, h.fall, h.rise, h.when_down, h.on_down) == (30, 10, 3, 2, "deny", "keep")
+    assert str(config.probe_target) == "tcp://1.1.1.1:53"
+    config = _parse(cfgdir, GOOD + "dns:\n  resolver: https://dns.example/dns-query\n")
+    assert str(config.probe_target) == "tcp://dns.example:443"
+    config = _parse(cfgdir, GOOD + "health:\n  enabled: true\n  target: https://api.ipify.org/\n  fall: 4\n  on_down: kill\n")
+    assert config.health.enabled and config.health.fall == 4 and config.health.on_down == "kill"
+    assert str(config.probe_target) == "https://api.ipify.org:443/"
+
+
+@pytest.mark.parametrize(
+    "lines,key,words",
+    [
+        ("  target: ftp://x/", "health.target", "scheme"),
+        ("  target: tcp://x", "health.target", "tcp://host:port"),
+        ("  interval: 0", "health.interval", "between"),
+        ("  fall: 0", "health.fall", "between"),
+        ("  when_down: maybe", "health.when_down", "deny, admit"),
+        ("  on_down: drop", "health.on_down", "keep, kill"),
+        ("  ca_file: users.yaml", "health.ca_file", "PEM"),
+        ("  color: red", "health.color", "unknown key"),
+    ],
+)
+def test_bad_health_values_name_the_key(cfgdir, lines, key, words):
+    err = _error(cfgdir, GOOD + "health:\n" + lines + "\n")
+    assert err.key == key and words in err.problem, err

@@ -102,6 +102,7 @@ def test_verified_password_is_cached_but_wrong_one_is_not():
         ('1080"}', '1080", max_clients: 0}', "devices.phone2.max_clients"),
         ('1080"}', '1080", max_clients: many}', "devices.phone2.max_clients"),
         ('1080"}', '1080", max_clients: true}', "devices.phone2.max_clients"),
+        ('1080"}', '1080", health_target: "gopher://x/"}', "devices.phone2.health_target"),
     ],
 )
 def test_users_file_errors_name_the_key(old, new, key):
@@ -140,3 +141,9 @@ def test_bad_hash_refused():
 def test_passwords_not_in_repr():
     """The hash does not leak through repr of a user."""
     assert "scrypt" not in repr(_dir().users["alice"])
+
+
+def test_a_device_may_name_its_own_health_probe_target():
+    d = _dir(USERS.replace('1080"}', '1080", health_target: "http://203.0.113.10/whoami"}'))
+    assert str(d.devices["phone2"].health_target) == "http://203.0.113.10:80/whoami"
+    assert d.devices["phone1"].health_target is None
