@@ -159,10 +159,10 @@ PP_HELP = [
 HEALTH_COLUMNS = ("state", "since", "rtt_ms", "success_ratio", "exit_address", "exit_changed", "last_error")
 
 
-def _iso(t):
+def _iso(t, timespec="seconds"):
     if t is None:
         return None
-    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat(timespec="seconds")
+    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat(timespec=timespec)
 
 
 def _json(obj):
@@ -464,11 +464,11 @@ class AdminProtocol(LineOnlyReceiver, TimeoutMixin):
         rtt, ratio = snapshot["rtt"], snapshot["ratio"]
         return {
             "state": snapshot["state"],
-            "since": _iso(snapshot["since"]),
+            "since": _iso(snapshot["since"], "milliseconds"),
             "rtt_ms": round(rtt * 1000, 1) if rtt is not None else None,
             "success_ratio": round(ratio, 3) if ratio is not None else None,
             "exit_address": snapshot["exit_address"],
-            "exit_changed": _iso(snapshot["exit_changed"]),
+            "exit_changed": _iso(snapshot["exit_changed"], "milliseconds"),
             "last_error": snapshot["last_error"],
             "target": snapshot["target"],
         }

@@ -62,15 +62,20 @@ class AdminClient:
         self.sock.close()
 
 
-def pp_stats(admin_path):
-    """``pp stats --json`` from the admin socket, parsed."""
+def pp_json(admin_path, verb):
+    """``pp <verb> --json`` from the admin socket, parsed."""
     admin = AdminClient(admin_path)
     try:
-        lines = admin.multi("pp stats --json")
+        lines = admin.multi("pp %s --json" % verb)
     finally:
         admin.close()
     assert lines[-1] == "END", lines
     return json.loads(lines[0])
+
+
+def pp_stats(admin_path):
+    """``pp stats --json`` from the admin socket, parsed."""
+    return pp_json(admin_path, "stats")
 
 
 def members(lab):

@@ -13,6 +13,10 @@ so it needs no checkout on ``sys.path``. Every mode is bounded by ``--timeout``.
 - ``probe HOST PORT``       connect, send ``--send``, report how the connection ended:
                             ``reset`` (RST, also one that beat connect()'s return), ``eof``,
                             ``data``, ``timeout``, ``error`` or ``connect-failed``, with seconds.
+- ``hold HOST PORT``        connect, read the first chunk and print it as a JSON line at once
+                            (the caller knows the connection is up), then wait without sending
+                            until the connection ends; the final line says how (``reset``,
+                            ``eof``, ``timeout``) and when (``ended_at``, wall-clock seconds).
 """
 
 import argparse
@@ -179,6 +183,28 @@ def probe(host, port, send, timeout, until_eof=False):
     return result
 
 
+def hold(host, port, timeout):
+    conn = socket.create_connection((host, port), timeout=timeout)
+    with conn:
+        first = conn.recv(4096)
+        print(json.dumps({"connected": True, "first": first[:200].decode("latin-1")}), flush=True)
+        result = {"outcome": None}
+        try:
+            while True:
+                data = conn.recv(65536)
+                if not data:
+                    result["outcome"] = "eof"
+                    break
+        except ConnectionResetError as e:
+            result["outcome"], result["error"] = "reset", repr(e)
+        except socket.timeout as e:
+            result["outcome"], result["error"] = "timeout", repr(e)
+        except OSError as e:
+            result["outcome"], result["error"] = "error", repr(e)
+        result["ended_at"] = time.time()
+        return result
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--timeout", type=float, default=30.0)
@@ -197,6 +223,9 @@ def main(argv=None):
     p.add_argument("host")
     p.add_argument("port", type=int)
     p.add_argument("size", type=int)
+    p = sub.add_parser("hold")
+    p.add_argument("host")
+    p.add_argument("port", type=int)
     p = sub.add_parser("probe")
     p.add_argument("host")
     p.add_argument("port", type=int)
@@ -212,6 +241,8 @@ def main(argv=None):
             out = banner(args.host, args.port, args.timeout)
         elif args.mode == "halfclose":
             out = halfclose(args.host, args.port, args.size, args.timeout)
+        elif args.mode == "hold":
+            out = hold(args.host, args.port, args.timeout)
         else:
             out = probe(args.host, args.port, args.send, args.timeout, args.until_eof)
     except Exception as e:  # reported, not raised: the caller asserts on the JSON
