@@ -150,13 +150,14 @@ PP_HELP = [
     "pp rules check        : compare kernel chain and ipset members with admitted clients",
     "pp stats              : admission and proxy counters",
     "pp reload             : re-read the users file (removed users kicked, changed devices remapped)",
+    "pp rotate DEVICE      : run the device's rotation action, wait for a new exit address (health on)",
     "quit | exit           : close this admin session",
     "OpenVPN passthrough   : status [n], load-stats, version, pid, state [all|n], client-kill CID [msg], kill, help",
 ]
 
 
 #: Health columns of ``pp devices`` (after the original four; only while device health is on).
-HEALTH_COLUMNS = ("state", "since", "rtt_ms", "success_ratio", "exit_address", "exit_changed", "last_error")
+HEALTH_COLUMNS = ("state", "since", "rtt_ms", "success_ratio", "exit_address", "exit_changed", "last_error", "rotation")
 
 
 def _iso(t, timespec="seconds"):
@@ -383,7 +384,9 @@ class AdminProtocol(LineOnlyReceiver, TimeoutMixin):
             return self._stats(as_json)
         if verb == "reload" and not rest:
             return self._reload(as_json)
-        if verb in ("help", "clients", "devices", "kick", "drain", "rules", "stats", "reload"):
+        if verb == "rotate" and len(rest) == 1:
+            return self._rotate(rest[0], as_json)
+        if verb in ("help", "clients", "devices", "kick", "drain", "rules", "stats", "reload", "rotate"):
             return ["ERROR: usage: see 'pp help'"]
         return [UNKNOWN]
 
@@ -471,6 +474,8 @@ class AdminProtocol(LineOnlyReceiver, TimeoutMixin):
             "exit_changed": _iso(snapshot["exit_changed"], "milliseconds"),
             "last_error": snapshot["last_error"],
             "target": snapshot["target"],
+            "rotation": (snapshot.get("rotation") or {}).get("state", "idle"),
+            "rotation_error": (snapshot.get("rotation") or {}).get("error"),
         }
 
     def _kick(self, name, as_json):
@@ -488,6 +493,26 @@ class AdminProtocol(LineOnlyReceiver, TimeoutMixin):
             if errors:
                 return ["ERROR: kicked %d of %d session(s) of %s: %s" % (killed, killed + len(errors), name, errors[0])]
             return ["SUCCESS: kicked %d session(s) of %s" % (killed, name)]
+
+        return d.addCallback(done)
+
+    def _rotate(self, name, as_json):
+        from ovpnmgr.rotation import DONE, RotationRefused
+
+        try:
+            d = self.operations.rotate(name)
+        except RotationRefused as e:
+            return ["ERROR: %s" % e]
+
+        def done(result):
+            if as_json:
+                return [_json(result), "END"]
+            if result["state"] == DONE:
+                return [
+                    "SUCCESS: device %s rotated: exit address %s -> %s in %.1f s"
+                    % (name, result["old_address"], result["new_address"], result["seconds"])
+                ]
+            return ["ERROR: rotation of device %s failed: %s" % (name, result["error"])]
 
         return d.addCallback(done)
 

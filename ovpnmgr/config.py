@@ -169,6 +169,8 @@ class HealthConfig:
     concurrency: int = _HEALTH.concurrency
     when_down: str = "deny"  # a new CONNECT for a down device: "deny" (TEMP, "device offline") or "admit"
     on_down: str = "keep"  # its customers' VPN sessions when a device goes down: "keep" or "kill"
+    rotation_timeout: float = 120.0  # "pp rotate": action + a new exit address + healthy, within this
+    rotation_min_interval: float = 300.0  # between the starts of two rotations of one device
 
     def settings(self):
         """The monitor's :class:`~proxy.health.HealthSettings`."""
@@ -657,6 +659,8 @@ _SCHEMA = {
             "concurrency": (_int(1, 10_000), False),
             "when_down": (_choice("deny", "admit"), False),
             "on_down": (_choice("keep", "kill"), False),
+            "rotation_timeout": (_number(1, 3600), False),
+            "rotation_min_interval": (_number(0, 86400), False),
         },
     ),
     "dns": (

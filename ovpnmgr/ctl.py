@@ -36,6 +36,7 @@ __all__ = ["main", "AdminSession", "CtlError", "DEFAULT_SOCKET", "parse_status"]
 PROG = "pocketproxyctl"
 DEFAULT_SOCKET = "/run/pocketproxy/admin.sock"
 DEFAULT_TIMEOUT = 10.0
+ROTATE_TIMEOUT = 180.0  # "rotate" waits for the new exit address (health.rotation_timeout, 120 s by default)
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -282,11 +283,19 @@ def _format_clients(data):
 
 
 def _format_devices(data):
+    devices = data.get("devices", [])
+    with_health = any("health" in d for d in devices)  # device health is on
     rows = []
-    for d in data.get("devices", []):
+    for d in devices:
         connected = ["%s@%s" % (c.get("user"), c.get("vpn_ip") or "-") for c in d.get("connected", [])]
-        rows.append([d.get("device"), d.get("upstream"), d.get("users"), connected])
-    return table(["DEVICE", "UPSTREAM", "USERS", "CONNECTED"], rows)
+        row = [d.get("device"), d.get("upstream"), d.get("users"), connected]
+        if with_health:
+            h = d.get("health") or {}
+            rtt = h.get("rtt_ms")
+            row += [h.get("state"), None if rtt is None else "%.0f ms" % rtt, h.get("exit_address"), h.get("since")]
+        rows.append(row)
+    headers = ["DEVICE", "UPSTREAM", "USERS", "CONNECTED"] + (["STATE", "RTT", "EXIT", "SINCE"] if with_health else [])
+    return table(headers, rows)
 
 
 def _format_stats(data):
@@ -377,6 +386,19 @@ def _cmd_devices(session, args):
 
 def _cmd_stats(session, args):
     return _pp(session, args, "stats", _format_stats)
+
+
+def _cmd_rotate(session, args):
+    request = "pp rotate %s --json" % args.device
+    raw, data = _json_reply(session.command(request), request)  # ERROR (refused): CtlError, exit 1
+    if args.json:
+        _emit(raw)
+    elif data.get("state") == "done":
+        _emit("device %s rotated: exit address %s -> %s in %.1f s" % (args.device, data.get("old_address"), data.get("new_address"), data.get("seconds") or 0))
+    if data.get("state") != "done":
+        _fail("rotate %s: failed: %s" % (args.device, data.get("error")))
+        return EXIT_ERROR
+    return EXIT_OK
 
 
 def _cmd_kick(session, args):
@@ -653,7 +675,7 @@ def build_parser():
         help="answer the socket's password prompt with this file's first line (default: --config's admin.password_file)",
     )
     parser.add_argument("--json", action="store_true", help="print the daemon's JSON instead of a table")
-    parser.add_argument("--timeout", type=_timeout, default=DEFAULT_TIMEOUT, metavar="S", help="overall deadline in seconds (default 10)")
+    parser.add_argument("--timeout", type=_timeout, default=None, metavar="S", help="overall deadline in seconds (default 10; rotate: 180)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     # "--json" is accepted after the command too ("pocketproxyctl clients --json").
@@ -677,6 +699,9 @@ def build_parser():
     add("stats", _cmd_stats, "admission and proxy counters")
     add("reload", _cmd_reload, "re-read the users file (removed users kicked, changed devices remapped)")
     add("status", _cmd_status, "OpenVPN's 'status 3', relayed raw (--json: parsed)")
+    add(
+        "rotate", _cmd_rotate, "change DEVICE's exit address: run its rotation action, wait for a new address (default deadline 180 s)"
+    ).add_argument("device", metavar="DEVICE")
     sub.add_parser("raw", help="send one admin command line as is (e.g. 'load-stats', 'pp help')").add_argument(
         "words", nargs=argparse.REMAINDER, metavar="WORD"
     )
@@ -717,6 +742,8 @@ def main(argv=None):
     if args.func is _cmd_raw and (not args.words or args.words[0] in ("quit", "exit")):
         _fail("raw: give one admin command line (not quit/exit), e.g. 'pocketproxyctl raw load-stats'")
         return EXIT_USAGE
+    if args.timeout is None:
+        args.timeout = ROTATE_TIMEOUT if args.func is _cmd_rotate else DEFAULT_TIMEOUT
     try:
         path = resolve_socket(args)
         with AdminSession(path, args.timeout, resolve_password(args)) as session:

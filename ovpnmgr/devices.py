@@ -108,11 +108,19 @@ def build_health(reactor, config, operations, controller, mappings, proxy_factor
     ``(HealthService, DeviceWatch)``, or ``(None, None)`` when ``health.enabled`` is false."""
     if not config.health.enabled:
         return None, None
-    monitor = HealthMonitor(reactor, config.health.settings())
-    watch = DeviceWatch(monitor, config.health, config.probe_target, operations, mappings, dns_server)
+    from ovpnmgr.process import ProcessRunner
+    from ovpnmgr.rotation import Rotator, action_runner
+
+    h = config.health
+    monitor = HealthMonitor(reactor, h.settings())
+    watch = DeviceWatch(monitor, h, config.probe_target, operations, mappings, dns_server)
     watch.follow(operations.directory)
     operations.directory_listeners.append(watch.follow)
     operations.health = monitor
+    run = action_runner(reactor, ProcessRunner(reactor, h.rotation_timeout), h.rotation_timeout)
+    operations.rotator = Rotator(
+        reactor, monitor, lambda: operations.directory.devices, run, h.rotation_timeout, h.rotation_min_interval
+    )
     controller.device_alive = watch.admits
     proxy_factory.health = monitor
     if dns_server is not None:

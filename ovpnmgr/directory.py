@@ -38,6 +38,19 @@ class AuthFailed(Exception):
 
 
 @dataclass(frozen=True)
+class RotateAction:
+    """How an operator changes a phone's exit address: run ``command`` (argv, no shell) or send
+    an HTTP ``method`` request to ``url`` (the phone app's or the modem's API)."""
+
+    command: tuple | None = None
+    url: str | None = None
+    method: str = "POST"
+
+    def __str__(self):
+        return " ".join(self.command) if self.command else "%s %s" % (self.method, self.url)
+
+
+@dataclass(frozen=True)
 class Device:
     """A customer's phone and the proxy it exposes."""
 
@@ -46,6 +59,7 @@ class Device:
     dns: str | None = None  # "via_device" or "host"; None: the daemon's dns.policy
     max_clients: int | None = None  # the phone proxy's own client limit; its users share it fairly
     health_target: ProbeTarget | None = None  # where this phone's health probes go; None: health.target
+    rotate: RotateAction | None = None  # what "pp rotate" runs to change its exit address
 
 
 @dataclass(frozen=True)
@@ -137,7 +151,7 @@ class Directory:
         devices = {}
         for name, spec in _mapping(path, "devices", raw.get("devices")).items():
             key = "devices.%s" % name
-            spec = _fields(path, key, spec, {"upstream", "dns", "max_clients", "health_target"}, {"upstream"})
+            spec = _fields(path, key, spec, {"upstream", "dns", "max_clients", "health_target", "rotate"}, {"upstream"})
             try:
                 upstream = Upstream.parse(spec["upstream"])
             except ValueError as e:
@@ -158,7 +172,8 @@ class Directory:
                     health_target = ProbeTarget.parse(health_target)
                 except ValueError as e:
                     raise ConfigError(path, key + ".health_target", str(e))
-            devices[name] = Device(str(name), upstream, dns, max_clients, health_target)
+            rotate = _rotate_action(path, key + ".rotate", spec.get("rotate"))
+            devices[name] = Device(str(name), upstream, dns, max_clients, health_target, rotate)
         users, cns, addresses = {}, {}, {}
         for name, spec in _mapping(path, "users", raw.get("users")).items():
             key = "users.%s" % name
@@ -274,6 +289,31 @@ class Directory:
         if user.password_hash is not None:
             raise AuthFailed("user %s requires a password" % user.name)
         return user
+
+
+def _rotate_action(path, key, spec):
+    """A device's ``rotate:`` entry: ``{command: [argv...]}`` or ``{url: http(s)://..., method: POST}``."""
+    if spec is None:
+        return None
+    if not isinstance(spec, dict) or len(set(spec) & {"command", "url"}) != 1:
+        raise ConfigError(path, key, "expected {command: [program, args...]} or {url: http(s)://..., method: POST}")
+    unknown = set(spec) - {"command", "url", "method"}
+    if unknown:
+        raise ConfigError(path, "%s.%s" % (key, sorted(unknown)[0]), "unknown key (known: command, method, url)")
+    if "command" in spec:
+        argv = spec["command"]
+        if not isinstance(argv, list) or not argv or not all(isinstance(a, (str, int)) for a in argv):
+            raise ConfigError(path, key + ".command", "expected a non-empty list: [program, args...] (no shell)")
+        if "method" in spec:
+            raise ConfigError(path, key + ".method", "only used with url")
+        return RotateAction(command=tuple(str(a) for a in argv))
+    url = spec["url"]
+    if not isinstance(url, str) or not re.match(r"^https?://[^/\s]+", url):
+        raise ConfigError(path, key + ".url", "expected an http:// or https:// URL, got %r" % (url,))
+    method = spec.get("method", "POST")
+    if method not in ("GET", "POST", "PUT"):
+        raise ConfigError(path, key + ".method", "expected GET, POST or PUT, got %r" % (method,))
+    return RotateAction(url=url, method=method)
 
 
 def _mapping(path, key, value):

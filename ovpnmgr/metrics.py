@@ -45,7 +45,8 @@ Families (prefix ``pocketproxy_``):
 * With device health on: ``device_state{device,state}`` (gauge, 1 for the current state),
   ``device_probe_rtt_seconds{device}`` (gauge, last successful probe), ``device_probes_total{result}``,
   ``device_state_changes_total{state}``, ``device_exit_changes_total`` (counters),
-  ``device_probe_duration_seconds`` (histogram) and ``device_probes_in_flight`` (gauge).
+  ``device_probe_duration_seconds`` (histogram), ``device_probes_in_flight`` (gauge) and
+  ``device_rotations_total{result="done|failed"}`` (counter).
 * ``firewall_checks_total`` (counter) and ``firewall_repairs_total{action}``
   (counter; ``rules_reinstalled``, ``member_added``, ``member_removed``): the
   periodic verifier's work (absent when it is off).
@@ -204,6 +205,12 @@ def collect(operations=None, proxy_stats=None, splice=None, verifier=None, dns_s
     health = getattr(operations, "health", None)
     if health is not None:
         families.extend(health_families(health))
+        rotator = getattr(operations, "rotator", None)
+        if rotator is not None:
+            f = counter("device_rotations_total", "Exit-address rotations (pp rotate) by result.")
+            for result, n in _seeded(("done", "failed"), rotator.results).items():
+                f.add(n, result=result)
+            families.append(f)
     if operations is not None:
         f = counter("admissions_total", "Answered OpenVPN CONNECTs by result.")
         for result in ADMISSION_RESULTS:

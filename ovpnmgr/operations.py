@@ -26,12 +26,29 @@ class Operations:
         self.ledger = controller.ledger
         self.directory_listeners = []  # f(directory) after a reload put a new users file in force
         self.health = None  # the proxy.health.HealthMonitor when device health is on
+        self.rotator = None  # the ovpnmgr.rotation.Rotator when device health is on
 
     def device_health(self, name):
         """A device's health snapshot (:meth:`proxy.health.DeviceHealth.snapshot`), or None when
         health is off or the device is not watched (it has no users)."""
         health = self.health.get(name) if self.health is not None else None
-        return health.snapshot() if health is not None else None
+        if health is None:
+            return None
+        snapshot = health.snapshot()
+        if self.rotator is not None:
+            snapshot["rotation"] = self.rotator.state(name)
+        return snapshot
+
+    def rotate(self, name):
+        """Rotate device ``name``'s exit address (:meth:`ovpnmgr.rotation.Rotator.rotate`).
+
+        :raises ~ovpnmgr.rotation.RotationRefused: not started, with the operator's reason.
+        """
+        from ovpnmgr.rotation import RotationRefused
+
+        if self.rotator is None:
+            raise RotationRefused("device health is off (health.enabled in the config): rotation needs its probes")
+        return self.rotator.rotate(name)
 
     # --- reads ---
 

@@ -26,11 +26,11 @@ import time
 import pytest
 
 from tests.integration.helpers import pp_json
-from tests.lab.daemon import Daemon
+from tests.lab.daemon import ROOT, Daemon
 from tests.lab.dnsclient import SERVFAIL, dig
 from tests.lab.netns import require_root, require_tools, wait_for
 from tests.lab.openvpn import OPENVPN, Lab
-from tests.lab.probes import NETCLIENT
+from tests.lab.probes import NETCLIENT, run_json
 from tests.lab.world import ORIGIN_IP, TINYPROXY, World
 
 HEALTH = {
@@ -43,6 +43,24 @@ HEALTH = {
     "rise": 2,
 }
 DETECTION = 5 + 3 * (3 + 1) + 5  # interval + fall x (timeout + retry) + slack
+ROTATED_IP = "203.0.113.50"
+ROTATION_TIMEOUT = 12  # a rotation whose address never changes fails after this
+
+
+def move_address(phone, new):
+    """Shell text, run in the phone's namespace: its origin-side address becomes ``new``."""
+    return (
+        "dev=$(ip -o -4 addr show to {old} | awk '{{print $2}}') && "
+        "ip addr del {old}/24 dev $dev && ip addr add {new}/24 dev $dev && "
+        "ip route replace default via 203.0.113.254"
+    ).format(old=phone.origin_ip, new=new)
+
+
+def ctl(*argv, timeout=60):
+    """``pocketproxyctl`` from the checkout (the admin socket is a file the host namespace sees)."""
+    return subprocess.run(
+        [sys.executable, "-m", "ovpnmgr.ctl", *argv], cwd=str(ROOT), capture_output=True, text=True, timeout=timeout
+    )
 
 
 class Env:
@@ -74,6 +92,9 @@ def env(tmp_path_factory):
         with Lab(base / "lab") as lab, World(lab.server_ns, base / "world", lab.internet) as world:
             phone = world.add_device("phone", username="dev", password="devpw")
             phone2 = world.add_device("phone2")
+            # The phone's rotation action: move its address on the origin-side link, as a carrier
+            # hands a phone a new one. phone2's action "succeeds" but changes nothing.
+            rotate = {"command": ["ip", "netns", "exec", phone.ns.name, "sh", "-c", move_address(phone, ROTATED_IP)]}
             daemon = Daemon(
                 lab.server_ns,
                 base / "daemon",
@@ -83,10 +104,11 @@ def env(tmp_path_factory):
                     "bob": {"password": "bob-pw", "device": "phone2"},
                     "carol": {"password": "carol-pw", "device": "phone"},
                 },
-                devices={"phone": phone.url, "phone2": phone2.url},
+                devices={"phone": {"upstream": phone.url, "rotate": rotate},
+                         "phone2": {"upstream": phone2.url, "rotate": {"command": ["true"]}}},
                 admin={"socket": admin_path},
                 openvpn={"temp_backoff": 3},
-                health=HEALTH,
+                health=dict(HEALTH, rotation_timeout=ROTATION_TIMEOUT),
             ).start()
             try:
                 daemon.wait_log(r"reconciled with OpenVPN", timeout=30)
@@ -194,11 +216,46 @@ def test_a_silent_phone_goes_down_its_customers_are_reset_and_refused_and_return
         bob_conn.close()
 
 
+def test_rotation_changes_the_exit_address_resets_connections_and_is_rate_limited(env):
+    """pp rotate runs the phone's action (its address moves on the origin side) and answers once
+    the probe sees the new exit address; the live connection through the phone was reset, a
+    fetch now comes from the new address, a second rotation within the minimum interval is
+    refused with how long to wait, and phone2's rotation (whose address never changes) fails
+    after the timeout."""
+    env.wait_state("phone", "up", timeout=20)
+    held = Held(env.alice)
+    try:
+        done = ctl("--socket", env.admin_path, "--json", "rotate", "phone")
+        assert done.returncode == 0, (done.stdout, done.stderr, env.daemon.tail(30))
+        result = json.loads(done.stdout)
+        assert (result["state"], result["old_address"], result["new_address"]) == ("done", env.phone.origin_ip, ROTATED_IP)
+        print("rotated in %.3f s" % result["seconds"])
+        ended = held.result(timeout=5)
+        assert ended is not None and ended["outcome"] == "reset", ended
+    finally:
+        held.close()
+    fetched = run_json(env.alice.ns, sys.executable, NETCLIENT, "--timeout", "10", "fetch", "http://%s/whoami" % ORIGIN_IP)
+    assert fetched.get("status") == 200 and fetched["body"].strip() == ROTATED_IP, fetched
+    health = env.health("phone")
+    assert (health["exit_address"], health["rotation"]) == (ROTATED_IP, "done")
+
+    again = ctl("--socket", env.admin_path, "rotate", "phone")
+    assert again.returncode == 1 and "was rotated" in again.stderr and "the next rotation is allowed in" in again.stderr, again
+
+    started = time.monotonic()
+    failed = ctl("--socket", env.admin_path, "rotate", "phone2")
+    assert failed.returncode == 1, failed
+    assert "exit address still %s after %d s" % (env.phone2.origin_ip, ROTATION_TIMEOUT) in failed.stderr, failed.stderr
+    assert ROTATION_TIMEOUT - 1 <= time.monotonic() - started <= ROTATION_TIMEOUT + 10
+    assert env.health("phone2")["rotation"] == "failed"
+
+
 def test_metrics_and_log_tell_the_story(env):
     """Every state change is one log event; probes are counted by result."""
     text = env.daemon.log_text()
     assert "device phone is down (was degraded)" in text and "device phone is up (was down)" in text
     assert "device phone: device down: reset" in text
+    assert "device phone rotated: exit address" in text and "rotation of device phone2 failed" in text
     devices = env.devices()
     assert devices["phone2"]["health"]["state"] == "up"
     assert "devpw" not in json.dumps(devices)

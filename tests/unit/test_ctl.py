@@ -847,3 +847,46 @@ def test_against_the_real_admin_protocol(tmp_path, capsys):
     finally:
         server.close()
     assert (code, out, err) == (0, "nclients=0,bytesin=0,bytesout=0\n", "")
+
+
+def test_devices_with_health_adds_state_rtt_exit_and_since(capsys):
+    data = {"devices": [
+        {"device": "phone", "upstream": "http://192.168.255.2:8080", "users": ["alice"], "connected": [],
+         "health": {"state": "down", "rtt_ms": 412.3, "exit_address": "203.0.113.2", "since": "2026-12-07T22:00:01.250+00:00"}},
+        {"device": "spare", "upstream": "socks5://192.168.255.3:1080", "users": [], "connected": [], "health": None},
+    ]}
+    server = FakeAdmin({b"pp devices --json": [json.dumps(data), "END"]})
+    try:
+        code, out, err = run(capsys, "--socket", server.path, "devices")
+    finally:
+        server.close()
+    lines = [line.split() for line in out.splitlines()]
+    assert code == 0 and lines[0] == ["DEVICE", "UPSTREAM", "USERS", "CONNECTED", "STATE", "RTT", "EXIT", "SINCE"]
+    assert lines[1][4:] == ["down", "412", "ms", "203.0.113.2", "2026-12-07T22:00:01.250+00:00"]
+    assert lines[2][4:] == ["-", "-", "-", "-"]
+
+
+def test_rotate_waits_for_the_result_and_fails_with_its_reason(capsys):
+    done = {"device": "phone", "state": "done", "old_address": "203.0.113.2", "new_address": "203.0.113.50", "seconds": 4.2, "error": None}
+    failed = dict(done, state="failed", new_address=None, error="exit address still 203.0.113.2 after 120 s")
+    server = FakeAdmin({
+        b"pp rotate phone --json": [json.dumps(done), "END"],
+        b"pp rotate phone2 --json": [json.dumps(failed), "END"],
+        b"pp rotate spare --json": ["ERROR: device spare has no rotation action (devices.spare.rotate in the users file)"],
+    })
+    try:
+        code, out, err = run(capsys, "--socket", server.path, "rotate", "phone")
+        assert code == 0 and out.strip() == "device phone rotated: exit address 203.0.113.2 -> 203.0.113.50 in 4.2 s"
+        code, out, err = run(capsys, "--socket", server.path, "rotate", "phone2")
+        assert code == 1 and "rotate phone2: failed: exit address still 203.0.113.2 after 120 s" in err
+        code, out, err = run(capsys, "--socket", server.path, "rotate", "spare")
+        assert code == 1 and "has no rotation action" in err
+    finally:
+        server.close()
+
+
+def test_rotate_gets_a_longer_default_deadline_than_other_commands():
+    from ovpnmgr import ctl
+
+    args = ctl.build_parser().parse_args(["rotate", "phone"])
+    assert args.timeout is None and ctl.ROTATE_TIMEOUT >= 150 and ctl.DEFAULT_TIMEOUT == 10

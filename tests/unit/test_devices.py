@@ -12,6 +12,7 @@ from ovpnmgr.config import HealthConfig
 from ovpnmgr.devices import DeviceWatch
 from ovpnmgr.directory import Directory
 from ovpnmgr.metrics import collect, render
+from ovpnmgr.rotation import Rotator
 from proxy.dnsserver import DNSRoute, DNSServer, DNSSettings
 from proxy.health import DOWN, UP, HealthMonitor, HealthSettings
 from proxy.probe import ProbeFailed, ProbeResult, ProbeTarget
@@ -229,3 +230,36 @@ def test_operators_see_health_in_pp_devices_and_metrics():
     assert 'pocketproxy_device_probes_total{result="timeout"}' in text
     assert 'pocketproxy_device_state_changes_total{state="down"} 1' in text
     assert "pocketproxy_device_probe_duration_seconds_count" in text
+
+
+def test_pp_rotate_answers_when_the_new_address_is_seen_and_refusals_are_errors():
+    users = """
+devices:
+  p1: {upstream: "http://192.168.255.2:8080", rotate: {command: [rotate-p1]}}
+  p2: {upstream: "socks5://192.168.255.3:1080"}
+users:
+  alice: {password: "%s", device: p1}
+  bob: {password: "%s", device: p2}
+""" % (HASH, HASH)
+    w, monitor, probes, dns, watch = wired(users)
+    actions = []
+
+    def run(action):
+        actions.append(action)
+        probes.exit["192.168.255.2"] = "203.0.113.60"
+        return defer.succeed(None)
+
+    w.ops.rotator = Rotator(w.clock, monitor, lambda: w.ops.directory.devices, run, 30.0, 300.0)
+    settle(w.clock, 11)
+    admin = Admin(AdminFactory(w.ops))
+    assert admin.send("pp rotate p2") == b"ERROR: device p2 has no rotation action (devices.p2.rotate in the users file)\r\n"
+    admin.send("pp rotate p1")
+    settle(w.clock, 3)
+    assert admin.take() == b"SUCCESS: device p1 rotated: exit address 203.0.113.2 -> 203.0.113.60 in 0.0 s\r\n"
+    assert [a.command for a in actions] == [("rotate-p1",)]
+    row = admin.send("pp devices").decode().split("\r\n")[1].split("\t")
+    assert row[-1] == "done" and row[9] == "203.0.113.60"
+    assert admin.send("pp rotate p1").startswith(b"ERROR: device p1 was rotated 3 s ago")
+    assert 'pocketproxy_device_rotations_total{result="done"} 1' in render(collect(operations=w.ops))
+    w.ops.rotator = None
+    assert admin.send("pp rotate p1") == b"ERROR: device health is off (health.enabled in the config): rotation needs its probes\r\n"

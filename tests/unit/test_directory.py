@@ -103,6 +103,12 @@ def test_verified_password_is_cached_but_wrong_one_is_not():
         ('1080"}', '1080", max_clients: many}', "devices.phone2.max_clients"),
         ('1080"}', '1080", max_clients: true}', "devices.phone2.max_clients"),
         ('1080"}', '1080", health_target: "gopher://x/"}', "devices.phone2.health_target"),
+        ('1080"}', '1080", rotate: {command: "rotate.sh"}}', "devices.phone2.rotate.command"),
+        ('1080"}', '1080", rotate: {command: [x], url: "http://a/"}}', "devices.phone2.rotate"),
+        ('1080"}', '1080", rotate: {url: "ftp://a/"}}', "devices.phone2.rotate.url"),
+        ('1080"}', '1080", rotate: {url: "http://a/", method: DELETE}}', "devices.phone2.rotate.method"),
+        ('1080"}', '1080", rotate: {command: [x], method: POST}}', "devices.phone2.rotate.method"),
+        ('1080"}', '1080", rotate: {command: [x], shell: true}}', "devices.phone2.rotate.shell"),
     ],
 )
 def test_users_file_errors_name_the_key(old, new, key):
@@ -147,3 +153,10 @@ def test_a_device_may_name_its_own_health_probe_target():
     d = _dir(USERS.replace('1080"}', '1080", health_target: "http://203.0.113.10/whoami"}'))
     assert str(d.devices["phone2"].health_target) == "http://203.0.113.10:80/whoami"
     assert d.devices["phone1"].health_target is None
+
+
+def test_a_device_may_have_a_rotation_action():
+    d = _dir(USERS.replace('1080"}', '1080", rotate: {url: "http://192.168.255.3:8000/rotate", method: GET}}'))
+    assert d.devices["phone2"].rotate.url == "http://192.168.255.3:8000/rotate" and d.devices["phone2"].rotate.method == "GET"
+    d = _dir(USERS.replace('1080"}', '1080", rotate: {command: [/usr/local/bin/rotate, phone2, 3]}}'))
+    assert d.devices["phone2"].rotate.command == ("/usr/local/bin/rotate", "phone2", "3")
