@@ -1,6 +1,6 @@
 # pocketproxy: every target works on a fresh Debian 12 machine as root.
 # `make demo` runs the lab; `make test` runs the whole suite on Debian's
-# packaged libraries and again on current PyPI releases.
+# packaged libraries and again on current PyPI releases, and the soak tests once.
 # `make deps` installs tools the tests drive (tinyproxy, dante-server, redsocks)
 # without starting their system services (a temporary policy-rc.d).
 
@@ -15,7 +15,7 @@ APT_DEPS  = make openvpn ipset iptables iproute2 openssl procps curl \
 
 export POCKETPROXY_REQUIRE_INTEGRATION ?= 1
 
-.PHONY: deps test test-debian test-pypi unit demo bench-admission bench-proxy bench-scale bench-dns bench-path clean package package-test
+.PHONY: deps test test-debian test-pypi test-long unit demo bench-admission bench-proxy bench-scale bench-dns bench-path clean package package-test
 
 deps:
 	@missing=$$(for p in $(APT_DEPS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
@@ -26,10 +26,14 @@ deps:
 	  if [ -n "$$guard" ]; then rm -f /usr/sbin/policy-rc.d; fi; exit $$rc; \
 	fi
 
-test: deps test-debian test-pypi
+test: deps test-debian test-pypi test-long
 
 test-debian: deps
-	$(PY) -m pytest $(PYTEST) tests
+	$(PY) -m pytest $(PYTEST) -m "not long" tests
+
+# Soak tests (minutes each, e.g. 10 minutes of device health over the emulated WAN): once per run.
+test-long: deps
+	$(PY) -m pytest $(PYTEST) -m long tests
 
 $(VENV)/.done: setup.py
 	$(PY) -m venv $(VENV)
@@ -41,7 +45,7 @@ test-pypi: deps $(VENV)/.done
 	$(VENV)/bin/pip install -q --force-reinstall --no-deps .
 	$(VENV)/bin/twistd --help | grep -qw pocketproxy
 	$(VENV)/bin/python -c "import twisted, importlib.metadata as m; print('PyPI leg: Twisted', twisted.__version__, 'pyroute2', m.version('pyroute2'))"
-	cd tests/.. && $(VENV)/bin/python -m pytest $(PYTEST) -p no:cacheprovider tests
+	cd tests/.. && $(VENV)/bin/python -m pytest $(PYTEST) -p no:cacheprovider -m "not long" tests
 
 unit: deps
 	$(PY) -m pytest $(PYTEST) tests/unit

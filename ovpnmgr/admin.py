@@ -572,6 +572,8 @@ class AdminProtocol(LineOnlyReceiver, TimeoutMixin):
             snapshot["proxy"] = self.proxy_stats.snapshot()
         if self.dns_stats is not None:
             snapshot["dns"] = self.dns_stats.snapshot()
+        if self.operations.health is not None:
+            snapshot["health"] = self.operations.health.stats()
         if as_json:
             return [_json(snapshot), "END"]
         return _key_values(snapshot) + ["END"]

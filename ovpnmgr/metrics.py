@@ -45,7 +45,7 @@ Families (prefix ``pocketproxy_``):
 * With device health on: ``device_state{device,state}`` (gauge, 1 for the current state),
   ``device_probe_rtt_seconds{device}`` (gauge, last successful probe), ``device_probes_total{result}``,
   ``device_state_changes_total{state}``, ``device_exit_changes_total`` (counters),
-  ``device_probe_duration_seconds`` (histogram), ``device_probes_in_flight`` (gauge) and
+  ``device_probe_duration_seconds`` (histogram), ``device_probes_in_flight`` / ``device_probes_in_flight_max`` (gauges) and
   ``device_rotations_total{result="done|failed"}`` (counter).
 * ``firewall_checks_total`` (counter) and ``firewall_repairs_total{action}``
   (counter; ``rules_reinstalled``, ``member_added``, ``member_removed``): the
@@ -186,6 +186,7 @@ def health_families(monitor):
         counter("device_exit_changes_total", "Exit-address changes seen by the health probes.", monitor.exit_changes),
         histogram("device_probe_duration_seconds", "Durations of successful health probes.", monitor.rtt),
         gauge("device_probes_in_flight", "Health probes running now.", monitor.in_flight),
+        gauge("device_probes_in_flight_max", "The most health probes ever running at once (bounded by health.concurrency).", monitor.max_in_flight),
     ]
 
 

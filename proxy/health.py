@@ -131,6 +131,18 @@ class HealthMonitor:
         self.observers = []  # f(device, result or None, failure or None) after every probe
         self.running = False
 
+    def stats(self):
+        """Counters for ``pp stats``: devices by state, probes by result, in flight now and at most."""
+        states = Counter(h.state for h in self.devices.values())
+        return {
+            "devices": {state: states.get(state, 0) for state in STATES},
+            "probes": dict(sorted(self.probes.items())),
+            "in_flight": self.in_flight,
+            "max_in_flight": self.max_in_flight,
+            "concurrency": self.settings.concurrency,
+            "exit_changes": self.exit_changes,
+        }
+
     # --- what is watched ----------------------------------------------------------------------
 
     def watch(self, devices):

@@ -56,8 +56,8 @@ from tests.lab.netns import stop_process
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "tests" / "bench" / "results"
-OUTER_TIMEOUT = 600  # hard limit for the inner run, seconds
-INNER_DEADLINE = 570
+OUTER_TIMEOUT = 900  # hard limit for the inner run, seconds (the health phase adds about 3 minutes)
+INNER_DEADLINE = 870
 
 SUBNET = "10.9.0.0/16"
 SERVER_IP = "10.9.0.1"
@@ -69,6 +69,8 @@ SET_NAME = "ppscale"
 CHAIN = "PPSCALE"
 PROXY_PORT = 12345
 DEVICE_PORT0 = 9100  # device d listens on DEVICE_PORT0 + d (one sink process)
+HEALTH_PORT0 = 20000  # the health phase's phones: 20000 + d (a second sink process)
+TARGET_HEALTH_CORE_PCT = 2.0  # probing 2,000 devices at the default interval
 # name: (destination port the generator dials, relay port or None, sink port)
 PATHS = {
     "pocketproxy": (5001, PROXY_PORT, None),
@@ -275,6 +277,13 @@ class LocalSpace:
     stop = staticmethod(stop_process)
 
 
+def cpu_seconds(pid):
+    """User + system CPU seconds of process ``pid`` so far (``/proc/<pid>/stat``)."""
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def admin_stats(path, timeout=10):
     """``pp stats --json`` over the daemon's admin socket (management dialect)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
@@ -348,6 +357,8 @@ class Scale:
         self.peer = None
         self.daemon = None
         self.sink = None
+        self.hsink = None
+        self.hdaemon = None
         self.gen = None
         self.redsocks = None
         self.vpn_sources = []
@@ -785,6 +796,74 @@ class Scale:
         if any(refused.values()) or any(upstream_errors.values()):
             raise BenchError("daemon refused %r / upstream errors %r" % (refused, upstream_errors))
 
+    # ---------------------------------------------------------------- device health
+
+    def health_probing(self):
+        """A second daemon watching ``--health-devices`` phones (one sink port each, each its own
+        exit address) at the default health settings: its CPU over ``--health-window`` s after the
+        first interval (probes spread over it), against the same daemon with health off (the peer),
+        every probe answered, never more than ``health.concurrency`` in flight."""
+        from tests.bench.mgmt_peer import ManagementPeer
+        from tests.lab.daemon import Daemon
+        from proxy.health import HealthSettings
+
+        a = self.args
+        n = a.health_devices
+        interval = HealthSettings().interval
+        if self.daemon is not None:
+            self.daemon.stop()  # the main phases are over: measure the new daemon alone
+        ports = [HEALTH_PORT0 + d for d in range(n)]
+        self.hsink = LineProcess(
+            "hsink", [sys.executable, "-m", "tests.bench.sink", "--host", "127.0.0.1", "--ports", ",".join(map(str, ports))], self.tmp
+        )
+        if not self.hsink.read(30).get("ready"):
+            raise BenchError("health sink did not start")
+        devices = {"h%04d" % d: "http://127.0.0.1:%d" % port for d, port in enumerate(ports)}
+        users = {"hu%04d" % d: {"cn": "health-%04d" % d, "device": "h%04d" % d} for d in range(n)}
+        out = {"devices": n, "interval_s": interval, "window_s": a.health_window}
+        for enabled in (False, True):
+            mgmt = self.tmp / ("hmgmt-%d.sock" % enabled)
+            admin = self.tmp / ("hadmin-%d.sock" % enabled)
+            peer = self.rt.call(lambda: ManagementPeer(self.rt.reactor, mgmt).listen())
+            daemon = self.hdaemon = Daemon(
+                LocalSpace(), self.tmp / ("health-daemon-%d" % enabled), mgmt, users, subnet=SUBNET, server_address=SERVER_IP,
+                devices=devices,
+                proxy={"listen": PROXY_PORT, "splice": False},
+                firewall={"ipset": SET_NAME, "chain": CHAIN, "interface": a.server_if, "maxelem": 65536, "verify_interval": 0},
+                admin={"socket": str(admin)},
+                metrics={"listen": None},
+                dns={"enabled": False},
+                health={"enabled": enabled, "target": "http://198.51.100.4/whoami"},
+            )
+            daemon.start()
+            daemon.wait_log(r"reconciled with OpenVPN", timeout=90)
+            self.log("health %s: %d devices, waiting one interval (%.0f s) for the first probes to spread" % (
+                "on" if enabled else "off (peer)", n, interval))
+            time.sleep(interval * 1.1 if enabled else 5)
+            before_stats = admin_stats(admin)
+            t0, cpu0 = time.monotonic(), cpu_seconds(daemon.proc.pid)
+            time.sleep(a.health_window)
+            t1, cpu1 = time.monotonic(), cpu_seconds(daemon.proc.pid)
+            after_stats = admin_stats(admin)
+            key = "on" if enabled else "off"
+            out[key] = {"cpu_s": round(cpu1 - cpu0, 4), "wall_s": round(t1 - t0, 3), "core_pct": round(100 * (cpu1 - cpu0) / (t1 - t0), 3)}
+            if enabled:
+                h0, h1 = before_stats["health"], after_stats["health"]
+                probes = {k: h1["probes"].get(k, 0) - h0["probes"].get(k, 0) for k in set(h0["probes"]) | set(h1["probes"])}
+                out["on"].update(probes=probes, probes_per_s=round(sum(probes.values()) / (t1 - t0), 2),
+                                 max_in_flight=h1["max_in_flight"], concurrency=h1["concurrency"], states=h1["devices"])
+                failed = {k: v for k, v in probes.items() if k != "ok" and v}
+                if failed or h1["devices"]["up"] != n:
+                    raise BenchError("health probes failed %r; states %r" % (failed, h1["devices"]))
+                if h1["max_in_flight"] > h1["concurrency"]:
+                    raise BenchError("%d probes in flight, above health.concurrency %d" % (h1["max_in_flight"], h1["concurrency"]))
+            daemon.stop()
+            self.rt.call(peer.stop)
+        on, off = out["on"], out["off"]
+        ok = on["probes"].get("ok", 0)
+        out["cost_us_per_probe"] = round(1e6 * (on["cpu_s"] - off["cpu_s"] * on["wall_s"] / off["wall_s"]) / ok, 1) if ok else None
+        self.result["health"] = out
+
     # ---------------------------------------------------------------- driver
 
     def run(self):
@@ -814,9 +893,13 @@ class Scale:
         self.check_members("end")
         if self.daemon.proc.poll() is not None:
             raise BenchError("daemon exited (%s)" % self.daemon.proc.returncode)
+        if a.health_devices:
+            self.health_probing()
 
     def stop(self):
-        for what in ("gen", "redsocks", "sink"):
+        if self.hdaemon is not None and self.hdaemon.proc is not None:
+            self.hdaemon.stop()
+        for what in ("gen", "redsocks", "sink", "hsink"):
             obj = getattr(self, what)
             if obj is not None:
                 try:
@@ -908,6 +991,16 @@ def rows(result, args):
                     "%.0f conn/s" % pp["conns_s"], "-", "info",
                     "%s %.0f conn/s" % (pname, peer["conns_s"]) if peer else "-",
                     "%.2f" % (pp["conns_s"] / peer["conns_s"]) if peer else "-"))
+    hp = result.get("health")
+    if hp and "on" in hp:
+        on, off = hp["on"], hp["off"]
+        pct = on["core_pct"]
+        out.append(("health probing, {:,} devices @ {:.0f} s (defaults)".format(hp["devices"], hp["interval_s"]),
+                    "%.2f %% of a core (%.0f probes/s, %s us each)" % (pct, on["probes_per_s"], hp["cost_us_per_probe"]),
+                    "< %g %%" % TARGET_HEALTH_CORE_PCT, "PASS" if pct < TARGET_HEALTH_CORE_PCT else "MISS",
+                    "same daemon, health off %.2f %%" % off["core_pct"], "+%.2f pts" % (pct - off["core_pct"])))
+        out.append(("health probes in flight, most at once", "%d" % on["max_in_flight"], "<= %d" % on["concurrency"],
+                    "OK" if on["max_in_flight"] <= on["concurrency"] else "WRONG", "-", "-"))
     mem = result.get("rss")
     memo = result.get("memory", {})
     if "after_restart" in memo:
@@ -1060,6 +1153,8 @@ def main(argv=None):
     parser.add_argument("--setup-concurrency", type=int, default=32, help="concurrency of the setup-rate test (32)")
     parser.add_argument("--peers", default="direct,redsocks", help="peers measured in the same run (direct,redsocks; '' for none)")
     parser.add_argument("--subprocess-samples", type=int, default=200, help="`ipset add` forks timed as the admission peer (200; 0 = off)")
+    parser.add_argument("--health-devices", type=int, default=2000, help="phones probed in the device health phase (2000; 0 = off)")
+    parser.add_argument("--health-window", type=float, default=60.0, help="seconds of CPU measured per health run (60)")
     parser.add_argument("--keep-tmp", action="store_true", help="keep the work directory (daemon log, config, users file)")
     parser.add_argument("--json", help="where to write the JSON (default tests/bench/results/scale-<timestamp>.json)")
     args = parser.parse_args(argv)

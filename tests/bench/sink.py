@@ -11,6 +11,9 @@ serves every measurement and the relay in between cannot tell):
 * ``x.x.x.2`` **echo**: echo what arrives; close on EOF.
 * ``x.x.x.3`` **banner**: send a server-first banner right after the ``200``
   (a separate ``send``), then echo; close on EOF.
+* ``x.x.x.4`` **whoami**: read one HTTP request, answer ``200`` with an address as the body
+  (``203.0.113.<port % 250>``: each listening port is a phone with its own exit address),
+  close: the device health probe's default kind of target.
 
 One process, one thread, level-triggered epoll (``selectors``), ``recv_into``
 a 1 MiB buffer, so the sink costs far less per byte than any relay. It listens
@@ -30,7 +33,7 @@ import sys
 REPLY_200 = b"HTTP/1.1 200 Connection established\r\n\r\n"
 BANNER = b"220 pocketproxy-bench sink ready\r\n"
 MAX_HEADER = 8192
-MODES = {"1": "count", "2": "echo", "3": "banner"}
+MODES = {"1": "count", "2": "echo", "3": "banner", "4": "whoami"}
 
 
 class _Conn:
@@ -139,6 +142,8 @@ class Sink:
             return
         if conn.mode is None:
             self._header(conn, data)
+        elif conn.mode == "whoami":
+            self._whoami(conn, data)
         elif not data:
             self._finish(conn)
         else:
@@ -175,10 +180,26 @@ class Sink:
             return
         if conn.mode == "banner" and not self._send(conn, BANNER):
             return
+        if conn.mode == "whoami":
+            conn.header = bytearray()
+            if rest:
+                self._whoami(conn, rest)
+            return
         if rest:
             conn.count += len(rest)
             if conn.mode != "count":
                 self._send(conn, rest)
+
+    def _whoami(self, conn, data):
+        if not data:
+            self._finish(conn)
+            return
+        conn.header += data
+        if b"\r\n\r\n" not in conn.header and len(conn.header) <= MAX_HEADER:
+            return
+        body = b"203.0.113.%d\n" % (conn.port % 250)
+        if self._send(conn, b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)):
+            self._finish(conn)
 
     def _finish(self, conn):
         """EOF from the client side: count mode answers with the byte count, then close."""

@@ -43,11 +43,13 @@ def test_bench_proxy_smoke(tmp_path):
 
 
 def test_bench_scale_smoke(tmp_path):
-    """bench-scale with 50 clients and 200 connections over 10 addresses completes and verifies itself."""
+    """bench-scale with 50 clients and 200 connections over 10 addresses, then 20 phones probed at the
+    default health interval, completes and verifies itself."""
     require_root()
     require_tools("ipset", "iptables", "redsocks")
     _run(tmp_path, "tests.bench.scale", "--clients", "50", "--connections", "200", "--sources", "10", "--devices", "2",
-         "--setup-count", "100", "--subprocess-samples", "5", "--json", str(tmp_path / "scale.json"))
+         "--setup-count", "100", "--subprocess-samples", "5", "--health-devices", "20", "--health-window", "3",
+         "--json", str(tmp_path / "scale.json"))
 
 
 def test_bench_dns_smoke(tmp_path):

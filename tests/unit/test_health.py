@@ -202,3 +202,14 @@ def test_stop_cancels_every_timer():
     clock, probes, m = monitor(5)
     m.stop()
     assert clock.getDelayedCalls() == []
+
+
+def test_stats_count_states_probes_and_the_most_in_flight():
+    clock, probes, m = monitor(6)
+    clock.advance(SETTINGS.interval)
+    for _ in range(3):
+        probes.answer()
+    probes.fail()
+    stats = m.stats()
+    assert stats["devices"] == {UNKNOWN: 2, UP: 3, DEGRADED: 1, DOWN: 0}
+    assert stats["probes"] == {"ok": 3, "unreachable": 1} and stats["max_in_flight"] == 4 == stats["concurrency"]
