@@ -9,7 +9,10 @@ first probe a device is ``unknown``, which counts as alive: a restart never refu
 
 Probing costs little: at most ``concurrency`` probes in flight, each device's first probe at
 a random point of the first interval (no storm at start), every interval jittered by ±10 %,
-and probes back off (doubling up to ``interval``) while a device stays down. Real traffic
+and probes back off (doubling up to ``interval``) while a device stays down. A healthy
+device's probes reuse its tunnel to the target (one request each, :class:`proxy.probe.Prober`);
+a fresh tunnel, proving the phone still opens connections, every ``fresh_every`` seconds,
+whenever the device is not ``up``, and on any suspicion. Real traffic
 counts too: a burst of upstream failures makes the next probe come at once, and a tunnel that
 worked is evidence of life (it clears a streak of failed probes).
 
@@ -18,13 +21,14 @@ admissions, reset connections, SERVFAIL) is theirs to do: this module knows noth
 uses a device.
 """
 
+import math
 import random
 from collections import Counter, deque
 from dataclasses import dataclass
 
 from twisted.logger import Logger
 
-from proxy.probe import ProbeFailed, probe
+from proxy.probe import ProbeFailed, Prober
 from proxy.stats import Histogram
 
 __all__ = ["HealthSettings", "DeviceHealth", "HealthMonitor", "UNKNOWN", "UP", "DEGRADED", "DOWN"]
@@ -32,6 +36,7 @@ __all__ = ["HealthSettings", "DeviceHealth", "HealthMonitor", "UNKNOWN", "UP", "
 UNKNOWN, UP, DEGRADED, DOWN = "unknown", "up", "degraded", "down"
 STATES = (UNKNOWN, UP, DEGRADED, DOWN)
 HISTORY = 20  # probes remembered per device for its success ratio
+TICK = 0.25  # seconds: probes are due on multiples of it, so devices due together share a wakeup
 RTT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0)  # seconds; cellular probes live at 0.3-3 s
 
 
@@ -49,6 +54,7 @@ class HealthSettings:
     concurrency: int = 64  # probes in flight at most
     suspect_failures: int = 3  # upstream failures of real traffic ...
     suspect_window: float = 10.0  # ... within this many seconds: probe now
+    fresh_every: float = 600.0  # a healthy device's probes reuse its tunnel; a fresh one this often
 
 
 class DeviceHealth:
@@ -69,8 +75,10 @@ class DeviceHealth:
         self.last_probe = None  # when the last probe ended
         self.last_error = None
         self.probing = False
-        self.timer = None
+        self.timer = None  # the tick this device is due at (HealthMonitor's), or None
         self.backoff = None  # the current back-off delay while down
+        self.last_fresh = None  # when the last probe on a fresh tunnel ended well
+        self.force_fresh = False  # the next probe opens a new tunnel (a suspicion, a request)
         self.traffic_failures = deque()  # times of recent upstream failures of real traffic
 
     @property
@@ -104,20 +112,22 @@ class HealthMonitor:
     """Probes the devices it is told to watch and keeps their :class:`DeviceHealth`.
 
     :param reactor: IReactorTime (+ IReactorTCP for the real probe): the clock of everything here.
-    :param probe: ``(reactor, upstream, target, timeout) -> Deferred(ProbeResult)``
-        (:func:`proxy.probe.probe`; tests pass a scripted one).
+    :param probe: ``(reactor, upstream, target, timeout, fresh=, key=) -> Deferred(ProbeResult)``
+        (a :class:`proxy.probe.Prober` by default; tests pass a scripted one).
     :param rng: a ``random.Random`` (jitter and the first probes' spread).
     """
 
     _log = Logger()
 
-    def __init__(self, reactor, settings=HealthSettings(), probe=probe, rng=None):
+    def __init__(self, reactor, settings=HealthSettings(), probe=None, rng=None):
         self.reactor = reactor
         self.settings = settings
-        self._probe = probe
+        self._probe = probe if probe is not None else Prober()
         self._rng = rng if rng is not None else random.Random()
         self.devices = {}
         self._waiting = deque()  # devices due while ``concurrency`` probes were in flight
+        self._buckets = {}  # tick time -> {DeviceHealth: None} due then
+        self._ticks = {}  # tick time -> its DelayedCall
         self.in_flight = 0
         self.max_in_flight = 0  # the most ever in flight (a bound the benchmark checks)
         self.probes = Counter()  # "ok" or a ProbeFailed kind -> count
@@ -174,6 +184,9 @@ class HealthMonitor:
         for health in self.devices.values():
             self._cancel(health)
         self._waiting.clear()
+        close = getattr(self._probe, "close", None)
+        if close is not None:
+            close()  # kept tunnels
 
     def get(self, name):
         """The :class:`DeviceHealth` of ``name``, or None when it is not watched."""
@@ -185,9 +198,11 @@ class HealthMonitor:
         return health is None or health.alive
 
     def probe_now(self, name):
-        """Probe ``name`` as soon as a slot is free (an operator's request, a suspicion)."""
+        """Probe ``name`` on a fresh tunnel as soon as a slot is free (an operator's request, a
+        suspicion, a rotation)."""
         health = self.devices.get(name)
         if health is not None and not health.probing and self.running:
+            health.force_fresh = True
             self._cancel(health)
             self._due(health)
 
@@ -220,20 +235,40 @@ class HealthMonitor:
     # --- probing ------------------------------------------------------------------------------
 
     def _schedule(self, health, delay):
+        """Due at the next tick after ``delay``: devices due in the same tick share one timer and
+        one reactor wakeup (thousands of devices cost a few dozen timers, not thousands)."""
         self._cancel(health)
-        health.timer = self.reactor.callLater(max(0.0, delay), self._timer_fired, health)
+        now = self.reactor.seconds()
+        due = math.ceil((now + max(0.0, delay)) / TICK) * TICK
+        bucket = self._buckets.get(due)
+        if bucket is None:
+            bucket = self._buckets[due] = {}
+            self._ticks[due] = self.reactor.callLater(max(0.0, due - now), self._tick, due)
+        bucket[health] = None
+        health.timer = due
 
-    def _timer_fired(self, health):
-        health.timer = None
-        self._due(health)
+    def _tick(self, due):
+        self._ticks.pop(due, None)
+        for health in self._buckets.pop(due, {}):
+            health.timer = None
+            self._due(health)
 
     def _cancel(self, health):
-        if health.timer is not None and health.timer.active():
-            health.timer.cancel()
-        health.timer = None
+        due, health.timer = health.timer, None
+        bucket = self._buckets.get(due) if due is not None else None
+        if bucket is not None:
+            bucket.pop(health, None)
+            if not bucket:
+                del self._buckets[due]
+                call = self._ticks.pop(due, None)
+                if call is not None and call.active():
+                    call.cancel()
 
     def _forget(self, health):
         self._cancel(health)
+        forget = getattr(self._probe, "forget", None)
+        if forget is not None:
+            forget(health.name)
         health.upstream = None  # a probe still in flight finds it forgotten
         try:
             self._waiting.remove(health)
@@ -251,8 +286,16 @@ class HealthMonitor:
         health.probing = True
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        now = self.reactor.seconds()
+        fresh = (
+            health.force_fresh
+            or health.state != UP
+            or health.last_fresh is None
+            or now - health.last_fresh >= self.settings.fresh_every
+        )
+        health.force_fresh = False
         try:
-            d = self._probe(self.reactor, health.upstream, health.target, self.settings.timeout)
+            d = self._probe(self.reactor, health.upstream, health.target, self.settings.timeout, fresh=fresh, key=health.name)
         except Exception as e:  # a bug in the probe must not stop probing
             self._log.failure("health probe of device {device} could not start", device=health.name)
             d = None
@@ -279,6 +322,8 @@ class HealthMonitor:
         health.history.append(failure is None)
         if failure is None:
             self.probes["ok"] += 1
+            if getattr(result, "fresh", True):
+                health.last_fresh = health.last_probe
             self.rtt.observe(result.rtt)
             health.rtt = result.rtt
             health.last_error = None

@@ -11,9 +11,9 @@ serves every measurement and the relay in between cannot tell):
 * ``x.x.x.2`` **echo**: echo what arrives; close on EOF.
 * ``x.x.x.3`` **banner**: send a server-first banner right after the ``200``
   (a separate ``send``), then echo; close on EOF.
-* ``x.x.x.4`` **whoami**: read one HTTP request, answer ``200`` with an address as the body
+* ``x.x.x.4`` **whoami**: answer each HTTP request with ``200`` and an address as the body
   (``203.0.113.<port % 250>``: each listening port is a phone with its own exit address),
-  close: the device health probe's default kind of target.
+  HTTP/1.1 keep-alive: the device health probe's kind of target.
 
 One process, one thread, level-triggered epoll (``selectors``), ``recv_into``
 a 1 MiB buffer, so the sink costs far less per byte than any relay. It listens
@@ -198,8 +198,10 @@ class Sink:
         if b"\r\n\r\n" not in conn.header and len(conn.header) <= MAX_HEADER:
             return
         body = b"203.0.113.%d\n" % (conn.port % 250)
-        if self._send(conn, b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)):
-            self._finish(conn)
+        # HTTP/1.1 keep-alive, as the public what-is-my-address services answer: the same
+        # tunnel may carry the next request.
+        conn.header = conn.header[conn.header.find(b"\r\n\r\n") + 4:]
+        self._send(conn, b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
 
     def _finish(self, conn):
         """EOF from the client side: count mode answers with the byte count, then close."""

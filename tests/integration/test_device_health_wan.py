@@ -85,7 +85,7 @@ def test_ten_minutes_of_default_probing_over_a_lossy_cellular_link_never_marks_t
                 assert "device phone is down" not in daemon.log_text()
                 assert health["state"] in ("up", "degraded") and health["exit_address"] == phone.origin_ip, health
                 assert ok >= elapsed / (INTERVAL * 1.1) - 1, ok  # the probes ran at the default interval ...
-                assert health["rtt_ms"] >= 600, health  # ... and crossed the WAN (two round trips at least)
+                assert health["rtt_ms"] >= 300, health  # ... and crossed the WAN (a round trip there is 0.4-0.8 s)
                 assert downloads >= DURATION / EVERY - 2
             finally:
                 daemon.stop()

@@ -34,7 +34,7 @@ class Probes:
         self.exit = {}
         self.targets = []
 
-    def __call__(self, reactor, upstream, target, timeout):
+    def __call__(self, reactor, upstream, target, timeout, fresh=True, key=None):
         self.targets.append((upstream.host, str(target)))
         outcome = self.outcome.get(upstream.host, "ok")
         if outcome == "ok":

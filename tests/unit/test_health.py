@@ -18,10 +18,12 @@ class Probes:
 
     def __init__(self):
         self.calls = []  # (time, upstream, target, Deferred)
+        self.fresh = []  # the fresh= of each call
 
-    def __call__(self, reactor, upstream, target, timeout):
+    def __call__(self, reactor, upstream, target, timeout, fresh=True, key=None):
         d = defer.Deferred()
         self.calls.append((reactor.seconds(), upstream, target, d))
+        self.fresh.append(fresh)
         return d
 
     def open(self):
@@ -30,7 +32,8 @@ class Probes:
     def answer(self, upstream=None, exit_address="203.0.113.2", rtt=0.4):
         for c in self.open():
             if upstream is None or c[1] == upstream:
-                c[3].callback(ProbeResult(rtt, ipaddress.ip_address(exit_address) if exit_address else None, 200))
+                fresh = self.fresh[self.calls.index(c)]
+                c[3].callback(ProbeResult(rtt, ipaddress.ip_address(exit_address) if exit_address else None, 200, fresh))
                 return c
         raise AssertionError("no open probe of %s" % (upstream,))
 
@@ -213,3 +216,23 @@ def test_stats_count_states_probes_and_the_most_in_flight():
     stats = m.stats()
     assert stats["devices"] == {UNKNOWN: 2, UP: 3, DEGRADED: 1, DOWN: 0}
     assert stats["probes"] == {"ok": 3, "unreachable": 1} and stats["max_in_flight"] == 4 == stats["concurrency"]
+
+
+def test_healthy_probes_reuse_the_tunnel_and_a_fresh_one_comes_every_fresh_every_or_on_any_doubt():
+    clock, probes, m = monitor(settings=HealthSettings(interval=30.0, retry_interval=5.0, fresh_every=120.0))
+    for _ in range(8):
+        run_until_probe(clock, probes)
+        probes.answer()
+    times = [c[0] for c in probes.calls]
+    fresh_times = [t for t, f in zip(times, probes.fresh) if f]
+    assert probes.fresh[:3] == [True, False, False] and len(fresh_times) >= 2  # first, then again after 120 s
+    assert all(b - a >= 120 for a, b in zip(fresh_times, fresh_times[1:]))
+    assert all(f or t - max(x for x in fresh_times if x < t) < 120 + 1 for t, f in zip(times, probes.fresh))
+    run_until_probe(clock, probes)
+    probes.fail()
+    run_until_probe(clock, probes)
+    assert probes.fresh[-1] is True  # degraded: prove it with a new tunnel
+    probes.answer()
+    clock.advance(1)
+    m.probe_now("phone0")
+    assert probes.fresh[-1] is True  # a suspicion or a request: fresh

@@ -8,7 +8,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
-from proxy.probe import ProbeFailed, ProbeTarget, exit_address, parse_answer, probe
+from proxy.probe import ProbeFailed, Prober, ProbeTarget, exit_address, parse_answer, probe
 from proxy.upstream import Upstream
 from proxy.upstreamerrors import Unreachable
 
@@ -79,7 +79,7 @@ def test_an_http_probe_asks_through_the_device_and_reports_rtt_and_exit_address(
     connect(clock, dial, device)
     assert device.asked == [("origin.test", 80)]
     request = device.transport.value()
-    assert request.startswith(b"GET /whoami HTTP/1.0\r\nHost: origin.test\r\n") and request.endswith(b"\r\n\r\n")
+    assert request.startswith(b"GET /whoami HTTP/1.1\r\nHost: origin.test\r\n") and request.endswith(b"\r\n\r\n")
     clock.advance(0.2)
     device.leg.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\n203.0.113.2\n")
     (result,) = got
@@ -165,3 +165,113 @@ def test_answer_parsing():
     assert exit_address(b" 203.0.113.9\r\n") == ipaddress.ip_address("203.0.113.9")
     assert exit_address(b"<html>203.0.113.9</html>") is None
     assert exit_address(b"\xff\xfe") is None
+
+
+def kept_world():
+    clock, dial = Clock(), Dial()
+    prober = Prober(dial=dial)
+    return clock, dial, prober
+
+
+def ask(prober, clock, fresh=False, target=WHOAMI, key="phone"):
+    got = []
+    prober(clock, UP, target, 10.0, fresh=fresh, key=key).addBoth(got.append)
+    return got
+
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\n203.0.113.2\n"
+
+
+def test_a_kept_tunnel_carries_the_next_probe_as_one_request():
+    clock, dial, prober = kept_world()
+    got = ask(prober, clock)
+    device = Device()
+    connect(clock, dial, device)
+    device.leg.dataReceived(OK)
+    assert got[0].fresh and prober.kept == 1 and not device.transport.disconnecting
+    device.transport.clear()
+    got = ask(prober, clock)
+    assert len(dial.calls) == 1  # no new dial
+    assert device.transport.value().startswith(b"GET /whoami HTTP/1.1\r\n")
+    clock.advance(0.6)
+    device.leg.dataReceived(OK.replace(b"203.0.113.2", b"203.0.113.9"))
+    assert not got[0].fresh and got[0].rtt == pytest.approx(0.6) and str(got[0].exit_address) == "203.0.113.9"
+
+
+def test_fresh_is_a_new_tunnel_and_the_old_one_is_closed():
+    clock, dial, prober = kept_world()
+    ask(prober, clock)
+    first = Device()
+    connect(clock, dial, first)
+    first.leg.dataReceived(OK)
+    got = ask(prober, clock, fresh=True)
+    assert first.transport.disconnecting and len(dial.calls) == 2
+    second = Device()
+    dial.calls[1].callback(second)
+    second.pending.callback(b"")
+    second.leg.dataReceived(OK)
+    assert got[0].fresh and prober.kept == 1
+
+
+def test_a_tunnel_closed_while_kept_is_replaced_and_close_delimited_answers_are_not_kept():
+    clock, dial, prober = kept_world()
+    ask(prober, clock)
+    device = Device()
+    connect(clock, dial, device)
+    device.leg.dataReceived(OK)
+    device.leg.connectionLost(Failure(Exception("idle timeout at the target")))
+    got = ask(prober, clock)
+    assert len(dial.calls) == 2  # a fresh one, not a failure
+    other = Device()
+    dial.calls[1].callback(other)
+    other.pending.callback(b"")
+    other.leg.dataReceived(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 12\r\n\r\n203.0.113.2\n")
+    assert got[0].status == 200 and prober.kept == 0 and other.transport.disconnecting
+
+
+def test_chunked_answers_end_at_their_last_chunk():
+    clock, dial, prober = kept_world()
+    got = ask(prober, clock)
+    device = Device()
+    connect(clock, dial, device)
+    device.leg.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nc\r\n203.0.113.2\n\r\n")
+    assert got == []
+    device.leg.dataReceived(b"0\r\n\r\n")
+    assert str(got[0].exit_address) == "203.0.113.2" and prober.kept == 1
+
+
+def test_a_kept_tunnel_that_stays_silent_times_out_and_is_dropped():
+    clock, dial, prober = kept_world()
+    ask(prober, clock)
+    device = Device()
+    connect(clock, dial, device)
+    device.leg.dataReceived(OK)
+    got = ask(prober, clock)
+    clock.advance(10.1)
+    assert got[0].value.kind == "timeout" and device.transport.disconnecting and prober.kept == 0
+
+
+def test_unasked_bytes_on_a_kept_tunnel_close_it_and_forget_closes_it_too():
+    clock, dial, prober = kept_world()
+    ask(prober, clock)
+    device = Device()
+    connect(clock, dial, device)
+    device.leg.dataReceived(OK)
+    device.leg.dataReceived(b"surprise")
+    assert device.transport.disconnecting
+    clock, dial, prober = kept_world()
+    ask(prober, clock)
+    device = Device()
+    connect(clock, dial, device)
+    device.leg.dataReceived(OK)
+    prober.forget("phone")
+    assert device.transport.disconnecting and prober.kept == 0
+
+
+def test_tcp_targets_and_probes_without_a_key_keep_nothing():
+    clock, dial, prober = kept_world()
+    ask(prober, clock, key=None)
+    device = Device()
+    connect(clock, dial, device)
+    device.leg.dataReceived(OK)
+    assert prober.kept == 0 and device.transport.disconnecting

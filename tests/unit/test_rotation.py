@@ -30,7 +30,7 @@ class Phone:
         self.exit = "203.0.113.2"
         self.failing = False
 
-    def __call__(self, reactor, upstream, target, timeout):
+    def __call__(self, reactor, upstream, target, timeout, fresh=True, key=None):
         if self.failing:
             return defer.fail(ProbeFailed("timeout", "scripted"))
         return defer.succeed(ProbeResult(0.4, ipaddress.ip_address(self.exit), 200))
