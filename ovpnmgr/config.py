@@ -167,6 +167,7 @@ class HealthConfig:
     fall: int = _HEALTH.fall
     rise: int = _HEALTH.rise
     concurrency: int = _HEALTH.concurrency
+    fresh_every: float = _HEALTH.fresh_every  # kept tunnels between probes; a new one this often
     when_down: str = "deny"  # a new CONNECT for a down device: "deny" (TEMP, "device offline") or "admit"
     on_down: str = "keep"  # its customers' VPN sessions when a device goes down: "keep" or "kill"
     rotation_timeout: float = 120.0  # "pp rotate": action + a new exit address + healthy, within this
@@ -181,6 +182,7 @@ class HealthConfig:
             fall=self.fall,
             rise=self.rise,
             concurrency=self.concurrency,
+            fresh_every=self.fresh_every,
         )
 
 
@@ -657,6 +659,7 @@ _SCHEMA = {
             "fall": (_int(1, 100), False),
             "rise": (_int(1, 100), False),
             "concurrency": (_int(1, 10_000), False),
+            "fresh_every": (_number(0, 86400), False),
             "when_down": (_choice("deny", "admit"), False),
             "on_down": (_choice("keep", "kill"), False),
             "rotation_timeout": (_number(1, 3600), False),

@@ -334,6 +334,7 @@ def test_health_is_off_by_default_and_its_defaults_suit_a_lossy_cellular_link(cf
     config = _parse(cfgdir, GOOD)
     h = config.health
     assert not h.enabled and (h.interval, h.timeout, h.fall, h.rise, h.when_down, h.on_down) == (30, 10, 3, 2, "deny", "keep")
+    assert h.settings().fresh_every == 600 and (h.rotation_timeout, h.rotation_min_interval) == (120, 300)
     assert str(config.probe_target) == "tcp://1.1.1.1:53"
     config = _parse(cfgdir, GOOD + "dns:\n  resolver: https://dns.example/dns-query\n")
     assert str(config.probe_target) == "tcp://dns.example:443"

@@ -236,3 +236,15 @@ def test_healthy_probes_reuse_the_tunnel_and_a_fresh_one_comes_every_fresh_every
     clock.advance(1)
     m.probe_now("phone0")
     assert probes.fresh[-1] is True  # a suspicion or a request: fresh
+
+
+def test_devices_due_together_share_one_timer_so_thousands_cost_a_few_dozen():
+    clock, probes, m = monitor(2000, HealthSettings(concurrency=10_000))
+    assert len(clock.getDelayedCalls()) <= 30 / 0.25 + 1  # one per 0.25 s tick of the first interval
+    clock.advance(30)
+    assert len(probes.calls) == 2000
+    for _ in range(2000):
+        probes.answer()
+    assert len(clock.getDelayedCalls()) <= 2 * 30 / 0.25 + 2  # next probes (interval ± 10 %) on ticks too
+    m.stop()
+    assert clock.getDelayedCalls() == []

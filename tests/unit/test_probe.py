@@ -1,43 +1,20 @@
-"""proxy.probe: one health probe through a device's proxy (scripted dial, StringTransport)."""
+"""proxy.probe: one health probe through a device's proxy, and kept tunnels (scripted dial, the
+proxy tests' FakeDevice on a StringTransport)."""
 
 import ipaddress
 
 import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from proxy.probe import ProbeFailed, Prober, ProbeTarget, exit_address, parse_answer, probe
 from proxy.upstream import Upstream
 from proxy.upstreamerrors import Unreachable
+from tests.unit.proxy_world import FakeDevice as Device
 
 UP = Upstream.parse("http://192.0.2.10:8080")
 WHOAMI = ProbeTarget.parse("http://origin.test/whoami")
-
-
-class Device:
-    """A device connection whose handshake the test fires and whose bytes it reads."""
-
-    def __init__(self):
-        self.transport = StringTransport()
-        self.asked = []
-        self.pending = None
-        self.leg = None
-        self.aborted = 0
-
-    def handshake(self, host, port):
-        self.asked.append((host, port))
-        self.pending = defer.Deferred(lambda d: self.abort())
-        return self.pending
-
-    def attach(self, leg, first=b""):
-        self.leg = leg
-        if first:
-            leg.dataReceived(first)
-
-    def abort(self):
-        self.aborted += 1
 
 
 class Dial:
@@ -77,7 +54,7 @@ def test_targets_parse_with_default_ports_and_refuse_what_cannot_work():
 def test_an_http_probe_asks_through_the_device_and_reports_rtt_and_exit_address():
     clock, dial, device, got = started()
     connect(clock, dial, device)
-    assert device.asked == [("origin.test", 80)]
+    assert device.handshakes == [("origin.test", 80)]
     request = device.transport.value()
     assert request.startswith(b"GET /whoami HTTP/1.1\r\nHost: origin.test\r\n") and request.endswith(b"\r\n\r\n")
     clock.advance(0.2)
@@ -151,9 +128,9 @@ def test_a_tcp_target_succeeds_once_the_tunnel_is_open():
     target = ProbeTarget.parse("tcp://198.51.100.53:53")
     clock, dial, device, got = started(target)
     connect(clock, dial, device, after=0.4)
-    assert device.asked == [("198.51.100.53", 53)]
+    assert device.handshakes == [("198.51.100.53", 53)]
     assert got[0].rtt == pytest.approx(0.4) and got[0].exit_address is None
-    assert device.aborted == 1  # the tunnel is not kept
+    assert device.aborted  # the tunnel is not kept
 
 
 def test_answer_parsing():
