@@ -83,9 +83,17 @@ class DeviceWatch:
         users = sorted({s.name for s in self.operations.client_list() if s.user is not None and s.user.device.name == name})
         if not users or not self.operations.management_ready:
             return
+        self._log.info(
+            "device {device} down: killing the sessions of {users} (health.on_down: kill)",
+            device=name,
+            users=", ".join(users),
+            event="device-down-kill",
+        )
         for user in users:
-            d = self.operations.kick(user)
-            d.addErrback(lambda f, user=user: self._log.warn("killing {user} (device {device} down) failed: {e}", user=user, device=name, e=f.getErrorMessage()))
+            self.operations.kick(user).addErrback(self._kill_failed, user, name)
+
+    def _kill_failed(self, failure, user, device):
+        self._log.warn("killing {user} (device {device} down) failed: {e}", user=user, device=device, e=failure.getErrorMessage())
 
 
 class HealthService(service.Service):
