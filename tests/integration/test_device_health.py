@@ -16,7 +16,6 @@ as on a real cellular link; this is the case a refused connection cannot show.
 import datetime
 import json
 import os
-import select
 import shutil
 import subprocess
 import sys
@@ -26,6 +25,7 @@ import time
 import pytest
 
 from tests.integration.helpers import pp_json
+from tests.lab.childlines import ChildLines
 from tests.lab.daemon import ROOT, Daemon
 from tests.lab.dnsclient import SERVFAIL, dig
 from tests.lab.netns import require_root, require_tools, wait_for
@@ -147,16 +147,13 @@ class Held:
             [sys.executable, NETCLIENT, "--timeout", "120", "hold", ORIGIN_IP, "22"],
             stdout=subprocess.PIPE,
         )
-        ready, _, _ = select.select([self.proc.stdout], [], [], 15)
-        assert ready, "no connection through the phone within 15 s"
-        first = json.loads(self.proc.stdout.readline())
+        self.lines = ChildLines(self.proc.stdout)
+        first = self.lines.json(15, self.proc)
         assert first.get("first", "").startswith("SSH-2.0-origin"), first
 
     def result(self, timeout):
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        if not ready:
-            return None
-        return json.loads(self.proc.stdout.readline())
+        line = self.lines.readline(timeout)
+        return None if line is None else json.loads(line)
 
     def close(self):
         if self.proc.poll() is None:

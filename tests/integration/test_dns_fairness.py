@@ -26,12 +26,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 
 import pytest
 
 from tests.integration.helpers import pp_stats
+from tests.lab.childlines import ChildLines
 from tests.lab.daemon import Daemon
 from tests.lab.dnsclient import NOERROR, dig
 from tests.lab.netns import require_root, require_tools, wait_for
@@ -188,22 +188,6 @@ def env(tmp_path_factory):
         shutil.rmtree(sockdir, ignore_errors=True)
 
 
-def _read_json_line(proc, timeout):
-    """One JSON line from ``proc``'s stdout within ``timeout`` seconds."""
-    import select
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if select.select([proc.stdout], [], [], 0.2)[0]:
-            line = proc.stdout.readline()
-            if line:
-                return json.loads(line)
-            break
-        if proc.poll() is not None:
-            break
-    raise AssertionError("no line from the helper within %gs (exit %s)" % (timeout, proc.poll()))
-
-
 def test_one_customer_holding_300_tcp_connections_does_not_lock_out_another(env):
     """alice opens 300 TCP connections to 10.9.0.1:53 through her tunnel and keeps them open: the
     daemon keeps 16 (dns.max_tcp_per_client) and resets the rest, counted as refused per client;
@@ -213,9 +197,10 @@ def test_one_customer_holding_300_tcp_connections_does_not_lock_out_another(env)
         [sys.executable, "-c", _HOLDER, DNS_IP, str(HELD_CONNECTIONS), "60", str(KEPT_PER_CLIENT)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )
+    lines = ChildLines(holder.stdout)
     try:
-        opened = _read_json_line(holder, 60)
-        alive = _read_json_line(holder, 20)
+        opened = lines.json(60, holder)
+        alive = lines.json(20, holder)
         print("alice: %s, then %s of them still open" % (opened, alive["alive"]))
         assert opened["opened"] + opened["failed"] == HELD_CONNECTIONS, opened
         # While alice holds her connections (well within the 30 s idle timeout):

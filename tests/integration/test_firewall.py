@@ -8,13 +8,13 @@ finalizer, also when a test fails.
 
 import json
 import os
-import select
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.lab.childlines import ChildLines
 from tests.lab.netns import Namespace, link, require_root
 
 HERE = Path(__file__).resolve().parent
@@ -428,8 +428,7 @@ def test_redirect_and_fail_closed_with_real_traffic(namespaces):
         return int(out.splitlines()[2].split()[0])
 
     listener = server.popen([PYTHON, "-c", LISTENER], stdout=subprocess.PIPE, text=True)
-    assert select.select([listener.stdout], [], [], 10)[0], "listener did not start"
-    assert listener.stdout.readline().strip() == "ready"
+    assert ChildLines(listener.stdout).readline(10) == "ready", "listener did not start"
 
     # Without pocketproxy's rules the packet is forwarded into the black hole: no answer at all.
     before = connect(client, "198.51.100.1", 80, timeout=1.0)

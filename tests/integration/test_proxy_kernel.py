@@ -9,7 +9,6 @@ and redirected there, exactly as the VPN's tun traffic is in production.
 
 import json
 import os
-import select
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.lab.childlines import ChildLines
 from tests.lab.netns import Namespace, require_root, wait_for
 
 HERE = Path(__file__).resolve().parent
@@ -58,15 +58,14 @@ class Pair:
             stderr=subprocess.PIPE,
             env=_env(),
         )
+        self._lines = ChildLines(self.driver.stdout)
         line = self._readline(15)
         assert line == "READY", "driver did not start: %r\n%s" % (line, self._stderr())
         return self
 
     def _readline(self, timeout):
-        ready, _, _ = select.select([self.driver.stdout], [], [], timeout)
-        if not ready:
-            return None
-        return self.driver.stdout.readline().decode().strip()
+        line = self._lines.readline(timeout)
+        return None if line is None else line.strip()
 
     def _stderr(self):
         if self.driver.poll() is None:
@@ -243,9 +242,7 @@ def _hold(pair, count, port=7000):
         "print('ALIVE',flush=True)\n" % (count, port)
     )
     proc = pair.cli.popen([PYTHON, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=_env())
-    ready, _, _ = select.select([proc.stdout], [], [], 60)
-    assert ready, "holder did not report"
-    return proc, json.loads(proc.stdout.readline())
+    return proc, ChildLines(proc.stdout).json(60, proc)
 
 
 def test_per_client_and_global_limits_reset_the_excess(pair):

@@ -32,7 +32,6 @@ in a test; the report in the module's output says which algorithm ran.
 import json
 import os
 import re
-import select
 import statistics
 import subprocess
 import sys
@@ -41,6 +40,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from tests.lab.childlines import ChildLines
 from tests.lab.daemon import Daemon
 from tests.lab.netns import Namespace, require_root, require_tools, wait_for
 from tests.lab.openvpn import OPENVPN, Lab
@@ -172,23 +172,13 @@ class Env:
     client: object
     ip: str
     idle: subprocess.Popen
+    idle_lines: ChildLines
     idle_opened_at: float
     probes_at_open: int
     congestion: str
 
     def logs(self):
         return "%s\n%s\n==== pocketproxy ====\n%s" % (self.lab.logs(20), self.world.logs(20), self.daemon.tail(60))
-
-
-def _read_json_line(proc, timeout):
-    """One JSON line from ``proc.stdout`` within ``timeout`` s (AssertionError otherwise)."""
-    ready, _, _ = select.select([proc.stdout], [], [], timeout)
-    if not ready:
-        raise AssertionError("no output within %ss" % timeout)
-    line = proc.stdout.readline()
-    if not line:
-        raise AssertionError("process ended (%s) without output" % proc.poll())
-    return json.loads(line)
 
 
 def _netclient(ns, *args, timeout=30):
@@ -242,11 +232,12 @@ def env(tmp_path_factory):
             congestion = lab.server_ns.run("sysctl", "-n", "net.ipv4.tcp_congestion_control").stdout.strip()
             idle = client.ns.popen([sys.executable, "-c", IDLE_CLIENT, ORIGIN_IP, str(ECHO_PORT)],
                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-            opened = _read_json_line(idle, 30)
+            idle_lines = ChildLines(idle.stdout)
+            opened = idle_lines.json(30, idle)
             assert opened.get("phase") == "open", opened
             assert opened["banner"].startswith("SSH-2.0-wan-idle") and opened["echo"] == "before-idle\n", opened
             print("\nidle session open after %.2f s (banner + one echo over the WAN)" % opened["seconds"])
-            yield Env(lab, world, wan, daemon, client, ip, idle, time.monotonic(), _keepalive_probes(lab.server_ns),
+            yield Env(lab, world, wan, daemon, client, ip, idle, idle_lines, time.monotonic(), _keepalive_probes(lab.server_ns),
                       congestion)
         finally:
             if idle is not None:
@@ -396,7 +387,7 @@ def test_idle_ssh_style_session_survives_with_keepalive(env):
     probes = _keepalive_probes(server) - env.probes_at_open
     env.idle.stdin.write("go\n")
     env.idle.stdin.flush()
-    result = _read_json_line(env.idle, 30)
+    result = env.idle_lines.json(30, env.idle)
     print("\nidle session: silent %.1f s, echo after idle took %.2f s, keepalive probes sent by the server "
           "namespace meanwhile: %d" % (result.get("idle_seconds", -1), result.get("echo_seconds", -1),
                                                   probes))
