@@ -42,11 +42,13 @@ Families (prefix ``pocketproxy_``):
   ``firewall_drift`` (gauge, 0/1) whether that check found any difference
   (rules included). Both are absent until a check has run. After a repair they
   show the state the repair left.
-* With device health on: ``device_state{device,state}`` (gauge, 1 for the current state),
-  ``device_probe_rtt_seconds{device}`` (gauge, last successful probe), ``device_probes_total{result}``,
-  ``device_state_changes_total{state}``, ``device_exit_changes_total`` (counters),
-  ``device_probe_duration_seconds`` (histogram), ``device_probes_in_flight`` / ``device_probes_in_flight_max`` (gauges) and
-  ``device_rotations_total{result="done|failed"}`` (counter).
+* With device health on, per device: ``device_state{device,state}`` (gauge, 1 for the current
+  state), ``device_probe_rtt_seconds{device}`` (gauge, last successful probe),
+  ``device_probe_duration_seconds{device}`` (histogram of successful probes, 0.05-10 s),
+  ``device_probes_total{device,result}``, ``device_exit_changes_total{device}`` and
+  ``device_rotations_total{device,result="done|failed"}`` (counters); and
+  ``device_state_changes_total{state}`` (counter), ``device_probes_in_flight`` /
+  ``device_probes_in_flight_max`` (gauges).
 * ``firewall_checks_total`` (counter) and ``firewall_repairs_total{action}``
   (counter; ``rules_reinstalled``, ``member_added``, ``member_removed``): the
   periodic verifier's work (absent when it is off).
@@ -85,6 +87,12 @@ class Family:
         self.samples.append((suffix, labels, value))
         return self
 
+    def add_rendered(self, value, suffix, body):
+        """A sample whose labels are already rendered (``body``: ``a="x",b="y"``, escaped): the
+        per-device families of thousands of phones are written without escaping each time."""
+        self.samples.append((suffix, body, value))
+        return self
+
 
 def gauge(name, help, value=None, **labels):
     family = Family(name, "gauge", help)
@@ -100,12 +108,13 @@ def counter(name, help, value=None, **labels):
     return family
 
 
-def histogram(name, help, hist):
-    family = Family(name, "histogram", help)
+def histogram(name, help, hist, family=None, **labels):
+    """``hist``'s samples (with ``labels``) in a new family, or added to ``family``."""
+    family = family or Family(name, "histogram", help)
     for le, n in hist.cumulative():
-        family.add(n, "_bucket", le=format_value(le))
-    family.add(hist.sum, "_sum")
-    family.add(hist.count, "_count")
+        family.add(n, "_bucket", **labels, le=format_value(le))
+    family.add(hist.sum, "_sum", **labels)
+    family.add(hist.count, "_count", **labels)
     return family
 
 
@@ -141,7 +150,7 @@ def render(families):
         lines.append("# TYPE %s %s" % (f.name, f.kind))
         for suffix, labels, value in f.samples:
             if labels:
-                body = ",".join('%s="%s"' % (k, escape_label(v)) for k, v in labels.items())
+                body = labels if isinstance(labels, str) else ",".join('%s="%s"' % (k, escape_label(v)) for k, v in labels.items())
                 lines.append("%s%s{%s} %s" % (f.name, suffix, body, format_value(value)))
             else:
                 lines.append("%s%s %s" % (f.name, suffix, format_value(value)))
@@ -158,20 +167,32 @@ def _seeded(known, counter_):
 
 
 def health_families(monitor):
-    """Device health (:class:`proxy.health.HealthMonitor`): per-device state and last probe RTT,
-    probes by result, state changes by new state, exit-address changes, the probe RTT histogram."""
-    from proxy.health import STATES
+    """Device health (:class:`proxy.health.HealthMonitor`), per device: state, last probe RTT, the
+    probe RTT histogram, probes by result, exit-address changes; and state changes by new state,
+    probes in flight now and at most. Labels are rendered once per device (2,000 phones are
+    ~40,000 samples: see ``tests/unit/test_metrics.py`` for the cost of a scrape)."""
+    from proxy.health import RTT_BUCKETS, STATES
 
     state = gauge("device_state", "1 for the device's current health state (unknown, up, degraded, down).")
     rtt = gauge("device_probe_rtt_seconds", "Duration of the device's last successful health probe.")
+    durations = Family("device_probe_duration_seconds", "histogram", "Durations of the device's successful health probes.")
+    probes = counter("device_probes_total", "Health probes of the device by result (ok, or why it did not carry the probe).")
+    exits = counter("device_exit_changes_total", "Exit-address changes of the device seen by the health probes.")
+    les = [',le="%s"' % format_value(le) for le in RTT_BUCKETS + (math.inf,)]
+    state_bodies = [',state="%s"' % s for s in STATES]
     for name, h in sorted(monitor.devices.items()):
-        for s in STATES:
-            state.add(1 if h.state == s else 0, device=name, state=s)
+        device = 'device="%s"' % escape_label(name)
+        for s, body in zip(STATES, state_bodies):
+            state.add_rendered(1 if h.state == s else 0, "", device + body)
         if h.rtt is not None:
-            rtt.add(h.rtt, device=name)
-    probes = counter("device_probes_total", "Health probes by result (ok, or why the device did not carry it).")
-    for result, n in _seeded(("ok", "unreachable", "timeout"), monitor.probes).items():
-        probes.add(n, result=result)
+            rtt.add_rendered(h.rtt, "", device)
+        for (_, n), le in zip(h.rtt_histogram.cumulative(), les):
+            durations.add_rendered(n, "_bucket", device + le)
+        durations.add_rendered(h.rtt_histogram.sum, "_sum", device)
+        durations.add_rendered(h.rtt_histogram.count, "_count", device)
+        for result, n in _seeded(("ok", "unreachable", "timeout"), h.probes).items():
+            probes.add_rendered(n, "", '%s,result="%s"' % (device, escape_label(result)))
+        exits.add_rendered(h.exit_changes, "", device)
     changes = counter("device_state_changes_total", "Device health state changes, by the new state.")
     into = Counter()
     for (_, new), n in monitor.transitions.items():
@@ -181,13 +202,22 @@ def health_families(monitor):
     return [
         state,
         rtt,
+        durations,
         probes,
+        exits,
         changes,
-        counter("device_exit_changes_total", "Exit-address changes seen by the health probes.", monitor.exit_changes),
-        histogram("device_probe_duration_seconds", "Durations of successful health probes.", monitor.rtt),
         gauge("device_probes_in_flight", "Health probes running now.", monitor.in_flight),
         gauge("device_probes_in_flight_max", "The most health probes ever running at once (bounded by health.concurrency).", monitor.max_in_flight),
     ]
+
+
+def rotation_family(rotator, devices):
+    """``device_rotations_total{device,result}`` for every watched device (0 until it rotated)."""
+    f = counter("device_rotations_total", "Exit-address rotations (pp rotate) of the device by result.")
+    for name in sorted(set(devices) | {name for name, _ in rotator.results}):
+        for result in ("done", "failed"):
+            f.add(rotator.results.get((name, result), 0), device=name, result=result)
+    return f
 
 
 def collect(operations=None, proxy_stats=None, splice=None, verifier=None, dns_stats=None):
@@ -208,10 +238,7 @@ def collect(operations=None, proxy_stats=None, splice=None, verifier=None, dns_s
         families.extend(health_families(health))
         rotator = getattr(operations, "rotator", None)
         if rotator is not None:
-            f = counter("device_rotations_total", "Exit-address rotations (pp rotate) by result.")
-            for result, n in _seeded(("done", "failed"), rotator.results).items():
-                f.add(n, result=result)
-            families.append(f)
+            families.append(rotation_family(rotator, health.devices))
     if operations is not None:
         f = counter("admissions_total", "Answered OpenVPN CONNECTs by result.")
         for result in ADMISSION_RESULTS:

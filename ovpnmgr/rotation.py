@@ -15,6 +15,8 @@ phone not coming back) ends it ``failed``, with the reason. States per device:
   (:mod:`ovpnmgr.devices`), so no TCP session spans two exit addresses.
 """
 
+from collections import Counter
+
 from twisted.internet import defer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -76,7 +78,7 @@ class Rotator:
         self.timeout = timeout
         self.min_interval = min_interval
         self.rotations = {}  # name -> its last _Rotation
-        self.results = {}  # "done"/"failed" -> count (metrics)
+        self.results = Counter()  # (device, "done"/"failed") -> count (metrics)
         monitor.observers.append(self._probed)
 
     def state(self, name):
@@ -182,7 +184,7 @@ class Rotator:
         r.state = state
         r.error = error
         r.ended = self.clock.seconds()
-        self.results[state] = self.results.get(state, 0) + 1
+        self.results[r.name, state] += 1
         for call in (r.timer, r.recheck):
             if call is not None and call.active():
                 call.cancel()

@@ -80,6 +80,9 @@ class DeviceHealth:
         self.last_fresh = None  # when the last probe on a fresh tunnel ended well
         self.force_fresh = False  # the next probe opens a new tunnel (a suspicion, a request)
         self.traffic_failures = deque()  # times of recent upstream failures of real traffic
+        self.probes = Counter()  # this device's probes: "ok" or a ProbeFailed kind -> count (metrics)
+        self.rtt_histogram = Histogram(RTT_BUCKETS)  # this device's successful probes' durations
+        self.exit_changes = 0  # exit-address changes seen (the first address seen is not a change)
 
     @property
     def ratio(self):
@@ -322,6 +325,8 @@ class HealthMonitor:
         health.history.append(failure is None)
         if failure is None:
             self.probes["ok"] += 1
+            health.probes["ok"] += 1
+            health.rtt_histogram.observe(result.rtt)
             if getattr(result, "fresh", True):
                 health.last_fresh = health.last_probe
             self.rtt.observe(result.rtt)
@@ -335,6 +340,7 @@ class HealthMonitor:
                 health.exit_changed = health.last_probe
                 if old is not None:
                     self.exit_changes += 1
+                    health.exit_changes += 1
                     self._log.warn(
                         "device {device} exit address changed from {old} to {new}",
                         device=health.name,
@@ -348,6 +354,7 @@ class HealthMonitor:
             delay = s.interval if health.state == UP else s.retry_interval
         else:
             self.probes[failure.kind] += 1
+            health.probes[failure.kind] += 1
             health.last_error = str(failure)
             health.successes = 0
             health.failures += 1

@@ -69,6 +69,8 @@ SET_NAME = "ppscale"
 CHAIN = "PPSCALE"
 PROXY_PORT = 12345
 DEVICE_PORT0 = 9100  # device d listens on DEVICE_PORT0 + d (one sink process)
+HEALTH_METRICS_PORT = 19105  # the health phase daemon's /metrics (loopback)
+SCRAPES = 5  # /metrics scrapes timed per health phase daemon (median reported)
 HEALTH_PORT0 = 20000  # the health phase's phones: 20000 + d (a second sink process; reserved ports)
 TARGET_HEALTH_CORE_PCT = 2.0  # probing 2,000 devices at the default interval
 # name: (destination port the generator dials, relay port or None, sink port)
@@ -277,6 +279,20 @@ class LocalSpace:
         return subprocess.Popen(argv, start_new_session=True, **kwargs)
 
     stop = staticmethod(stop_process)
+
+
+def scrape_metrics(port, count):
+    """``count`` GETs of ``/metrics`` on loopback: the median seconds (the daemon renders the whole
+    page in one reactor turn, so this is how long a scrape holds its reactor), bytes and lines."""
+    import urllib.request
+
+    times, body = [], b""
+    for _ in range(count):
+        t0 = time.perf_counter()
+        with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % port, timeout=30) as response:
+            body = response.read()
+        times.append(time.perf_counter() - t0)
+    return {"median_s": round(statistics.median(times), 4), "bytes": len(body), "lines": body.count(b"\n")}
 
 
 def cpu_seconds(pid):
@@ -833,7 +849,7 @@ class Scale:
                 proxy={"listen": PROXY_PORT, "splice": False},
                 firewall={"ipset": SET_NAME, "chain": CHAIN, "interface": a.server_if, "maxelem": 65536, "verify_interval": 0},
                 admin={"socket": str(admin)},
-                metrics={"listen": None},
+                metrics={"listen": "tcp:%d:interface=127.0.0.1" % HEALTH_METRICS_PORT},
                 dns={"enabled": False},
                 health={"enabled": enabled, "target": "http://198.51.100.4/whoami"},
             )
@@ -864,6 +880,7 @@ class Scale:
                     raise BenchError("health probes failed %r; states %r" % (failed, h1["devices"]))
                 if h1["max_in_flight"] > h1["concurrency"]:
                     raise BenchError("%d probes in flight, above health.concurrency %d" % (h1["max_in_flight"], h1["concurrency"]))
+            out[key]["scrape"] = scrape_metrics(HEALTH_METRICS_PORT, SCRAPES)  # after the CPU window
             daemon.stop()
             self.rt.call(peer.stop)
         on, off, first = out["on"], out["off"], out["first_interval"]
@@ -1020,6 +1037,12 @@ def rows(result, args):
             out.append(("  with a fresh tunnel every 10 min (%s us each)" % hp["cost_us_per_fresh_probe"],
                         "%.2f %% of a core (computed)" % steady, "< %g %%" % TARGET_HEALTH_CORE_PCT,
                         "PASS" if steady < TARGET_HEALTH_CORE_PCT else "MISS", "-", "-"))
+        if "scrape" in on:
+            sc, so = on["scrape"], off.get("scrape")
+            out.append(("/metrics scrape with {:,} devices ({:,} lines)".format(hp["devices"], sc["lines"]),
+                        "%.0f ms" % (1000 * sc["median_s"]), "-", "info",
+                        "health off %.1f ms (%d lines)" % (1000 * so["median_s"], so["lines"]) if so else "-",
+                        "%.1f" % (sc["median_s"] / so["median_s"]) if so and so["median_s"] else "-"))
         out.append(("health probes in flight, most at once", "%d" % on["max_in_flight"], "<= %d" % on["concurrency"],
                     "OK" if on["max_in_flight"] <= on["concurrency"] else "WRONG", "-", "-"))
     mem = result.get("rss")

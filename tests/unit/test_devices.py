@@ -3,6 +3,7 @@ Clock with scripted probes, a real controller world, a real MappingTable, proxy 
 
 import ipaddress
 import json
+import re
 
 from twisted.internet import defer
 from twisted.internet.task import Clock
@@ -227,9 +228,18 @@ def test_operators_see_health_in_pp_devices_and_metrics():
     text = render(collect(operations=w.ops))
     assert 'pocketproxy_device_state{device="p2",state="down"} 1' in text
     assert 'pocketproxy_device_state{device="p1",state="down"} 0' in text
-    assert 'pocketproxy_device_probes_total{result="timeout"}' in text
+    timeouts = monitor.devices["p2"].probes["timeout"]
+    assert timeouts >= 3 and 'pocketproxy_device_probes_total{device="p2",result="timeout"} %d' % timeouts in text
+    assert 'pocketproxy_device_probes_total{device="p1",result="timeout"} 0' in text
     assert 'pocketproxy_device_state_changes_total{state="down"} 1' in text
-    assert "pocketproxy_device_probe_duration_seconds_count" in text
+    # Per device: p1's probes answered in 300 ms (le 0.5 onwards), p2 never answered.
+    assert 'pocketproxy_device_probe_duration_seconds_bucket{device="p1",le="0.25"} 0' in text
+    ok = re.search(r'pocketproxy_device_probes_total\{device="p1",result="ok"\} (\d+)', text).group(1)
+    assert int(ok) >= 1
+    assert 'pocketproxy_device_probe_duration_seconds_bucket{device="p1",le="0.5"} %s' % ok in text
+    assert 'pocketproxy_device_probe_duration_seconds_count{device="p1"} %s' % ok in text
+    assert 'pocketproxy_device_probe_duration_seconds_count{device="p2"} 0' in text
+    assert 'pocketproxy_device_exit_changes_total{device="p1"} 0' in text
 
 
 def test_pp_rotate_answers_when_the_new_address_is_seen_and_refusals_are_errors():
@@ -260,6 +270,9 @@ users:
     row = admin.send("pp devices").decode().split("\r\n")[1].split("\t")
     assert row[-1] == "done" and row[9] == "203.0.113.60"
     assert admin.send("pp rotate p1").startswith(b"ERROR: device p1 was rotated 3 s ago")
-    assert 'pocketproxy_device_rotations_total{result="done"} 1' in render(collect(operations=w.ops))
+    text = render(collect(operations=w.ops))
+    assert 'pocketproxy_device_rotations_total{device="p1",result="done"} 1' in text
+    assert 'pocketproxy_device_rotations_total{device="p2",result="done"} 0' in text
+    assert 'pocketproxy_device_exit_changes_total{device="p1"} 1' in text
     w.ops.rotator = None
     assert admin.send("pp rotate p1") == b"ERROR: device health is off (health.enabled in the config): rotation needs its probes\r\n"

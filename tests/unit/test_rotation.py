@@ -76,7 +76,7 @@ def test_a_rotation_is_done_only_once_a_new_exit_address_is_seen_and_the_device_
     clock.advance(2.1)  # the next recheck probe sees the new address
     (result,) = got
     assert result["state"] == DONE and result["old_address"] == "203.0.113.2" and result["new_address"] == "203.0.113.50"
-    assert 5 <= result["seconds"] <= 8 and rotator.results == {"done": 1}
+    assert 5 <= result["seconds"] <= 8 and rotator.results == {("phone", "done"): 1}
 
 
 def test_a_second_request_while_rotating_joins_the_first_and_never_runs_the_action_twice():
