@@ -340,6 +340,8 @@ def build(reactor, config, directory, password, ipset=None):
     health_service, _ = build_health(reactor, config, operations, controller, mappings, proxy_factory, dns_server)
     if health_service is not None:
         health_service.setServiceParent(top)
+    holders = [h for h in (operations.health, dns_server) if h is not None]
+    proxy_factory.sockets_elsewhere = lambda: sum(h.sockets_held() for h in holders)
     if config.admin.socket is not None:
         from ovpnmgr.admin import AdminService
 

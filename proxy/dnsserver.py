@@ -202,6 +202,12 @@ class DNSServer:
             self.forget(key)
         return defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports])
 
+    def sockets_held(self):
+        """Sockets the DNS service may hold now, at most: its TCP clients and its device tunnels
+        (one per device, or ``max_doh_connections`` with DoH)."""
+        per_device = self.settings.max_doh_connections if self._doh_tls is not None else 1
+        return len(self._tcp) + per_device * len(self._devices)
+
     def forget(self, key):
         """Drop the cache and close the tunnel of a route key (device removed or changed)."""
         self.cache.forget(key)

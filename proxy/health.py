@@ -144,6 +144,11 @@ class HealthMonitor:
         self.observers = []  # f(device, result or None, failure or None) after every probe
         self.running = False
 
+    def sockets_held(self):
+        """Sockets the probes hold now, at most: kept tunnels plus probes in flight (the proxy's
+        fd-derived connection cap leaves room for them)."""
+        return getattr(self._probe, "kept", 0) + self.in_flight
+
     def stats(self):
         """Counters for ``pp stats``: devices by state, probes by result, in flight now and at most."""
         states = Counter(h.state for h in self.devices.values())

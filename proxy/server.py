@@ -212,8 +212,9 @@ class ProxyConnection(Protocol):
         why = f.destinations.address_refusal(dst_ip, policy)
         if why is not None:
             return self._refuse("destination", why)
-        if f.stats.active >= f.max_connections:
-            return self._refuse("limit", "global connection limit %d reached" % f.max_connections)
+        limit = f.connection_limit()
+        if f.stats.active >= limit:
+            return self._refuse("limit", "global connection limit %d reached" % limit)
         if f.mappings.live_count(self.client_ip) >= f.settings.max_connections_per_client:
             return self._refuse(
                 "client-limit", "per-client limit %d reached" % f.settings.max_connections_per_client
@@ -474,6 +475,12 @@ class ProxyFactory(Factory):
         self.local = local if local is not None else LocalAddresses()
         self.splice = splice
         self.max_connections = settings.max_connections or fd_derived_limit(splice is not None)
+        self._per_connection = 3 if splice is not None else 2
+        #: ``() -> int``: sockets the rest of the process holds outside this proxy (device health
+        #: probes, the DNS service's clients and device tunnels); an fd-derived cap shrinks by them,
+        #: so a proxy at its cap never takes the descriptors a health probe needs (a probe failing
+        #: for want of an fd would mark a live phone down). An explicit max_connections is kept.
+        self.sockets_elsewhere = None
         self.destinations = destinations if destinations is not None else DestinationPolicy()
         self.skiplist = SniffSkipList(reactor)
         self.connections = set()
@@ -484,6 +491,13 @@ class ProxyFactory(Factory):
         #: device health (:class:`proxy.health.HealthMonitor`: ``alive``, ``traffic_failed``,
         #: ``traffic_succeeded`` by route key), or None: every device is taken as alive.
         self.health = None
+
+    def connection_limit(self):
+        """The global cap now: ``max_connections``, less what :attr:`sockets_elsewhere` holds when
+        the cap was derived from ``RLIMIT_NOFILE``."""
+        if self.settings.max_connections or self.sockets_elsewhere is None:
+            return self.max_connections
+        return max(16, self.max_connections - -(-self.sockets_elsewhere() // self._per_connection))
 
     def buildProtocol(self, addr):
         p = ProxyConnection(self)

@@ -474,6 +474,16 @@ def test_tcp_client_limit_and_idle_timeout():
     assert w.server.stats.tcp_clients == 0
 
 
+def test_sockets_held_counts_tcp_clients_and_a_tunnel_per_device():
+    """What the proxy's fd-derived cap leaves room for (ProxyFactory.sockets_elsewhere)."""
+    w = World()
+    assert w.server.sockets_held() == 0
+    w.tcp()
+    w.tcp()
+    w.ask_udp(make_query())  # phone1's resolver (one tunnel) now exists
+    assert w.server.sockets_held() == 3
+
+
 def test_tcp_connection_with_a_query_in_flight_is_not_idle():
     """The idle timer never closes a connection that still waits for an answer."""
     w = World(tcp_idle_timeout=2.0, query_timeout=5.0)

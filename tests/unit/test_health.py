@@ -142,6 +142,16 @@ def test_never_more_probes_in_flight_than_the_concurrency_and_the_rest_wait_thei
     assert all(m.get("phone%d" % i).state == UP for i in range(10))
 
 
+def test_sockets_held_counts_probes_in_flight_and_the_probers_kept_tunnels():
+    """What the proxy's fd-derived cap leaves room for (ProxyFactory.sockets_elsewhere)."""
+    clock, probes, m = monitor(10)
+    assert m.sockets_held() == 0
+    clock.advance(SETTINGS.interval)
+    assert m.sockets_held() == 4  # in flight
+    probes.kept = 7  # a Prober's kept tunnels
+    assert m.sockets_held() == 11
+
+
 def test_an_exit_address_change_is_told_but_the_first_sighting_is_not():
     clock, probes, m = monitor()
     seen = []

@@ -89,6 +89,30 @@ def test_global_limit():
     assert w.factory.stats.refused == {"limit": 1}
 
 
+def test_a_derived_cap_leaves_room_for_the_sockets_health_probes_and_dns_hold():
+    """With max_connections derived from RLIMIT_NOFILE, sockets held elsewhere in the process
+    (kept probe tunnels, DNS tunnels) shrink the cap: at the cap, a probe still gets its fd."""
+    w = World()
+    w.mappings.add("10.9.0.6", DEVICE, owner="s2")
+    derived = w.factory.max_connections
+    held = [0]
+    w.factory.sockets_elsewhere = lambda: held[0]
+    assert w.factory.connection_limit() == derived
+    held[0] = 2 * (derived - 16) - 1  # two sockets per proxied connection, rounded up: 16 slots left
+    assert w.factory.connection_limit() == 16
+    assert not any(w.accept()[1].aborted for _ in range(16))
+    assert w.accept(source="10.9.0.6")[1].aborted
+    assert w.factory.stats.refused == {"limit": 1}
+    held[0] = 0
+    assert not w.accept(source="10.9.0.6")[1].aborted
+
+
+def test_an_explicit_cap_is_the_operators_and_stays():
+    w = World(max_connections=5)
+    w.factory.sockets_elsewhere = lambda: 1000
+    assert w.factory.connection_limit() == 5
+
+
 def test_server_first_port_connects_to_ip_at_once():
     """On a non-sniffed port the client is paused and the CONNECT names the IP as soon as the device answers."""
     w = World()
