@@ -81,7 +81,6 @@ def env(tmp_path_factory):
            
             proxy={"bind": ["0.0.0.0"]},
             dns={
-                "resolver": "%s:53" % origin_dns.address,
                 "host_servers": ["%s:%d" % HOST_DNS],
                 "query_timeout": QUERY_TIMEOUT,
             },

@@ -3,8 +3,8 @@
 What runs is what we ship: OpenVPN 2.6 with ``conf/openvpn/server.conf`` (only the lab's paths
 swapped in, and without ``management-client-user/-group``: the daemon runs as root from the
 checkout here; ``tests/package/smoke.py`` runs the installed one with the peer check), pocketproxy
-with the product's defaults (the lab gives only paths, users, the phone, and a resolver the lab can
-reach instead of 1.1.1.1), and customers running nothing but profiles printed by
+with the product's defaults (the lab gives only paths, users and the phone; its internet has the
+default resolver 1.1.1.1, so DNS and device health run as shipped), and customers running nothing but profiles printed by
 ``pocketproxyctl client-config``.
 
 The world is not kind: each customer has her own ISP (IPv4 and IPv6 default routes to the
@@ -113,7 +113,6 @@ def env(tmp_path_factory):
         users = {"alice": {"password": "alice-pw"}, "carol": {"password": "carol-pw"}}
         daemon = Daemon(
             lab.server_ns, base / "daemon", server.mgmt_socket, users, devices={"phone": phone.url},
-            dns={"resolver": "%s:53" % ORIGIN_IP},  # the lab's stand-in for the default 1.1.1.1:53
         )
         daemon.start()
         try:

@@ -124,7 +124,6 @@ def env(tmp_path_factory):
         daemon = Daemon(
             lab.server_ns, base / "daemon", lab.server.mgmt_socket, {"mallory": {"password": "mallory-pw"}},
             devices={"phone": phone.url},
-            dns={"resolver": "%s:53" % ORIGIN_IP},
             firewall={"device_allow": ["tcp/%d" % ALLOWED_PORT], "verify_interval": 0},
         ).start()
         try:

@@ -33,7 +33,6 @@ def test_tproxy_mode_carries_a_vpn_client_through_its_device(tmp_path):
             {"alice": {"password": "alice-pw", "device": "phone"}},
             devices={"phone": phone.url},
             proxy={"mode": "tproxy", "bind": ["0.0.0.0"]},
-            dns={"resolver": "%s:53" % ORIGIN_IP},
         ).start()
         try:
             daemon.wait_log(r"transparent proxy listening on 0\.0\.0\.0:12345 \(tproxy", timeout=30)

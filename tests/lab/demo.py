@@ -1,8 +1,8 @@
 """``make demo``: real OpenVPN clients admitted by pocketproxy under twistd, browsing through a phone.
 
 Everything runs as shipped: OpenVPN with ``conf/openvpn/server.conf`` (the lab's paths swapped
-in), pocketproxy with the product's defaults (the lab gives paths, users, the phone, and a
-resolver it can reach instead of 1.1.1.1), customers with profiles from ``pocketproxyctl
+in), pocketproxy with the product's defaults (the lab gives paths, users and the phone; its
+internet has the default resolver 1.1.1.1), customers with profiles from ``pocketproxyctl
 client-config``. And the world is not kind: every customer has her own internet connection
 (IPv4 and IPv6 default routes) and the server an uplink, so a leak would reach the origin.
 
@@ -32,7 +32,7 @@ from tests.lab.daemon import ROOT, Daemon
 from tests.lab.dnsclient import dig
 from tests.lab.internet import customer_address
 from tests.lab.openvpn import Lab
-from tests.lab.world import ORIGIN_IP, ORIGIN_IP6, ORIGIN_NAME, RESOLVER_IP, World
+from tests.lab.world import DEFAULT_RESOLVER_IP, ORIGIN_IP, ORIGIN_IP6, ORIGIN_NAME, RESOLVER_IP, World
 from tests.package.shipped import PEER_CHECK, SOURCE_SERVER_CONF, add_profile_client, install_shipped_server
 from tests.package.shipped import profiles as shipped_profiles
 
@@ -115,13 +115,13 @@ def run(hold, workdir):
             % (world.origin.ns.name, ORIGIN_IP, ORIGIN_IP6, ORIGIN_NAME)
         )
         dns = world.start_dns()
-        print("DNS server for zone test. on %s:53 and on the public resolver %s:53" % (dns.address, RESOLVER_IP))
+        print("DNS server for zone test. on %s:53, on the public resolver %s:53 and on %s:53 (pocketproxy's "
+              "default dns.resolver, reached through the phone)" % (dns.address, RESOLVER_IP, DEFAULT_RESOLVER_IP))
         print("customers: each on her own ISP (100.64.0.0/24, 2001:db8:64::/64) with IPv4 and IPv6 default routes")
         admin_socket = os.path.join(workdir, "admin.sock")
         daemon = Daemon(
             lab.server_ns, os.path.join(workdir, "daemon"), server.mgmt_socket, USERS,
             devices={"phone": phone.url}, admin={"socket": admin_socket},
-            dns={"resolver": "%s:53" % ORIGIN_IP},  # the lab's stand-in for the default 1.1.1.1:53
         ).start()
         daemon.wait_log(r"reconciled with OpenVPN", timeout=30)
         print("pocketproxy under twistd (pid %s), config %s (product defaults)" % (daemon.proc.pid, daemon.config_path))

@@ -12,7 +12,12 @@ server namespace
   (mangle POSTROUTING sees every packet, before any SNAT in nat POSTROUTING).
 origin namespace
   ``raw PREROUTING`` jumps to a chain ``PPTEST-ORIGIN`` that RETURNs (and counts) packets from each
-  device's origin-facing address and counts everything else: the origin may only ever see devices.
+  device's origin-facing address and counts everything else addressed to the origin itself
+  (``addrtype --dst-type LOCAL``): the origin may only ever see devices. Only what is addressed to
+  it: with ``br_netfilter`` (as on this kernel) frames the origin's bridge merely switches between
+  other hosts cross its ``PREROUTING`` too, e.g. the internet router's ICMP redirects to a phone
+  that reached ``1.1.1.1`` through it; those are not the origin seeing anyone. The sources of what
+  was counted are in an ``xt_recent`` list and in the failure message.
 
 :meth:`LeakWatch.rejected` reads the REJECT counters of pocketproxy's own ``filter POCKETPROXY``
 chain, so a test that sends deliberately unproxied traffic can show the fail-closed rules fired while
@@ -34,6 +39,7 @@ from tests.lab.openvpn import VPN_SUBNET
 
 TAG = "pp-test-leak"
 ORIGIN_CHAIN = "PPTEST-ORIGIN"
+ORIGIN_RECENT = "pp-origin-leak"  # xt_recent list of the sources the origin counter counted
 _COUNTS = re.compile(r" -c (\d+) (\d+)(?= |$)")  # iptables-nft puts it before "-j …"
 
 
@@ -100,7 +106,8 @@ class LeakWatch:
             ns.run("iptables", "-w", "-t", "raw", "-A", ORIGIN_CHAIN, "-s", device.origin_ip,
                    "-m", "comment", "--comment", TAG + ":device", "-j", "RETURN")
             self.allowed.append(device.origin_ip)
-        ns.run("iptables", "-w", "-t", "raw", "-A", ORIGIN_CHAIN, "-m", "comment", "--comment", TAG + ":origin")
+        ns.run("iptables", "-w", "-t", "raw", "-A", ORIGIN_CHAIN, "-m", "addrtype", "--dst-type", "LOCAL",
+               "-m", "recent", "--name", ORIGIN_RECENT, "--set", "-m", "comment", "--comment", TAG + ":origin")
         ns.run("iptables", "-w", "-t", "raw", "-A", "PREROUTING", "-j", ORIGIN_CHAIN)
         self.internet = world.internet
         return self
@@ -147,8 +154,15 @@ class LeakWatch:
         now = self.leaked()
         base = since["leaked"] if since else {k: 0 for k in now}
         grown = {k: now[k] - base.get(k, 0) for k in now if now[k] != base.get(k, 0)}
-        assert not grown, "packets leaked past the fail-closed rules: %s (counters %s)" % (grown, now)
+        assert not grown, "packets leaked past the fail-closed rules: %s (counters %s)%s" % (grown, now, self._sources())
         return now
+
+    def _sources(self):
+        """The source addresses the origin's counter counted (its xt_recent list), for the message."""
+        if self.origin_ns is None:
+            return ""
+        listed = self.origin_ns.run("cat", "/proc/net/xt_recent/" + ORIGIN_RECENT, check=False).stdout.strip()
+        return "; sources at the origin: %s" % (" ".join(line.split()[0] for line in listed.splitlines()) or "none")
 
 
 # A connected UDP socket: each datagram answered by ICMP port-unreachable (REJECT) raises ECONNREFUSED.

@@ -18,13 +18,16 @@ Topology added next to a :class:`tests.lab.openvpn.Lab` and its internet (device
   default route). Devices do not forward (``ip_forward=0``). So what the origin logs is the
   proof: a phone's 203.0.113.(2+i) means the flow went through that phone's proxy; a
   customer's 100.64.0.x / 2001:db8:64::x or the server's 192.168.77.1 means a leak.
-- :meth:`World.start_dns` adds an authoritative DNS server for the zone ``test.`` on
-  203.0.113.10:53, 2001:db8:113::10:53 and the "public resolver" 198.51.100.53:53 (UDP and
-  TCP; :mod:`tests.lab.dns_origin`) that logs every query's source, so a test can prove DNS
+- Every world runs an authoritative DNS server for the zone ``test.`` (:attr:`World.dns`,
+  :meth:`World.start_dns`) on 203.0.113.10:53, 2001:db8:113::10:53, the "public resolver"
+  198.51.100.53:53 and ``1.1.1.1:53`` (UDP and TCP; :mod:`tests.lab.dns_origin`) that logs every query's source, so a test can prove DNS
   reached it through a device's proxy (``origin.test`` has an AAAA record too, so dual-stack
   clients try IPv6 first). With ``doh_port`` it also serves DNS over HTTPS at
   ``https://origin.test:<port>/dns-query`` (the origin certificate, so :attr:`DNSOrigin.ca_cert`
   verifies it) and logs each accepted TLS connection.
+- ``1.1.1.1`` is the product's default ``dns.resolver`` and so the default target of its
+  device health probes: it exists in the lab as on the internet, so a daemon run with the
+  shipped defaults resolves through its phones and finds them up.
 - VPN clients reach the origin through the full tunnel pocketproxy pushes: the lab pushes
   nothing of its own.
 
@@ -49,6 +52,7 @@ ORIGIN_NET6 = ipaddress.IPv6Network("2001:db8:113::/64")
 ORIGIN_IP = "203.0.113.10"
 ORIGIN_IP6 = "2001:db8:113::10"
 RESOLVER_IP = "198.51.100.53"  # a "public resolver" a customer's app may ask instead of the pushed one
+DEFAULT_RESOLVER_IP = "1.1.1.1"  # the product's default dns.resolver (and health target): the lab has one
 ORIGIN_NAME = "origin.test"
 TINYPROXY = "/usr/bin/tinyproxy"
 DANTED = "/usr/sbin/danted"
@@ -116,10 +120,12 @@ class Origin:
             add_bridge(self.ns, self.bridge)
             self.ns.run("ip", "addr", "add", "%s/%d" % (ORIGIN_IP, ORIGIN_NET.prefixlen), "dev", self.bridge)
             self.ns.run("ip", "addr", "add", "%s/32" % RESOLVER_IP, "dev", self.bridge)
+            self.ns.run("ip", "addr", "add", "%s/32" % DEFAULT_RESOLVER_IP, "dev", self.bridge)
             self.ns.run("ip", "-6", "addr", "add", "%s/%d" % (ORIGIN_IP6, ORIGIN_NET6.prefixlen), "dev", self.bridge, "nodad")
             self.ns.run("ip", "link", "set", self.bridge, "up")
             internet.join_bridge(self.ns, self.bridge, ORIGIN_SIDE, ORIGIN_SIDE6)
             internet.route("%s/32" % RESOLVER_IP, ORIGIN_IP)
+            internet.route("%s/32" % DEFAULT_RESOLVER_IP, ORIGIN_IP)
             self.ns.run("ip", "route", "replace", "default", "via", ORIGIN_SIDE)
             self.ns.run("ip", "-6", "route", "replace", "default", "via", ORIGIN_SIDE6)
             self.ca_cert, self.cert, self.key = make_origin_pki(os.path.join(directory, "pki"))
@@ -192,7 +198,7 @@ class DNSOrigin:
 
     def __init__(self, origin, ttl=300, negative_ttl=30, port=53, doh_port=None, doh_idle_timeout=None):
         self.origin = origin
-        self.addresses = (ORIGIN_IP, ORIGIN_IP6, RESOLVER_IP)
+        self.addresses = (ORIGIN_IP, ORIGIN_IP6, RESOLVER_IP, DEFAULT_RESOLVER_IP)
         self.port = port
         self.doh_port = doh_port
         self.doh_idle_timeout = doh_idle_timeout
@@ -458,6 +464,7 @@ class World:
         try:
             self.origin = Origin(self.directory, internet)
             self.origin.start()
+            self.dns = DNSOrigin(self.origin).start()  # 1.1.1.1 answers from the start, as on the internet
         except BaseException:
             self.close()
             raise
@@ -477,15 +484,16 @@ class World:
         return device
 
     def start_dns(self, ttl=300, negative_ttl=30, doh_port=None, doh_idle_timeout=None):
-        """Start the origin's DNS server (:class:`DNSOrigin`, zone ``test.`` on 203.0.113.10:53;
-        with ``doh_port``, e.g. 8443, also DNS over HTTPS at its ``doh_url``) and return it; one
-        per world, stopped by :meth:`close`. Called again while it runs, it returns the running
-        server, unless DoH is asked for with other settings: then the server is restarted (the
-        query log stays)."""
-        if self.dns is not None and self.dns.running:
-            if doh_port is None or (self.dns.doh_port, self.dns.doh_idle_timeout) == (doh_port, doh_idle_timeout):
-                return self.dns
-            self.dns.stop()
+        """The origin's DNS server (:class:`DNSOrigin`, zone ``test.``), which every world runs from
+        the start (it is the internet's ``1.1.1.1`` too). Asked for other TTLs, or for DoH (e.g.
+        ``doh_port=8443``: also DNS over HTTPS at its ``doh_url``) with other settings than it runs
+        with, it is restarted with them (the query log stays); otherwise the running one is returned."""
+        d = self.dns
+        same_ttls = (d.ttl, d.negative_ttl) == (ttl, negative_ttl)
+        same_doh = doh_port is None or (d.doh_port, d.doh_idle_timeout) == (doh_port, doh_idle_timeout)
+        if d.running and same_ttls and same_doh:
+            return d
+        d.stop()
         self.dns = DNSOrigin(
             self.origin, ttl=ttl, negative_ttl=negative_ttl, doh_port=doh_port, doh_idle_timeout=doh_idle_timeout
         ).start()
