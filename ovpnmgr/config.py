@@ -153,10 +153,10 @@ class DNSConfig:
 @dataclass(frozen=True)
 class HealthConfig:
     """Device health (issue 16): probes through each phone's proxy, and what a ``down`` device
-    means for its customers. Off unless enabled: a probe target must be reachable from the
-    phones (see ``target``)."""
+    means for its customers. On by default: a phone is observed, not assumed up; the default
+    target (``tcp://`` to ``dns.resolver``) is one every phone already has to reach."""
 
-    enabled: bool = False
+    enabled: bool = True
     # http(s)://... answering with the caller's address (the exit address), or tcp://host:port
     # (a tunnel that opens is the proof; no exit address). None: tcp:// to dns.resolver.
     target: ProbeTarget | None = None
