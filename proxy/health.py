@@ -355,7 +355,10 @@ class HealthMonitor:
                     )
                     self._tell(self.exit_changed, health, old)
             if health.state in (UNKNOWN, DEGRADED) or (health.state == DOWN and health.successes >= s.rise):
-                self._set_state(health, UP, "probe answered in %.0f ms" % (result.rtt * 1000))
+                why = "probe answered in %.0f ms" % (result.rtt * 1000)
+                if health.exit_address is not None:
+                    why += ", exit address %s" % health.exit_address
+                self._set_state(health, UP, why)
             delay = s.interval if health.state == UP else s.retry_interval
         else:
             self.probes[failure.kind] += 1

@@ -167,6 +167,15 @@ def test_customer_got_the_full_tunnel(env):
     assert alice.ns.run("ip", "route", "get", ORIGIN_IP).stdout.split()[1:4] == ["via", "10.9.0.1", "dev"]
 
 
+def test_the_phone_is_observed_as_shipped(env):
+    """Device health runs at the shipped defaults: its probe goes through the phone to the
+    default target (api.ipify.org, which the lab's internet stands in for) and the daemon logs
+    the phone up with its exit address, the phone's own address at the origin."""
+    line = env.daemon.wait_log(r"device phone is up \(was unknown\): probe answered in \d+ ms, exit address (\S+)",
+                               timeout=45)
+    assert line.group(1) == env.phone.origin_ip, line.group(0)
+
+
 def test_ipv4_leaves_only_through_the_phone(env):
     """HTTP by address, HTTPS by name (SNI), and a server-first port all arrive from the phone."""
     alice = env.alice

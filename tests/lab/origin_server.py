@@ -7,6 +7,9 @@ Stdlib only (threads), so it runs on any interpreter without the checkout on the
 Services (each reports what it saw, so a test can tell which path the bytes took):
 
 - HTTP :80  ``GET /whoami``   -> the peer address (``203.0.113.2\\n``): who connected to the origin.
+            ``GET /`` with ``Host: api.ipify.org`` -> the peer address without a newline, as
+            https://www.ipify.org answers: the stand-in for the default device health target
+            (the phones' /etc/hosts send ``api.ipify.org`` here).
             ``GET /blob/<N>`` -> N bytes of :func:`blob_chunks` (streamed, Content-Length set);
             the test computes :func:`blob_sha256` the same way and compares.
 - TLS :443  reads one HTTP request, answers HTTP/1.0 with the body
@@ -32,6 +35,7 @@ import threading
 BLOB_CHUNK = 65536
 BLOB_SEED = 20240601
 BANNER = b"SSH-2.0-origin\r\n"
+IPIFY_NAME = "api.ipify.org"  # pocketproxy's default health target; tests.lab.world points phones here
 _BASE = None
 
 
@@ -84,7 +88,10 @@ class _HTTPHandler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def do_GET(self):
-        if self.path == "/whoami":
+        host = (self.headers.get("Host") or "").rsplit(":", 1)[0].lower()
+        if host == IPIFY_NAME and self.path.split("?")[0] == "/":
+            self._send(200, self.client_address[0].encode())
+        elif self.path == "/whoami":
             self._send(200, (self.client_address[0] + "\n").encode())
         elif self.path.startswith("/blob/") and self.path[6:].isdigit():
             size = int(self.path[6:])

@@ -5,7 +5,7 @@ Topology added next to a :class:`tests.lab.openvpn.Lab` and its internet (device
     server ns ── veth ── device ns i ── bridge ── origin ns
     192.168.(255-i).1    192.168.(255-i).2   │     203.0.113.10, 2001:db8:113::10 (HTTP :80, TLS :443,
                          203.0.113.(2+i)     │     banner :22), 198.51.100.53 (a "public resolver")
-                                             │     "origin.test" in each device's /etc/hosts
+                                             │     "origin.test", "api.ipify.org" in phones' /etc/hosts
                              inet ns ────────┘     203.0.113.254, 2001:db8:113::254: the internet
                              (tests.lab.internet)  (customers' ISP and the server's uplink route here)
 
@@ -25,9 +25,10 @@ Topology added next to a :class:`tests.lab.openvpn.Lab` and its internet (device
   clients try IPv6 first). With ``doh_port`` it also serves DNS over HTTPS at
   ``https://origin.test:<port>/dns-query`` (the origin certificate, so :attr:`DNSOrigin.ca_cert`
   verifies it) and logs each accepted TLS connection.
-- ``1.1.1.1`` is the product's default ``dns.resolver`` and so the default target of its
-  device health probes: it exists in the lab as on the internet, so a daemon run with the
-  shipped defaults resolves through its phones and finds them up.
+- The product's defaults exist in the lab as on the internet: ``1.1.1.1`` (its default
+  ``dns.resolver``) and ``api.ipify.org`` (its default device health target; in every phone's
+  /etc/hosts, answered by the origin's HTTP service with the caller's address), so a daemon run
+  with the shipped defaults resolves through its phones and sees them up with their exit address.
 - VPN clients reach the origin through the full tunnel pocketproxy pushes: the lab pushes
   nothing of its own.
 
@@ -45,6 +46,7 @@ import types
 
 from tests.lab.internet import ORIGIN_SIDE, ORIGIN_SIDE6, route_error
 from tests.lab.netns import Namespace, add_bridge, link, read_log, unique_name, wait_for, wait_log
+from tests.lab.origin_server import IPIFY_NAME
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ORIGIN_NET = ipaddress.IPv4Network("203.0.113.0/24")
@@ -361,7 +363,7 @@ class Device:
         self.log_path = os.path.join(self.directory, "%s.log" % ("tinyproxy" if kind == "http" else "danted"))
         self.stdout_path = os.path.join(self.directory, "stdout.txt")
         self.proc = None
-        self.ns = Namespace("dev", hosts={ORIGIN_NAME: ORIGIN_IP, **(hosts or {})})
+        self.ns = Namespace("dev", hosts={ORIGIN_NAME: ORIGIN_IP, IPIFY_NAME: ORIGIN_IP, **(hosts or {})})
         try:
             self.ns.run("sysctl", "-qw", "net.ipv4.ip_forward=0")
             # ``link_with``: same signature as netns.link, e.g. tests.lab.wan.WanLink.link (emulated WAN)

@@ -330,14 +330,14 @@ def test_yaml_errors_never_quote_the_source_line(cfgdir):
 
 def test_health_is_on_by_default_and_its_defaults_suit_a_lossy_cellular_link(cfgdir):
     """On by default: probes every 30 s, 10 s per probe, down after 3 failures in a row, and the
-    target defaults to a tunnel to the customers' DNS resolver (no third party); it can be off."""
+    target defaults to a public what-is-my-address service, so the exit address is known; it can be off."""
     config = _parse(cfgdir, GOOD)
     h = config.health
     assert h.enabled and (h.interval, h.timeout, h.fall, h.rise, h.when_down, h.on_down) == (30, 10, 3, 2, "deny", "keep")
     assert h.settings().fresh_every == 600 and (h.rotation_timeout, h.rotation_min_interval) == (120, 300)
+    assert str(config.probe_target) == "http://api.ipify.org:80/"  # answers with the exit address
+    config = _parse(cfgdir, GOOD + "health:\n  target: tcp://1.1.1.1:53\n")
     assert str(config.probe_target) == "tcp://1.1.1.1:53"
-    config = _parse(cfgdir, GOOD + "dns:\n  resolver: https://dns.example/dns-query\n")
-    assert str(config.probe_target) == "tcp://dns.example:443"
     config = _parse(cfgdir, GOOD + "health:\n  enabled: true\n  target: https://api.ipify.org/\n  fall: 4\n  on_down: kill\n")
     assert config.health.enabled and config.health.fall == 4 and config.health.on_down == "kill"
     assert str(config.probe_target) == "https://api.ipify.org:443/"
