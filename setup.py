@@ -18,6 +18,7 @@ setup(
         "pyroute2>=0.7.2",
         "txaio>=21.2",
         "PyYAML>=6.0",
+        "psycopg>=3.1",
     ],
     extras_require={"test": ["pytest", "pytest-twisted", "hypothesis"]},
     entry_points={"console_scripts": ["pocketproxyctl = ovpnmgr.ctl:main"]},

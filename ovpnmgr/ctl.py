@@ -6,7 +6,8 @@ blocking unix-socket client (a CLI, not the reactor): read the banner, send
 one command (``pp <verb> --json``, or an OpenVPN passthrough such as
 ``status 3``), read the reply up to ``END`` / ``SUCCESS:`` / ``ERROR:``, send
 ``quit``. Output is a human table by default, the daemon's JSON with
-``--json``. ``hash-password`` and ``client-config`` work without a daemon.
+``--json``. ``hash-password``, ``client-config`` and ``db`` (:mod:`ovpnmgr.dbctl`) work
+without a daemon.
 
 When the socket asks ``ENTER PASSWORD:`` (``admin.password_file`` set), the
 first line of ``--password-file FILE`` (else of ``--config``'s
@@ -727,6 +728,9 @@ def build_parser():
     cc.add_argument("--template", metavar="FILE", help="profile template (default: the built-in one, as conf/openvpn/client.ovpn.in)")
     cc.add_argument("-o", "--output", metavar="FILE", help="write here (created mode 0600) instead of stdout")
     cc.set_defaults(func=_client_config, admin=False)
+    from ovpnmgr import dbctl
+
+    dbctl.add_parser(sub)
     return parser
 
 
