@@ -132,11 +132,6 @@ class Prober:
         keep = self._keeper(key, upstream, target) if key is not None and target.scheme != "tcp" else None
         return p.start(upstream, self._dial, self._tls_options, keep)
 
-    @property
-    def kept(self):
-        """Tunnels kept open between probes (one socket each)."""
-        return len(self._kept)
-
     def _keeper(self, key, upstream, target):
         def keep(exchange):
             old = self._kept.pop(key, None)
