@@ -552,19 +552,23 @@ class AdminProtocol(LineOnlyReceiver, TimeoutMixin):
         return self.operations.check_rules().addCallbacks(done, failed)
 
     def _reload(self, as_json):
-        try:
-            summary = self.operations.reload_file()
-        except ConfigError as e:
-            error = " ".join(str(e).split("\n"))  # one reply line whatever the message
+        def refused(failure):
+            failure.trap(ConfigError)
+            error = " ".join(str(failure.value).split("\n"))  # one reply line whatever the message
             if as_json:
                 return [_json({"ok": False, "error": error}), "END"]
             return ["ERROR: reload refused: %s; previous users stay in force" % error]
-        if as_json:
-            return [_json(dict(summary, ok=True)), "END"]
-        return [
-            "SUCCESS: reloaded users file: %(users)d users (added %(added)d, removed %(removed)d, "
-            "changed %(changed)d, kicked %(kicked)d)" % summary
-        ]
+
+        def done(summary):
+            if as_json:
+                return [_json(dict(summary, ok=True)), "END"]
+            what = "users file" if self.operations.directory_reader is None else "directory (%s)" % summary["path"]
+            return [
+                "SUCCESS: reloaded %s: %d users (added %d, removed %d, changed %d, kicked %d)"
+                % (what, summary["users"], summary["added"], summary["removed"], summary["changed"], summary["kicked"])
+            ]
+
+        return defer.maybeDeferred(self.operations.reload_file).addCallbacks(done, refused)
 
     def _stats(self, as_json):
         snapshot = {"admission": self.operations.counts()}

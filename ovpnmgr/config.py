@@ -102,9 +102,13 @@ class MetricsConfig:
 
 @dataclass(frozen=True)
 class DirectoryConfig:
-    """Where users and devices are defined."""
+    """Where users and devices are defined: the users file (one host, nothing to run), or a
+    PostgreSQL database shared by several gateways (``backend: postgres``, issue 17)."""
 
-    file: Path
+    file: Path | None = None
+    backend: str = "file"
+    dsn: str | None = None  # postgres: a libpq connection string (no password in it: password_file)
+    password_file: Path | None = None  # postgres: the database password, first line
 
 
 @dataclass(frozen=True)
@@ -622,7 +626,15 @@ _SCHEMA = {
             "idle_timeout": (_interval, False),
         },
     ),
-    "directory": (DirectoryConfig, {"file": (_readable_file, True)}),
+    "directory": (
+        DirectoryConfig,
+        {
+            "file": (_readable_file, False),
+            "backend": (_choice("file", "postgres"), False),
+            "dsn": (_str, False),
+            "password_file": (_readable_file, False),
+        },
+    ),
     "metrics": (MetricsConfig, {"listen": (_server_endpoint, False)}),
     "firewall": (
         FirewallConfig,
@@ -771,6 +783,20 @@ def parse_config(text, path):
                     "pushes %r while the DNS service pushes 'dhcp-option DNS %s' (set dns.push: false to push your own)"
                     % (line, ours),
                 )
+    directory = sections["directory"]
+    if directory.backend == "file":
+        if directory.file is None:
+            raise ConfigError(path, "directory.file", "required key is missing (the users file)")
+        for key in ("dsn", "password_file"):
+            if getattr(directory, key) is not None:
+                raise ConfigError(path, "directory." + key, "only used with directory.backend: postgres")
+    else:
+        if directory.dsn is None:
+            raise ConfigError(path, "directory.dsn", "required with backend postgres (e.g. 'host=/run/postgresql dbname=pocketproxy')")
+        if re.search(r"(^|\s)password\s*=|://[^/@\s]*:[^/@\s]*@", directory.dsn):
+            raise ConfigError(path, "directory.dsn", "holds a password: put it in directory.password_file")
+        if directory.file is not None:
+            raise ConfigError(path, "directory.file", "not used with directory.backend: postgres (the database is the directory)")
     if dns.ca_file is not None and not is_doh(str(dns.resolver)):
         raise ConfigError(path, "dns.ca_file", "only used with an https:// dns.resolver (DNS over HTTPS)")
     log = sections.get("log")

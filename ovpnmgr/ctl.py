@@ -521,7 +521,12 @@ def _client_config(args):
         config_path = args.config or DEFAULT_CONFIG_PATH
         try:
             config = load_config(config_path)
-            directory = Directory.load(config.directory.file, config.openvpn.subnet, config.openvpn.server_address)
+            if config.directory.backend == "postgres":
+                from ovpnmgr import pgdirectory
+
+                directory = pgdirectory.load(config)
+            else:
+                directory = Directory.load(config.directory.file, config.openvpn.subnet, config.openvpn.server_address)
         except ConfigError as e:
             raise CtlError("configuration error: %s" % e, EXIT_USAGE)
         user = directory.users.get(args.user)

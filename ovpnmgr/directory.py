@@ -140,7 +140,12 @@ class Directory:
     @classmethod
     def parse(cls, text, path="<memory>", subnet=None, server_address=None):
         """Validate users-file YAML ``text``; see :meth:`load`."""
-        raw = load_yaml(text, path)
+        return cls.from_mapping(load_yaml(text, path), path, subnet, server_address)
+
+    @classmethod
+    def from_mapping(cls, raw, path="<memory>", subnet=None, server_address=None):
+        """Validate ``{"devices": {...}, "users": {...}}`` as the users file holds it (also what
+        :mod:`ovpnmgr.pgdirectory` builds from the database's rows); errors name ``path``."""
         if raw is None:
             raw = {}
         if not isinstance(raw, dict):

@@ -26,6 +26,9 @@ class Operations:
         self.ledger = controller.ledger
         self.directory_listeners = []  # f(directory) after a reload put a new users file in force
         self.health = None  # the proxy.health.HealthMonitor when device health is on
+        #: the directory's live reader when it is in PostgreSQL (ovpnmgr.pgdirectory.PostgresDirectory):
+        #: reload_file() then re-reads the database instead of a file
+        self.directory_reader = None
         self.rotator = None  # the ovpnmgr.rotation.Rotator when device health is on
 
     def device_health(self, name):
@@ -191,6 +194,8 @@ class Operations:
         :raises ~ovpnmgr.config.ConfigError: the new file is invalid (``file: key:
             problem``); nothing changed and the previous directory stays in force.
         """
+        if self.directory_reader is not None and path is None:
+            return self.directory_reader.read_now()  # a Deferred: the database is read in a thread
         config = self.c.config
         path = self.c.directory.path if path is None else path
         try:

@@ -11,7 +11,7 @@ import sys
 
 from twisted.application import service
 from twisted.application.internet import ClientService, backoffPolicy
-from twisted.internet import threads
+from twisted.internet import defer, threads
 from twisted.internet.endpoints import clientFromString
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory
@@ -33,7 +33,12 @@ class Options(usage.Options):
         try:
             self.loaded = load_config(self["config"])
             ovpn = self.loaded.openvpn
-            self.directory = Directory.load(self.loaded.directory.file, ovpn.subnet, ovpn.server_address)
+            if self.loaded.directory.backend == "postgres":
+                from ovpnmgr import pgdirectory
+
+                self.directory = pgdirectory.load(self.loaded)  # before the reactor runs: blocking is fine
+            else:
+                self.directory = Directory.load(self.loaded.directory.file, ovpn.subnet, ovpn.server_address)
             self.password = read_password(self.loaded)
         except ConfigError as e:
             sys.stderr.write("pocketproxy: configuration error: %s\n" % e)
@@ -167,12 +172,22 @@ class ReloadOnSignal(service.Service):
         """Reload now; a bad file is logged (by the controller) and the old one stays."""
         self._log.info("SIGHUP: reloading the users file", event="sighup")
         try:
-            return self.operations.reload_file()
+            result = self.operations.reload_file()
         except ConfigError:
             return None
         except Exception:
             self._log.failure("reload after SIGHUP failed")
             return None
+        if isinstance(result, defer.Deferred):  # the directory is in PostgreSQL: read in a thread
+            result.addErrback(self._refused)
+        return result
+
+    def _refused(self, failure):
+        if failure.check(ConfigError):
+            self._log.error("reload after SIGHUP refused: {error}", error=str(failure.value), event="reload-refused")
+        else:
+            self._log.failure("reload after SIGHUP failed", failure)
+        return None
 
 
 @implementer(IStreamClientEndpoint)
@@ -360,6 +375,11 @@ def build(reactor, config, directory, password, ipset=None):
         )
         MetricsService(reactor, config.metrics.listen, resource).setServiceParent(top)
     AdmissionService(reactor, firewall, management).setServiceParent(top)
+    if config.directory.backend == "postgres":
+        from ovpnmgr.pgdirectory import PostgresDirectory
+
+        operations.directory_reader = PostgresDirectory(reactor, config, operations)
+        operations.directory_reader.setServiceParent(top)
     ReloadOnSignal(reactor, operations).setServiceParent(top)
     return top, controller
 
