@@ -27,7 +27,8 @@ def test_the_buffered_pattern_it_replaces_does_lose_the_second_line():
     although the second line is waiting in Python's buffer."""
     import select
 
-    proc = subprocess.Popen([sys.executable, "-c", "print('a\\nb', flush=True); import time; time.sleep(5)"],
+    # One write(2) of both lines (atomic on a pipe), as a child's flush of its buffer is.
+    proc = subprocess.Popen([sys.executable, "-c", "import os, time; os.write(1, b'a\\nb\\n'); time.sleep(5)"],
                             stdout=subprocess.PIPE)
     try:
         assert select.select([proc.stdout], [], [], 5)[0]
