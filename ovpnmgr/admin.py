@@ -67,10 +67,12 @@ from collections import deque
 from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.protocols.policies import TimeoutMixin
+from zope.interface import implementer
 
 from ovpnmgr.adminwire import CLIENT_BYTES, PASSWORD_PROMPT, flatten
 from ovpnmgr.config import ConfigError, read_secret_file
@@ -136,7 +138,6 @@ PASSTHROUGH = {
     "load-stats": _bare(SINGLE),
     "version": _bare(MULTI),  # "version N" gets no reply from 2.6 and is never sent
     "pid": _bare(SINGLE),
-    "help": _bare(MULTI),
     "client-kill": _with_args(SINGLE),
     "kill": _with_args(SINGLE),
 }
@@ -152,9 +153,27 @@ PP_HELP = [
     "pp reload             : re-read the users file (removed users kicked, changed devices remapped)",
     "pp rotate DEVICE      : run the device's rotation action, wait for a new exit address (health on)",
     "quit | exit           : close this admin session",
-    "OpenVPN passthrough   : status [n], load-stats, version, pid, state [all|n], client-kill CID [msg], kill, help",
+    "OpenVPN passthrough   : status [n], load-stats, version, pid, state [all|n], client-kill CID [msg], kill",
+    "help                  : every command this socket accepts, in OpenVPN's format",
 ]
 
+
+#: ``help``: what this socket accepts, in OpenVPN's own format (OpenVPN's list would advertise
+#: commands pocketproxy refuses and not mention the ``pp`` verbs).
+HELP = [
+    "Management Interface for pocketproxy (OpenVPN management dialect; OpenVPN verbs relayed as noted)",
+    "Commands:",
+    "client-kill cid [msg]  : Kill the client instance with this CID (relayed to OpenVPN).",
+    "exit|quit              : Close this admin session.",
+    "help                   : Print this message.",
+    "kill cn                : Kill the client instance(s) having common name cn (relayed to OpenVPN).",
+    "kill IP:port           : Kill the client instance connecting from IP:port (relayed to OpenVPN).",
+    "load-stats             : Show global server load stats (relayed to OpenVPN).",
+    "pid                    : Show OpenVPN's process ID (relayed).",
+    "state [all|n]          : Show the current or the last n OpenVPN states (relayed; 'on' is refused).",
+    "status [n]             : Show current daemon status info using format #n (relayed to OpenVPN).",
+    "version                : Show OpenVPN's and the management interface's version (relayed).",
+] + ["%-22s : %s" % tuple(part.strip() for part in line.split(":", 1)) for line in PP_HELP if line.startswith("pp ")] + ["END"]
 
 #: Health columns of ``pp devices`` (after the original four; only while device health is on).
 HEALTH_COLUMNS = ("state", "since", "rtt_ms", "success_ratio", "exit_address", "exit_changed", "last_error", "rotation")
@@ -175,6 +194,7 @@ def _key_values(snapshot):
     return ["%s=%s" % (key, int(value) if isinstance(value, bool) else value) for key, value in flatten(snapshot)]
 
 
+@implementer(IHalfCloseableProtocol)
 class AdminProtocol(LineOnlyReceiver, TimeoutMixin):
     """One admin client. Lines are queued and answered one at a time, in order.
 
@@ -209,6 +229,7 @@ class AdminProtocol(LineOnlyReceiver, TimeoutMixin):
         self._busy = False
         self._looping = False
         self._closed = False
+        self._eof = False  # the client half-closed: answer what it sent, then close
 
     # --- Twisted protocol ---
 
@@ -226,6 +247,21 @@ class AdminProtocol(LineOnlyReceiver, TimeoutMixin):
         self.setTimeout(None)
         self._closed = True
         self._queue.clear()
+
+    def readConnectionLost(self):
+        """``IHalfCloseableProtocol``: the client sent its commands and shut down its side
+        (``printf 'status 3\\n' | socat - UNIX-CONNECT:...``): every reply still comes, then the
+        connection closes, as OpenVPN's own management interface behaves."""
+        self._eof = True
+        self._finish_if_done()
+
+    def writeConnectionLost(self):
+        """``IHalfCloseableProtocol``: nobody reads our replies any more."""
+        self._close()
+
+    def _finish_if_done(self):
+        if self._eof and not self._busy and not self._queue and not self._closed:
+            self._close()
 
     def timeoutConnection(self):
         """``TimeoutMixin.timeoutConnection``: log which timeout it was and close."""
@@ -313,6 +349,7 @@ class AdminProtocol(LineOnlyReceiver, TimeoutMixin):
             return
         self._write(lines)
         self._next()
+        self._finish_if_done()
 
     def _internal_error(self, failure, text):
         self._log.failure("admin command {verb!r} failed", failure, verb=text.split()[0][:40])
@@ -325,6 +362,8 @@ class AdminProtocol(LineOnlyReceiver, TimeoutMixin):
             return None
         if verb == "pp":
             return self._pp(words[1:])
+        if verb == "help":
+            return list(HELP) if len(words) == 1 else [NOT_ALLOWED]
         shape_of = PASSTHROUGH.get(verb)
         if shape_of is not None:
             shape = shape_of(words[1:])

@@ -9,6 +9,7 @@ import ipaddress
 import json
 import os
 import stat
+import subprocess
 import sys
 import time
 
@@ -93,6 +94,38 @@ def test_admin_socket_against_real_openvpn(lab, tmp_path, admin_path):
     daemon.stop()
     assert not os.path.exists(admin_path), "admin socket left behind at stop"
     assert "alice-pw" not in daemon.log_text() and "bob-pw" not in daemon.log_text()
+
+
+def socat(admin_path, text, timeout=15):
+    """What an operator's one-line probe prints: ``printf TEXT | socat - UNIX-CONNECT:PATH``
+    (socat half-closes after stdin's end and exits when the daemon closes)."""
+    return subprocess.run(["socat", "-t", "%d" % timeout, "-", "UNIX-CONNECT:%s" % admin_path], input=text.encode(),
+                          capture_output=True, timeout=timeout + 10)
+
+
+def test_one_line_probes_get_every_reply_then_the_close(lab, tmp_path, admin_path):
+    """printf 'status 3\\n' | socat - UNIX-CONNECT:...: the full reply of each command relayed to
+    the real OpenVPN (and of pp verbs), then the connection ends cleanly, as with OpenVPN itself."""
+    daemon = Daemon(lab.server_ns, tmp_path / "daemon", lab.server.mgmt_socket, USERS, admin={"socket": admin_path})
+    daemon.start()
+    daemon.wait_log(r"reconciled with OpenVPN", timeout=20)
+    daemon.wait_log(r"admin socket listening on", timeout=10)
+    alice = lab.add_client("alice", username="alice", password="alice-pw")
+    alice.wait_connected(timeout=20)
+    for command, last in (("status 3", "END"), ("version", "END"), ("state", "END"), ("pp stats", "END")):
+        started = time.monotonic()
+        got = socat(admin_path, command + "\n")
+        lines = got.stdout.decode().split("\r\n")
+        assert got.returncode == 0 and lines[0] == BANNER.decode().strip() and lines[-2:] == [last, ""], (command, got)
+        assert time.monotonic() - started < 5, "the daemon did not close after answering %r" % command
+    status = socat(admin_path, "status 3\n").stdout.decode()
+    assert "CLIENT_LIST\talice\t" in status and status.startswith(BANNER.decode())
+    load = socat(admin_path, "load-stats\n").stdout.decode().split("\r\n")
+    assert load[1].startswith("SUCCESS: nclients=1,") and load[2:] == [""], load
+    several = socat(admin_path, "pid\nload-stats\nhelp\n").stdout.decode()
+    assert "SUCCESS: pid=%d" % lab.server.pid in several and "SUCCESS: nclients=1," in several
+    assert "pp rotate DEVICE" in several and several.endswith("END\r\n")
+    daemon.stop()
 
 
 # --- bytes per client, the metrics endpoint, periodic firewall repair ------------------------

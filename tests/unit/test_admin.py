@@ -56,23 +56,61 @@ def test_status3_passthrough_relays_the_multiline_reply_verbatim():
 
 
 def test_single_line_and_other_multiline_passthrough():
-    """pid and load-stats relay the SUCCESS line; version and help relay lines up to END; \\r\\n input works."""
+    """pid and load-stats relay the SUCCESS line; version relays lines up to END; \\r\\n input works."""
     w = world()
     a = Admin(w.factory)
     assert a.send("pid\r") == b"SUCCESS: pid=4242\r\n"
     assert a.send("load-stats") == b"SUCCESS: nclients=0,bytesin=0,bytesout=0\r\n"
     assert a.send("version").endswith(b"Management Version: 5\r\nEND\r\n")
-    w.script.set_reply("help", ["Management Interface for OpenVPN", "Commands:", "END"])
-    assert a.send("help") == b"Management Interface for OpenVPN\r\nCommands:\r\nEND\r\n"
     w.script.set_reply("state", ["1795375446,CONNECTED,SUCCESS,10.9.0.1,,,,", "END"])
     assert a.send("state all") == b"1795375446,CONNECTED,SUCCESS,10.9.0.1,,,,\r\nEND\r\n"
     assert [c for c in w.script.sent_commands() if c in ("pid", "load-stats", "version", "help", "state all")] == [
         "pid",
         "load-stats",
         "version",
-        "help",
         "state all",
     ]
+
+
+def test_help_lists_what_this_socket_accepts_in_openvpns_format_and_is_not_relayed():
+    """OpenVPN's own list would advertise commands we refuse and omit the pp verbs."""
+    w = world()
+    a = Admin(w.factory)
+    lines = a.send("help").decode().split("\r\n")
+    assert lines[0].startswith("Management Interface for pocketproxy") and lines[1] == "Commands:" and lines[-2:] == ["END", ""]
+    commands = [line.split(" : ")[0].split()[0] for line in lines[2:-2]]
+    for verb in ("status", "load-stats", "version", "pid", "state", "client-kill", "kill", "help", "pp"):
+        assert verb in commands, (verb, lines)
+    for refused in ("client-auth", "client-deny", "signal", "hold", "log", "bytecount"):
+        assert refused not in commands
+    assert any(line.startswith("pp rotate DEVICE ") for line in lines)
+    assert all(" : " in line for line in lines[2:-2]), lines  # OpenVPN's "command : description" rows
+    assert "help" not in w.script.sent_commands()
+    assert a.send("help me") == b"ERROR: command not allowed\r\n"
+
+
+def test_a_client_that_half_closes_after_its_commands_gets_every_reply_then_the_close():
+    """printf 'status 3\\nload-stats\\n' | socat - UNIX-CONNECT:...: OpenVPN answers everything, so do we."""
+    w = world()
+    a = Admin(w.factory)
+    a.transport.clear()
+    a.protocol.dataReceived(b"pid\nload-stats\npp stats\n")
+    a.protocol.readConnectionLost()
+    out = a.transport.value()
+    assert b"SUCCESS: pid=4242\r\n" in out and b"SUCCESS: nclients=0" in out and out.endswith(b"END\r\n"), out
+    assert a.transport.disconnecting  # closed once all three were answered
+
+
+def test_half_close_waits_for_a_reply_still_coming_from_openvpn():
+    w = world()
+    a = Admin(w.factory)
+    w.script.set_reply("status 3", None)  # OpenVPN has not answered yet
+    a.transport.clear()
+    a.protocol.dataReceived(b"status 3\n")
+    a.protocol.readConnectionLost()
+    assert not a.transport.disconnecting
+    w.script.reply(*status3_lines([], include_end=True))
+    assert a.transport.value().endswith(b"END\r\n") and a.transport.disconnecting
 
 
 def test_openvpn_errors_are_relayed():
