@@ -182,6 +182,10 @@ def run(hold, workdir):
 
         section("what an operator looks at: pocketproxyctl over the admin socket")
         ctl(admin_socket, "clients")
+        # Device health is on as shipped: the first probe comes at a random point of the first
+        # 30 s interval (no probe storm at start), through the phone, to api.ipify.org.
+        up = daemon.wait_log(r"device phone is up .*", timeout=40)
+        print("health: %s" % up.group(0).split("] ", 1)[-1])
         ctl(admin_socket, "devices")
         ctl(admin_socket, "rules", "check")
 

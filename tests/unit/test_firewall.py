@@ -705,7 +705,7 @@ class IPv6AndDeviceTests(SynchronousTestCase):
         globalLogPublisher.addObserver(events.append)
         self.addCleanup(globalLogPublisher.removeObserver, events.append)
         self.assertEqual(make(ipv6=None)[0].ipv6, os.path.exists("/proc/net/if_inet6"))
-        self.patch(Firewall, "IF_INET6", os.path.join(tempfile.mkdtemp(prefix="pp-no-ipv6-"), "if_inet6"))
+        self.patch(Firewall, "IF_INET6", "/nonexistent/pocketproxy-test/if_inet6")  # a host without IPv6
         fw, runner, _ = make(ipv6=None)
         self.assertFalse(fw.ipv6)
         self.successResultOf(fw.install())
