@@ -8,7 +8,7 @@ PY       ?= /usr/bin/python3
 VENV     ?= .venv-pypi
 PYTEST   ?= -q -ra
 APT_DEPS  = make openvpn ipset iptables iproute2 openssl procps curl \
-            tinyproxy dante-server socat redsocks dnsmasq-base postgresql \
+            tinyproxy dante-server socat redsocks dnsmasq-base postgresql chromium \
             python3 python3-venv python3-pip \
             python3-twisted python3-pyroute2 python3-yaml python3-txaio python3-service-identity python3-openssl python3-psycopg \
             python3-pytest python3-pytest-twisted python3-hypothesis python3-cryptography ca-certificates

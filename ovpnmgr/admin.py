@@ -55,7 +55,6 @@ does it (observed with OpenVPN 2.6.14):
 Not (yet) here: forwarding of real-time ``>`` notifications to admin clients.
 """
 
-import datetime
 import errno
 import hmac
 import json
@@ -74,6 +73,7 @@ from twisted.protocols.basic import LineOnlyReceiver
 from twisted.protocols.policies import TimeoutMixin
 from zope.interface import implementer
 
+from ovpnmgr import views
 from ovpnmgr.adminwire import CLIENT_BYTES, PASSWORD_PROMPT, flatten
 from ovpnmgr.config import ConfigError, read_secret_file
 from ovpnmgr.firewall import FirewallError
@@ -177,12 +177,6 @@ HELP = [
 
 #: Health columns of ``pp devices`` (after the original four; only while device health is on).
 HEALTH_COLUMNS = ("state", "since", "rtt_ms", "success_ratio", "exit_address", "exit_changed", "last_error", "rotation")
-
-
-def _iso(t, timespec="seconds"):
-    if t is None:
-        return None
-    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat(timespec=timespec)
 
 
 def _json(obj):
@@ -429,35 +423,8 @@ class AdminProtocol(LineOnlyReceiver, TimeoutMixin):
             return ["ERROR: usage: see 'pp help'"]
         return [UNKNOWN]
 
-    def _client_rows(self):
-        rows = []
-        for s in self.operations.client_list():
-            up, down, live = self.operations.client_traffic(s.address) if s.address is not None else (None, None, 0)
-            rows.append(
-                {
-                    "user": s.name,
-                    "cid": s.cid,
-                    "vpn_ip": str(s.address) if s.address is not None else None,
-                    "device": s.user.device.name if s.user is not None else None,
-                    "connected_since": _iso(s.connected_since),
-                    "live_connections": live,
-                    "state": s.state.value,
-                    # OpenVPN's tunnel counters (>BYTECOUNT_CLI, every openvpn.bytecount_interval s):
-                    # in = from the client, out = to the client; None until the first report.
-                    "tunnel_bytes_in": s.bytes_in,
-                    "tunnel_bytes_out": s.bytes_out,
-                    # Relayed by the proxy for this address since admission (up = client to device).
-                    "proxied_bytes_up": up,
-                    "proxied_bytes_down": down,
-                    # What the client was pushed (ovpnmgr.tunnel): "split" sends all but the pushed
-                    # routes through the customer's own connection.
-                    "tunnel": self.operations.tunnel_mode(s.user) if s.user is not None else None,
-                }
-            )
-        return rows
-
     def _clients(self, as_json):
-        rows = self._client_rows()
+        rows = views.clients(self.operations)
         if as_json:
             return [_json({"clients": rows}), "END"]
         keys = ("user", "cid", "vpn_ip", "device", "connected_since", "live_connections", "state") + CLIENT_BYTES + ("tunnel",)
@@ -467,26 +434,7 @@ class AdminProtocol(LineOnlyReceiver, TimeoutMixin):
         return out + ["END"]
 
     def _devices(self, as_json):
-        connected = {}
-        for row in self._client_rows():
-            if row["device"] is not None:
-                connected.setdefault(row["device"], []).append(row)
-        devices = []
-        directory = self.operations.directory
-        for name in sorted(directory.devices):
-            device = directory.devices[name]
-            devices.append(
-                {
-                    "device": name,
-                    "upstream": str(device.upstream),  # Upstream.__str__ hides the password
-                    "users": sorted(u.name for u in directory.users.values() if u.device.name == name),
-                    "connected": [
-                        {"user": r["user"], "cid": r["cid"], "vpn_ip": r["vpn_ip"]} for r in connected.get(name, [])
-                    ],
-                }
-            )
-            if self.operations.health is not None:  # device health on: None for a device without users
-                devices[-1]["health"] = self._health(name)
+        devices = views.devices(self.operations)
         if as_json:
             return [_json({"devices": devices}), "END"]
         columns = HEALTH_COLUMNS if self.operations.health is not None else ()
@@ -498,24 +446,6 @@ class AdminProtocol(LineOnlyReceiver, TimeoutMixin):
             cells = "".join("\t" + ("-" if health.get(k) is None else str(health[k])) for k in columns)
             out.append("DEVICE\t%s\t%s\t%s\t%s%s" % (d["device"], d["upstream"], users, conn, cells))
         return out + ["END"]
-
-    def _health(self, name):
-        snapshot = self.operations.device_health(name)
-        if snapshot is None:
-            return None
-        rtt, ratio = snapshot["rtt"], snapshot["ratio"]
-        return {
-            "state": snapshot["state"],
-            "since": _iso(snapshot["since"], "milliseconds"),
-            "rtt_ms": round(rtt * 1000, 1) if rtt is not None else None,
-            "success_ratio": round(ratio, 3) if ratio is not None else None,
-            "exit_address": snapshot["exit_address"],
-            "exit_changed": _iso(snapshot["exit_changed"], "milliseconds"),
-            "last_error": snapshot["last_error"],
-            "target": snapshot["target"],
-            "rotation": (snapshot.get("rotation") or {}).get("state", "idle"),
-            "rotation_error": (snapshot.get("rotation") or {}).get("error"),
-        }
 
     def _kick(self, name, as_json):
         if not self.operations.sessions_of(name) and name not in self.operations.directory.users:
@@ -610,13 +540,7 @@ class AdminProtocol(LineOnlyReceiver, TimeoutMixin):
         return defer.maybeDeferred(self.operations.reload_file).addCallbacks(done, refused)
 
     def _stats(self, as_json):
-        snapshot = {"admission": self.operations.counts()}
-        if self.proxy_stats is not None:
-            snapshot["proxy"] = self.proxy_stats.snapshot()
-        if self.dns_stats is not None:
-            snapshot["dns"] = self.dns_stats.snapshot()
-        if self.operations.health is not None:
-            snapshot["health"] = self.operations.health.stats()
+        snapshot = views.stats(self.operations, self.proxy_stats, self.dns_stats)
         if as_json:
             return [_json(snapshot), "END"]
         return _key_values(snapshot) + ["END"]

@@ -101,6 +101,10 @@ class Admission:
             session.admission_counted = True
             self.c.admissions["admitted"] += 1
             self.c.admission_latency.observe(latency / 1000.0)
+            self.c.recent_admissions.append(
+                {"time": self.c.clock.seconds(), "user": session.user.name, "cid": session.cid, "result": "admitted",
+                 "reason": None, "device": session.user.device.name}
+            )
         self._log.info(
             "admitted user {user} cid {cid} vpn_ip {vpn_ip} device {device} in {latency_ms:.2f} ms",
             user=session.user.name,
@@ -139,6 +143,11 @@ class Admission:
         c = self.c
         c.end(session)
         c.admissions["denied_temporary" if temporary else "denied_final"] += 1
+        c.recent_admissions.append(
+            {"time": c.clock.seconds(), "user": session.name, "cid": session.cid,
+             "result": "denied_temporary" if temporary else "denied_final", "reason": reason,
+             "device": session.user.device.name if session.user is not None else None}
+        )
         self._log.info(
             "denied cid {cid} user {user}: {reason} ({kind})",
             cid=session.cid,

@@ -98,6 +98,8 @@ class MetricsConfig:
     """The Prometheus endpoint: a Twisted server endpoint string, or None when disabled."""
 
     listen: str | None = "tcp:9105:interface=127.0.0.1"
+    status_page: bool = True  # GET /status and /status.json on the same listener
+    status_password_file: Path | None = None  # if set: HTTP Basic auth for the status page, this password
 
 
 @dataclass(frozen=True)
@@ -635,7 +637,10 @@ _SCHEMA = {
             "password_file": (_readable_file, False),
         },
     ),
-    "metrics": (MetricsConfig, {"listen": (_server_endpoint, False)}),
+    "metrics": (
+        MetricsConfig,
+        {"listen": (_server_endpoint, False), "status_page": (_bool, False), "status_password_file": (_readable_file, False)},
+    ),
     "firewall": (
         FirewallConfig,
         {

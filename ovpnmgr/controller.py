@@ -14,7 +14,7 @@ SIGHUP/SIGUSR1 while the socket stays up, so a late DISCONNECT of an old CID can
 never release what a newer session holds.
 """
 
-from collections import Counter
+from collections import Counter, deque
 
 from twisted.logger import Logger
 
@@ -25,6 +25,8 @@ from ovpnmgr.metrics import LATENCY_BUCKETS, Histogram
 from ovpnmgr.protocol import CommandFailed, ManagementError
 from ovpnmgr.reconcile import Reconciler
 from ovpnmgr.session import State
+
+RECENT_ADMISSIONS = 50  # answered CONNECTs kept for the status page
 
 
 class Controller:
@@ -58,6 +60,7 @@ class Controller:
         # Metrics (read by ovpnmgr.metrics at scrape time): answered CONNECTs by
         # result, CONNECT-to-client-auth latency, management connections after the first.
         self.admissions = Counter()
+        self.recent_admissions = deque(maxlen=RECENT_ADMISSIONS)  # the latest answered CONNECTs (status page)
         self.admission_latency = Histogram(LATENCY_BUCKETS)
         self.management_reconnects = 0
         self._attaches = 0

@@ -367,10 +367,13 @@ class _QuietSite(Site):
         pass
 
 
-def site(resource):
-    """A :class:`Site` serving ``resource`` at ``/metrics`` (everything else 404)."""
+def site(resource, pages=None):
+    """A :class:`Site` serving ``resource`` at ``/metrics`` and ``pages`` (``{b"status": ...}``)
+    beside it; everything else 404."""
     root = Resource()
     root.putChild(b"metrics", resource)
+    for name, page in (pages or {}).items():
+        root.putChild(name, page)
     s = _QuietSite(root)
     s.displayTracebacks = False
     s.noisy = False
@@ -386,10 +389,11 @@ class MetricsService(service.Service):
 
     _log = Logger()
 
-    def __init__(self, reactor, listen, resource):
+    def __init__(self, reactor, listen, resource, pages=None):
         self.reactor = reactor
         self.listen = listen
-        self.factory = site(resource)
+        self.pages = pages or {}
+        self.factory = site(resource, self.pages)
         self.port = None
         self._listening = None
 
@@ -409,7 +413,8 @@ class MetricsService(service.Service):
 
     def _listened(self, port):
         self.port = port
-        self._log.info("metrics at {listen} (GET /metrics)", listen=self.listen, event="metrics-listening")
+        paths = " ".join(["/metrics"] + ["/" + name.decode() for name in self.pages])
+        self._log.info("metrics at {listen} (GET {paths})", listen=self.listen, paths=paths, event="metrics-listening")
         return port
 
     def _failed(self, failure):

@@ -80,6 +80,11 @@ class Operations:
         return self.ledger.last_drift
 
     @property
+    def recent_admissions(self):
+        """The latest answered CONNECTs (a bounded deque of dicts, oldest first)."""
+        return self.c.recent_admissions
+
+    @property
     def admissions(self):
         """Answered CONNECTs by result (a Counter)."""
         return self.c.admissions

@@ -278,6 +278,22 @@ def build_proxy(reactor, config, mappings, destinations=None):
     return ProxyService(reactor, factory, p.listen, p.bind, optional=optional, transparent=transparent), factory
 
 
+def status_pages(config, operations, proxy_stats, dns_stats):
+    """``{b"status": ..., b"status.json": ...}`` for the metrics listener, or {} when off."""
+    if not config.metrics.status_page:
+        return {}
+    from ovpnmgr.statuspage import StatusJSON, StatusPage
+
+    password = None
+    if config.metrics.status_password_file is not None:
+        try:
+            password = read_secret_file(config.metrics.status_password_file)
+        except ValueError as e:
+            raise ConfigError(config.path, "metrics.status_password_file", str(e))
+    args = (operations, proxy_stats, dns_stats, password)
+    return {b"status": StatusPage(*args), b"status.json": StatusJSON(*args)}
+
+
 def build(reactor, config, directory, password, ipset=None):
     """Wire every component for ``config``; returns ``(MultiService, controller)``.
 
@@ -373,7 +389,7 @@ def build(reactor, config, directory, password, ipset=None):
         resource = MetricsResource(
             operations, proxy_stats=proxy_factory.stats, splice=proxy_factory.splice, verifier=verifier, dns_stats=dns_stats
         )
-        MetricsService(reactor, config.metrics.listen, resource).setServiceParent(top)
+        MetricsService(reactor, config.metrics.listen, resource, status_pages(config, operations, proxy_factory.stats, dns_stats)).setServiceParent(top)
     AdmissionService(reactor, firewall, management).setServiceParent(top)
     if config.directory.backend == "postgres":
         from ovpnmgr.pgdirectory import PostgresDirectory
