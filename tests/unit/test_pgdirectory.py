@@ -180,17 +180,28 @@ class Database:
         return c
 
 
-@pytest.fixture
-def follower(tmp_path, monkeypatch):
+def make_follower(tmp_path, monkeypatch, down=False):
+    """A started follower on a fake database (``down``: unreachable at start)."""
     pytest.importorskip("psycopg")
     monkeypatch.setattr(pgdirectory, "check", lambda connection: 1)
     reactor, db, ops = MemoryReactorClock(), Database(), Operations()
+    db.down = down
     f = PostgresDirectory(reactor, config(tmp_path), ops, run_in_thread=lambda fn, *a: defer.maybeDeferred(fn, *a), connect=db)
     f.startService()
-    yield reactor, db, ops, f
+    return reactor, db, ops, f
+
+
+def stop(db, f):
     f.stopService()
     for c in db.connections:
         c.close()
+
+
+@pytest.fixture
+def follower(tmp_path, monkeypatch):
+    reactor, db, ops, f = make_follower(tmp_path, monkeypatch)
+    yield reactor, db, ops, f
+    stop(db, f)
 
 
 def test_listens_and_a_burst_of_notifications_is_read_once(follower):
@@ -208,12 +219,7 @@ def test_listens_and_a_burst_of_notifications_is_read_once(follower):
 
 
 def test_an_unreachable_database_is_retried_with_back_off_and_read_when_back(tmp_path, monkeypatch):
-    pytest.importorskip("psycopg")
-    monkeypatch.setattr(pgdirectory, "check", lambda connection: 1)
-    reactor, db, ops = MemoryReactorClock(), Database(), Operations()
-    db.down = True
-    f = PostgresDirectory(reactor, config(tmp_path), ops, run_in_thread=lambda fn, *a: defer.maybeDeferred(fn, *a), connect=db)
-    f.startService()
+    reactor, db, ops, f = make_follower(tmp_path, monkeypatch, down=True)
     assert not f.connected
     delays = [call.getTime() for call in reactor.getDelayedCalls()]
     assert delays == [BACKOFF[0]]
@@ -224,9 +230,7 @@ def test_an_unreachable_database_is_retried_with_back_off_and_read_when_back(tmp
     assert f.connected
     reactor.advance(REREAD_DELAY)
     assert len(ops.reloaded) == 1  # read again: changes made while unreachable were not notified
-    f.stopService()
-    for c in db.connections:
-        c.close()
+    stop(db, f)
 
 
 def test_a_lost_listen_connection_is_reestablished_and_the_directory_read_again(follower):
