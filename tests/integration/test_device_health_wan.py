@@ -76,7 +76,7 @@ def test_ten_minutes_of_default_probing_over_a_lossy_cellular_link_never_marks_t
                 families = scrape(lab)
                 downs = sample(families, "pocketproxy_device_state_changes_total", state="down")
                 degraded = sample(families, "pocketproxy_device_state_changes_total", state="degraded")
-                ok = sample(families, "pocketproxy_device_probes_total", result="ok")
+                ok = sample(families, "pocketproxy_device_probes_total", device="phone", result="ok")
                 print("\n%d downloads of 1 MiB over %.0f s (slowest %.1f s); probes ok %d, degraded %d times, "
                       "down %d times; last probe RTT %s ms, success ratio %s"
                       % (downloads, elapsed, slowest, ok, degraded, downs, health["rtt_ms"], health["success_ratio"]))

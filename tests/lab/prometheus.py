@@ -69,15 +69,25 @@ def parse(text):
 
 
 def _check_histogram(name, samples):
-    buckets = [(_number(l["le"]), v) for n, l, v in samples if n == name + "_bucket"]
-    count = [v for n, _, v in samples if n == name + "_count"]
-    total = [v for n, _, v in samples if n == name + "_sum"]
-    assert len(count) == 1 and len(total) == 1
-    bounds = [b for b, _ in buckets]
-    assert bounds == sorted(bounds) and bounds[-1] == math.inf, bounds
-    values = [v for _, v in buckets]
-    assert values == sorted(values), "buckets of %s not cumulative: %r" % (name, values)
-    assert values[-1] == count[0]
+    """Each series of the family (its labels other than ``le``, e.g. one per device) has sorted,
+    cumulative buckets ending at +Inf with the series' count, one _count and one _sum."""
+    series = {}
+    for n, labels, v in samples:
+        key = tuple(sorted((k, x) for k, x in labels.items() if k != "le"))
+        entry = series.setdefault(key, {"buckets": [], "count": [], "sum": []})
+        if n == name + "_bucket":
+            entry["buckets"].append((_number(labels["le"]), v))
+        elif n == name + "_count":
+            entry["count"].append(v)
+        elif n == name + "_sum":
+            entry["sum"].append(v)
+    for key, entry in series.items():
+        assert len(entry["count"]) == 1 and len(entry["sum"]) == 1, (name, key)
+        bounds = [b for b, _ in entry["buckets"]]
+        assert bounds == sorted(bounds) and bounds and bounds[-1] == math.inf, (name, key, bounds)
+        values = [v for _, v in entry["buckets"]]
+        assert values == sorted(values), "buckets of %s%s not cumulative: %r" % (name, key, values)
+        assert values[-1] == entry["count"][0], (name, key)
 
 
 def value(families, name, **labels):

@@ -301,3 +301,18 @@ def test_busy_port_is_logged_and_not_fatal():
     finally:
         globalLogPublisher.removeObserver(events.append)
         holder.close()
+
+
+def test_the_strict_parser_checks_each_labelled_series_of_a_histogram():
+    """Per-device histograms (device_probe_duration_seconds{device}) are several series in one
+    family: each must be cumulative and end at its own _count; a broken one is caught."""
+    good = "\n".join([
+        "# HELP pocketproxy_h h", "# TYPE pocketproxy_h histogram",
+        'pocketproxy_h_bucket{device="a",le="1"} 1', 'pocketproxy_h_bucket{device="a",le="+Inf"} 2',
+        'pocketproxy_h_sum{device="a"} 3', 'pocketproxy_h_count{device="a"} 2',
+        'pocketproxy_h_bucket{device="b",le="1"} 0', 'pocketproxy_h_bucket{device="b",le="+Inf"} 5',
+        'pocketproxy_h_sum{device="b"} 9', 'pocketproxy_h_count{device="b"} 5', "",
+    ])
+    parse(good)
+    with pytest.raises(AssertionError):
+        parse(good.replace('pocketproxy_h_count{device="b"} 5', 'pocketproxy_h_count{device="b"} 4'))
