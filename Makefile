@@ -38,7 +38,7 @@ test-long: deps
 $(VENV)/.done: setup.py
 	$(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q . pytest pytest-twisted hypothesis
+	$(VENV)/bin/pip install -q . pytest pytest-twisted hypothesis openvpn-monitor
 	touch $@
 
 test-pypi: deps $(VENV)/.done

@@ -128,6 +128,34 @@ def test_one_line_probes_get_every_reply_then_the_close(lab, tmp_path, admin_pat
     daemon.stop()
 
 
+def test_openvpn_monitor_reads_the_admin_socket_as_it_reads_openvpn(lab, tmp_path, admin_path):
+    """openvpn-monitor 2.0.4's own collector (version, state, load-stats and status 3 on one
+    connection, its parsers unmodified) against the admin socket of a daemon with a real client."""
+    openvpn_monitor = pytest.importorskip(
+        "openvpn_monitor", reason="openvpn-monitor is not installed here (make test-pypi installs it in its venv)")
+    daemon = Daemon(lab.server_ns, tmp_path / "daemon", lab.server.mgmt_socket, USERS, admin={"socket": admin_path})
+    daemon.start()
+    daemon.wait_log(r"reconciled with OpenVPN", timeout=20)
+    daemon.wait_log(r"admin socket listening on", timeout=10)
+    alice = lab.add_client("alice", username="alice", password="alice-pw")
+    alice.wait_connected(timeout=20)
+    here = os.path.dirname(openvpn_monitor.__file__)
+    sys.path.insert(0, here)  # it imports its modules as top-level "util" and "vpns", as its app runs
+    try:
+        from vpns.openvpn.data_collector import VPNDataCollector
+    finally:
+        sys.path.remove(here)
+    vpns = {"pp": {"name": "pp", "socket": admin_path}}
+    VPNDataCollector(vpns, None)
+    vpn = vpns["pp"]
+    assert vpn["management_connection_successful"] and "error" not in vpn, vpn
+    assert vpn["release"].startswith("OpenVPN 2.6") and vpn["state"]["connected"] == "CONNECTED", vpn
+    assert vpn["stats"]["nclients"] == 1, vpn["stats"]
+    sessions = list(vpn["sessions"].values())
+    assert [x["username"] for x in sessions] == ["alice"] and sessions[0]["bytes_recv"] > 0, sessions
+    daemon.stop()
+
+
 # --- bytes per client, the metrics endpoint, periodic firewall repair ------------------------
 
 
