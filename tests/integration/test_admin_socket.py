@@ -103,15 +103,20 @@ def socat(admin_path, text, timeout=15):
                           capture_output=True, timeout=timeout + 10)
 
 
-def test_one_line_probes_get_every_reply_then_the_close(lab, tmp_path, admin_path):
-    """printf 'status 3\\n' | socat - UNIX-CONNECT:...: the full reply of each command relayed to
-    the real OpenVPN (and of pp verbs), then the connection ends cleanly, as with OpenVPN itself."""
+def daemon_with_alice(lab, tmp_path, admin_path):
+    """The daemon with its admin socket, and alice connected through the real OpenVPN."""
     daemon = Daemon(lab.server_ns, tmp_path / "daemon", lab.server.mgmt_socket, USERS, admin={"socket": admin_path})
     daemon.start()
     daemon.wait_log(r"reconciled with OpenVPN", timeout=20)
     daemon.wait_log(r"admin socket listening on", timeout=10)
-    alice = lab.add_client("alice", username="alice", password="alice-pw")
-    alice.wait_connected(timeout=20)
+    lab.add_client("alice", username="alice", password="alice-pw").wait_connected(timeout=20)
+    return daemon
+
+
+def test_one_line_probes_get_every_reply_then_the_close(lab, tmp_path, admin_path):
+    """printf 'status 3\\n' | socat - UNIX-CONNECT:...: the full reply of each command relayed to
+    the real OpenVPN (and of pp verbs), then the connection ends cleanly, as with OpenVPN itself."""
+    daemon = daemon_with_alice(lab, tmp_path, admin_path)
     for command, last in (("status 3", "END"), ("version", "END"), ("state", "END"), ("pp stats", "END")):
         started = time.monotonic()
         got = socat(admin_path, command + "\n")
@@ -133,12 +138,7 @@ def test_openvpn_monitor_reads_the_admin_socket_as_it_reads_openvpn(lab, tmp_pat
     connection, its parsers unmodified) against the admin socket of a daemon with a real client."""
     openvpn_monitor = pytest.importorskip(
         "openvpn_monitor", reason="openvpn-monitor is not installed here (make test-pypi installs it in its venv)")
-    daemon = Daemon(lab.server_ns, tmp_path / "daemon", lab.server.mgmt_socket, USERS, admin={"socket": admin_path})
-    daemon.start()
-    daemon.wait_log(r"reconciled with OpenVPN", timeout=20)
-    daemon.wait_log(r"admin socket listening on", timeout=10)
-    alice = lab.add_client("alice", username="alice", password="alice-pw")
-    alice.wait_connected(timeout=20)
+    daemon = daemon_with_alice(lab, tmp_path, admin_path)
     here = os.path.dirname(openvpn_monitor.__file__)
     sys.path.insert(0, here)  # it imports its modules as top-level "util" and "vpns", as its app runs
     try:
