@@ -100,6 +100,12 @@ def load(config):
         raise ConfigError(source_name(config), None, "cannot read the directory: %s" % str(e).strip().splitlines()[0])
 
 
+def _first_line(failure):
+    """A failure's message for one log line (psycopg's run over several), or its type."""
+    lines = failure.getErrorMessage().strip().splitlines()
+    return lines[0] if lines else failure.type.__name__
+
+
 class _Notifications:
     """The reactor's reader of the LISTEN connection's socket (IReadDescriptor)."""
 
@@ -196,7 +202,6 @@ class PostgresDirectory(service.Service):
         if not self.running:
             connection.close()
             return
-        first = self._attempt == 0 and self.rereads == 0 and not self.connected
         self.listener = connection
         self.connected = True
         self._reader = _Notifications(connection, self._notified, self._lost)
@@ -205,8 +210,9 @@ class PostgresDirectory(service.Service):
             self._log.info("directory database {source} reachable again: reading it for what changed meanwhile",
                            source=self.source, event="directory-db-up")
         self._attempt = 0
-        if not first:
-            self._schedule_reread()
+        # Read once now that changes are notified: what was committed since the last read (the
+        # start's read ran before the reactor; a reconnect missed notifications) was never told.
+        self._schedule_reread()
 
     def _failed(self, failure):
         if not self.running:
@@ -214,7 +220,7 @@ class PostgresDirectory(service.Service):
         delay = BACKOFF[min(self._attempt, len(BACKOFF) - 1)]
         self._attempt += 1
         self._log.warn("directory database {source} unreachable ({why}); retrying in {delay:g} s",
-                       source=self.source, why=failure.getErrorMessage().strip().splitlines()[0] if failure.getErrorMessage().strip() else failure.type.__name__,
+                       source=self.source, why=_first_line(failure),
                        delay=delay, event="directory-db-down")
         self._retry = self.reactor.callLater(delay, self._listen)
 
@@ -277,9 +283,8 @@ class PostgresDirectory(service.Service):
             raise
 
     def _reread_failed(self, failure):
-        why = failure.getErrorMessage().strip()
         self._log.error("re-reading the directory from {source} failed: {why}; previous users stay in force",
-                        source=self.source, why=why.splitlines()[0] if why else failure.type.__name__, event="reload-refused")
+                        source=self.source, why=_first_line(failure), event="reload-refused")
         if self.running and (self._reread is None or not self._reread.active()):
             self._reread = self.reactor.callLater(BACKOFF[2], self.reread)
         return None

@@ -199,23 +199,31 @@ def stop(db, f):
 
 @pytest.fixture
 def follower(tmp_path, monkeypatch):
+    """A follower past its first read (the read once LISTEN is up: see the first test)."""
     reactor, db, ops, f = make_follower(tmp_path, monkeypatch)
+    reactor.advance(REREAD_DELAY)
+    assert len(ops.reloaded) == 1
+    ops.reloaded.clear()
     yield reactor, db, ops, f
     stop(db, f)
 
 
-def test_listens_and_a_burst_of_notifications_is_read_once(follower):
-    reactor, db, ops, f = follower
+def test_listens_reads_once_and_a_burst_of_notifications_is_read_once(tmp_path, monkeypatch):
+    reactor, db, ops, f = make_follower(tmp_path, monkeypatch)
     listener = db.connections[0]
     assert listener.executed == ["LISTEN pp_directory"] and f.connected and len(reactor.getReaders()) == 1
-    assert ops.reloaded == []  # the directory was read at start, before the reactor
+    # Once changes are notified it reads once: what was committed between the start's read
+    # (before the reactor ran) and the LISTEN would otherwise never be seen.
+    reactor.advance(REREAD_DELAY)
+    assert len(ops.reloaded) == 1
     listener.pgconn.pending = 3
     reactor.getReaders()[0].doRead()
     listener.pgconn.pending = 1
     reactor.getReaders()[0].doRead()
     reactor.advance(REREAD_DELAY)
-    assert len(ops.reloaded) == 1 and f.notifications == 4
-    assert set(ops.reloaded[0].users) == {"alice", "carol"}
+    assert len(ops.reloaded) == 2 and f.notifications == 4
+    assert set(ops.reloaded[1].users) == {"alice", "carol"}
+    stop(db, f)
 
 
 def test_an_unreachable_database_is_retried_with_back_off_and_read_when_back(tmp_path, monkeypatch):
